@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: the library matches the notebooks, the notebooks' tests pass, pytest passes,
+# and every docs page renders.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TRITON_INTERPRET=1 MPLBACKEND=Agg PYTHONWARNINGS=ignore::DeprecationWarning
+
+echo "== nbdev_export leaves affmae/ unchanged"
+before=$(git status --porcelain -- affmae | md5sum)
+nbdev_export
+after=$(git status --porcelain -- affmae | md5sum)
+if [ "$before" != "$after" ]; then git status --porcelain -- affmae; git diff --stat -- affmae; echo "FAIL: affmae/ is out of sync with nbs/: run nbdev_export and commit"; exit 1; fi
+
+echo "== README.md is generated from nbs/index.ipynb"
+python tests/readme.py --check
+
+echo "== nbdev_test"
+nbdev_test --n_workers 2 --timing
+
+echo "== pytest"
+python -m pytest -q tests
+
+echo "== docs: nbdev_proc_nbs, then render every page to HTML"
+rm -rf _proc
+nbdev_proc_nbs
+mkdir -p _proc/_html
+find _proc -name '*.ipynb' -print0 | xargs -0 -n1 jupyter nbconvert --to html --log-level ERROR --output-dir _proc/_html
+n=$(find _proc -name '*.ipynb' | wc -l); echo "rendered $n pages"
+echo "ALL TESTS PASSED"
