@@ -1,0 +1,88 @@
+"""Cluster attention: the Triton kernels (run by Triton's interpreter on the CPU, TRITON_INTERPRET=1) and the torch path
+against the float64 reference, forward and every gradient, on random ragged cases; argument errors."""
+import os
+os.environ.setdefault('TRITON_INTERPRET', '1')   # must be set before the kernels are defined
+import pytest, torch
+from affmae.cluster_attention import cluster_attention, cluster_attention_ref
+
+TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2)}   # (forward, gradients) relative errors
+
+def rel(a, b):
+    "‖a−b‖/‖b‖, the denominator floored at an RMS of 1e-2 (exactly-zero references, e.g. dq of a one-key row)."
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-2 * b.numel()**.5)).item()
+
+def random_case(g: torch.Generator, dtype, huge=False):
+    "Random ragged case: shapes, -1 padding, duplicate indices, fully padded clusters, optional huge logits."
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
+    B, H, G, Q, D = r(1, 2), r(1, 2), r(1, 4), [1, 2, 3, 8, 8, 16, 20][r(0, 6)], [16, 32, 24][r(0, 2)]
+    N, Nk, M = G * Q, r(1, 40), r(1, 24)
+    idx = torch.randint(0, Nk, (B, G, M), generator=g)
+    idx[torch.rand(B, G, M, generator=g) < torch.rand((), generator=g) * 0.6] = -1     # ragged padding
+    idx[torch.rand(B, G, M, generator=g) < 0.2] = r(0, Nk - 1)                          # duplicates
+    if r(0, 2) == 0: idx[r(0, B - 1), r(0, G - 1)] = -1                                 # a fully padded cluster
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (N, Nk, Nk))
+    bias = torch.randn(B, H, N, M, generator=g) if r(0, 1) else None
+    if huge:   # logits of order 1e3..1e4
+        q, k = q * 30, k * 30
+        if bias is not None: bias = bias * 3e3
+    return [t.to(dtype) for t in (q, k, v)], idx, (bias.to(dtype) if bias is not None else None)
+
+def check(seed, dtype, impl='triton', huge=False):
+    g = torch.Generator().manual_seed(seed)
+    (q, k, v), idx, bias = random_case(g, dtype, huge)
+    ins = [q, k, v] + ([bias] if bias is not None else [])
+    xs = [t.clone().requires_grad_() for t in ins]
+    rs = [t.double().requires_grad_() for t in ins]
+    out = cluster_attention(*xs[:3], idx, xs[3] if bias is not None else None, impl=impl)
+    ref = cluster_attention_ref(*rs[:3], idx, rs[3] if bias is not None else None)
+    assert out.dtype == dtype and out.shape == ref.shape
+    go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    out.backward(go.to(dtype)); ref.backward(go)
+    tf, tg = TOL[dtype]
+    if huge: tf, tg = 4 * tf, 4 * tg   # logits ~1e4 carry an absolute fp32 rounding of ~1e-3 into every exponent
+    assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs)
+    assert rel(out, ref) < tf, (seed, rel(out, ref))
+    for name, x, r in zip('q k v bias'.split(), xs, rs): assert rel(x.grad, r.grad) < tg, (seed, name, rel(x.grad, r.grad))
+    empty = (idx < 0).all(-1)   # fully padded clusters: zero output, zero dq
+    rows = empty.repeat_interleave(q.shape[2] // idx.shape[1], 1)[:, None].expand(out.shape[:3])
+    assert (out.detach()[rows] == 0).all() and (xs[0].grad[rows] == 0).all()
+
+@pytest.mark.parametrize('seed', range(24))
+def test_triton_fp32(seed): check(seed, torch.float32)
+
+@pytest.mark.parametrize('seed', range(100, 124))
+def test_triton_fp16(seed): check(seed, torch.float16)
+
+@pytest.mark.parametrize('seed', range(200, 208))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_triton_huge_logits(seed, dtype): check(seed, dtype, huge=True)
+
+@pytest.mark.parametrize('seed', range(300, 304))
+def test_torch_path(seed): check(seed, torch.float32, impl='torch')
+
+def test_strided_inputs():
+    "q, k, v as views of one fused (B, N, 3, H, D) projection, as an attention layer makes them."
+    g = torch.Generator().manual_seed(7)
+    B, N, H, D, G, M = 2, 32, 2, 16, 4, 12
+    qkv = torch.randn(B, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)
+    idx = torch.randint(-1, N, (B, G, M), generator=g)
+    test = cluster_attention(*qkv, idx, impl='triton')
+    assert rel(test, cluster_attention_ref(*(t.double() for t in qkv), idx)) < 1e-4
+
+def test_errors():
+    q, k, v, idx = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16), torch.zeros(1, 2, 4, dtype=torch.long)
+    f = lambda **kw: cluster_attention(**{**dict(q=q, k=k, v=v, nbhd_idx=idx, impl='triton'), **kw})
+    for kw, err, msg in [(dict(k=torch.randn(1, 2, 10, 8)), ValueError, 'k and v must have the same shape'),
+                         (dict(k=torch.randn(1, 3, 10, 16), v=torch.randn(1, 3, 10, 16)), ValueError, 'k/v must be'),
+                         (dict(nbhd_idx=torch.zeros(1, 3, 4, dtype=torch.long)), ValueError, 'must divide N'),
+                         (dict(nbhd_idx=torch.full((1, 2, 4), 10)), ValueError, 'out of range'),
+                         (dict(nbhd_idx=torch.full((1, 2, 4), -2)), ValueError, 'out of range'),
+                         (dict(nbhd_idx=torch.zeros(1, 2, 4)), TypeError, 'integer'),
+                         (dict(nbhd_idx=torch.zeros(1, 2, 4, dtype=torch.bool)), TypeError, 'integer'),
+                         (dict(bias=torch.randn(1, 2, 8, 5)), ValueError, 'bias must be (B, H, N, M)'),
+                         (dict(q=torch.randn(1, 2, 8, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)), ValueError, 'unsupported head dim'),
+                         (dict(q=q.double(), k=k.double(), v=v.double()), TypeError, 'unsupported dtype'),
+                         (dict(v=v.half()), TypeError, 'share a dtype'),
+                         (dict(impl='cuda'), ValueError, 'impl must be')]:
+        with pytest.raises(err, match=None) as e: f(**kw)
+        assert msg in str(e.value), (msg, str(e.value))
