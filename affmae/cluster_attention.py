@@ -15,8 +15,8 @@ except ImportError: triton = None   # no Triton (e.g. macOS): only impl='torch' 
 __all__ = ['cluster_attention_ref', 'cluster_attention']
 
 # %% ../nbs/03_cluster_attention.ipynb #28b17c1b
-def _check_args(q, k, v, nbhd_idx, bias):
-    "Validate shapes, dtypes and devices; return `(B, H, N, Nk, D, G, M)`."
+def _check_args(q, k, v, nbhd_idx, bias, check_idx=True):
+    "Validate shapes, dtypes and devices (and the index range if `check_idx`: one host sync on a GPU); return `(B, H, N, Nk, D, G, M)`."
     for name, t in (('q', q), ('k', k), ('v', v), ('nbhd_idx', nbhd_idx)) + ((('bias', bias),) if bias is not None else ()):
         if not isinstance(t, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != q.device: raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -38,15 +38,16 @@ def _check_args(q, k, v, nbhd_idx, bias):
     if bias is not None:
         if bias.shape != (B, H, N, M): raise ValueError(f"bias must be (B, H, N, M) = {(B, H, N, M)}, got {tuple(bias.shape)}")
         if not bias.is_floating_point(): raise TypeError(f"bias must be floating point, got {bias.dtype}")
-    if nbhd_idx.numel() and not (nbhd_idx.is_cuda and torch.cuda.is_current_stream_capturing()):   # one sync, not under graph capture
+    if check_idx and nbhd_idx.numel() and not (nbhd_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
         lo, hi = nbhd_idx.aminmax()
         if lo < -1 or hi >= Nk: raise ValueError(f"nbhd_idx out of range: entries must be in [0, Nk={Nk}) or -1, got min {lo.item()}, max {hi.item()}")
     return B, H, N, Nk, D, G, M
 
 # %% ../nbs/03_cluster_attention.ipynb #bbdde5ee
-def cluster_attention_ref(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None) -> Tensor:
+def cluster_attention_ref(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
+                          check_idx: bool = True) -> Tensor:
     "Readable PyTorch cluster attention: gather each cluster's keys/values, mask padding, softmax, weighted sum."
-    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias)
+    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, check_idx)
     Q, dt = N // G, torch.promote_types(q.dtype, torch.float32)
     valid = (nbhd_idx >= 0).view(B, 1, G, 1, M)
     idx = nbhd_idx.clamp_min(0).long().view(B, 1, G * M, 1).expand(B, H, G * M, D)
@@ -253,13 +254,13 @@ def _triton_reason(q, D):
     if not 16 <= D <= 128: return f"unsupported head dim D={D} for impl='triton' (needs 16 <= D <= 128)"
 
 def cluster_attention(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
-                      impl: str = "auto") -> Tensor:
-    "`softmax(q·k[idx]ᵀ/√D + bias over valid idx) @ v[idx]`, `(B,H,N,D)`; `impl` is 'torch', 'triton' or 'auto'."
+                      impl: str = "auto", check_idx: bool = True) -> Tensor:
+    "`softmax(q·k[idx]ᵀ/√D + bias over valid idx) @ v[idx]`, `(B,H,N,D)`; `impl` is 'torch', 'triton' or 'auto'; `check_idx=False` skips the index-range check (a host sync) for trusted indices."
     if impl not in ('auto', 'torch', 'triton'): raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias)
+    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, check_idx)
     why = _triton_reason(q, D)
     if impl == 'auto': impl = 'triton' if q.is_cuda and why is None else 'torch'
-    if impl == 'torch': return cluster_attention_ref(q, k, v, nbhd_idx, bias)
+    if impl == 'torch': return cluster_attention_ref(q, k, v, nbhd_idx, bias, check_idx=False)   # checked above
     if why is not None: raise (TypeError if 'dtype' in why else ValueError)(why)
     idx = nbhd_idx if nbhd_idx.dtype in (torch.int32, torch.int64) else nbhd_idx.int()
     q, k, v, bias = map(_last_contig, (q, k, v, bias))

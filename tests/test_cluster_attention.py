@@ -86,3 +86,15 @@ def test_errors():
                          (dict(impl='cuda'), ValueError, 'impl must be')]:
         with pytest.raises(err, match=None) as e: f(**kw)
         assert msg in str(e.value), (msg, str(e.value))
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+def test_check_idx(impl):
+    "`check_idx=False` (the models' trusted indices) skips only the range check: same result in range, no error out of range."
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(3, 1, 2, 16, 16, generator=g).unbind(0)
+    idx = torch.randint(-1, 16, (1, 4, 8), generator=g)
+    torch.testing.assert_close(cluster_attention(q, k, v, idx, impl=impl, check_idx=False), cluster_attention(q, k, v, idx, impl=impl), rtol=0, atol=0)
+    bad = idx.clone(); bad[0, 0, 0] = 99
+    with pytest.raises(ValueError, match='out of range'): cluster_attention(q, k, v, bad, impl=impl)
+    if impl == 'torch':   # the reference gathers with clamped ids; Triton would read out of bounds, so it is not run unchecked
+        with pytest.raises(RuntimeError): cluster_attention(q, k, v, bad, impl=impl, check_idx=False)
