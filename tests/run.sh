@@ -22,7 +22,8 @@ python -m pytest -q tests
 
 echo "== docs: nbdev_proc_nbs, then render every page to HTML"
 rm -rf _proc
-nbdev_proc_nbs
+# nbdev_proc_nbs's own processing, minus its first step (install Quarto, then pip-install this package unpinned)
+python -c "from nbdev.serve import proc_nbs; proc_nbs()"
 mkdir -p _proc/_html
 find _proc -name '*.ipynb' -print0 | xargs -0 -n1 jupyter nbconvert --to html --log-level ERROR --output-dir _proc/_html
 n=$(find _proc -name '*.ipynb' | wc -l); echo "rendered $n pages"
