@@ -8,14 +8,14 @@ import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import perlin_mask, random_mask
-from .clustering import knn
+from .clustering import knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model
 
 # %% auto #0
 __all__ = ['MASKERS', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed',
-           'MAEBase', 'BlockLayout', 'DecoderLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny', 'affmae_small',
-           'affmae_base', 'stage_feature_stats']
+           'MAEBase', 'neighbour_dist2', 'BlockLayout', 'DecoderLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny',
+           'affmae_small', 'affmae_base', 'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
 def patchify(img: Tensor, p: int = 8) -> Tensor:
@@ -39,7 +39,7 @@ def patch_stats(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     x = patches.float()
     return x.mean(-1, keepdim=True), (x.var(-1, keepdim=True) + eps).sqrt()
 
-def patch_targets(img: Tensor, p: int = 8, norm_pix: bool = True) -> Tensor:
+def patch_targets(img: Tensor, p: int = 8, norm_pix: bool = False) -> Tensor:
     "Reconstruction targets `(B, L, p*p*C)` in float32: raw patches, or per-patch normalised ones (`norm_pix`)."
     x = patchify(img, p).float()
     if not norm_pix: return x
@@ -72,7 +72,7 @@ MASKERS = dict(perlin=perlin_mask, random=random_mask)
 class MAEBase(nn.Module):
     "Masking, targets, weighted per-head losses and reconstructions shared by the MAE models; subclasses implement `predict`."
     def __init__(self, patch: int = 8, in_chans: int = 1, mask: str = 'perlin', ratio: float = .5,
-                 norm_pix: bool = True, loss_weights=(1.,)):
+                 norm_pix: bool = False, loss_weights=(1.,)):
         super().__init__()
         if mask not in MASKERS: raise ValueError(f"mask must be one of {tuple(MASKERS)}, got {mask!r}")
         if not 0 < ratio < 1: raise ValueError(f"mask ratio must be in (0, 1), got {ratio!r}")
@@ -122,6 +122,12 @@ class MAEBase(nn.Module):
         return dict(img=img.float(), mask=mask, masked=unpatchify(x.masked_fill(m, 0.), self.patch, h, w), recons=recons)
 
 # %% ../nbs/07_mae.ipynb #99ae915e
+def neighbour_dist2(qpos: Tensor, kpos: Tensor, idx: Tensor) -> Tensor:
+    "Squared distances `(B, G*Q, M)` from block-grouped queries `qpos` (B, G*Q, 2) to their neighbours `kpos[idx]` (idx (B, G, M))."
+    B, G, M = idx.shape
+    kp = gather_rows(kpos, idx)                                                  # (B, G, M, 2); -1 -> (0, 0), masked anyway
+    return (qpos.view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, -1, M)
+
 class BlockLayout:
     "Block-major query layout of an `h`x`w` patch grid in `b`x`b` blocks with self-attention windows grown by `margin`."
     def __init__(self, h: int, w: int, b: int = 4, margin: int = 2, device=None):
@@ -142,10 +148,11 @@ class BlockLayout:
         ok = (R >= 0) & (R < h) & (C >= 0) & (C < w)
         idx = ((R.clamp(0) // b) * gw + C.clamp(0) // b) * b * b + (R.clamp(0) % b) * b + C.clamp(0) % b
         self.window = torch.where(ok, idx, -1).reshape(self.G, -1)               # (G, (b+2m)^2) query indices
+        self.window_d2 = neighbour_dist2(self.pos[None], self.pos[None], self.window[None])[0]   # (Nq, (b+2m)^2)
 
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
-    "Point-decoder layer: cross-attention of block-grouped queries to their nearest stage tokens, local self-attention, MLP."
+    "Point-decoder layer: cross-attention of block-grouped queries to their nearest stage tokens, local self-attention, MLP; both attentions with a learned distance bias."
     def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto'):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -154,6 +161,11 @@ class DecoderLayer(nn.Module):
         self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.reach_cross, self.reach_self = (nn.Parameter(torch.full((heads,), -2.)) for _ in range(2))   # softplus(-2) ≈ 0.13 / patch²
+
+    def locality(self, reach: Tensor, d2: Tensor, dtype) -> Tensor:
+        "Attention bias `(B, H, N, M)` = −softplus(reach_h)·d², from squared distances `d2` (B, N, M) in patch units."
+        return (-F.softplus(reach)[:, None, None] * d2[:, None]).to(dtype)
 
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         B, N, _ = t.shape
@@ -163,13 +175,15 @@ class DecoderLayer(nn.Module):
         B, H, N, D = o.shape
         return o.transpose(1, 2).reshape(B, N, H * D)
 
-    def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor) -> Tensor:
-        "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M)."
+    def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor, cross_d2: Tensor, self_d2: Tensor) -> Tensor:
+        "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); `*_d2`: squared distances (B, Nq, k or M)."
         q, = self._heads(self.q(self.norm_q(x)), 1)
         k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, impl=self.impl)))
+        bias = self.locality(self.reach_cross, cross_d2, q.dtype)
+        x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))   # knn ids
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, impl=self.impl)))
+        bias = self.locality(self.reach_self, self_d2, q.dtype)
+        x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # BlockLayout windows
         return x + self.mlp(self.norm_m(x))
 
 class PointDecoder(nn.Module):
@@ -194,12 +208,14 @@ class PointDecoder(nn.Module):
         B, dev = stages[0].x.shape[0], stages[0].x.device
         lay = self.layout(h, w, dev)
         x = (self.mask_token + sincos_embed(lay.pos, self.dim)).expand(B, -1, -1)
-        centres, window = lay.centres.expand(B, -1, -1), lay.window.expand(B, -1, -1)
+        centres, window, qpos = lay.centres.expand(B, -1, -1), lay.window.expand(B, -1, -1), lay.pos.expand(B, -1, -1)
+        self_d2 = lay.window_d2.expand(B, -1, -1)
         preds = []
         for proj, layer, head, t in zip(self.proj, self.layers, self.heads, reversed(stages)):
             pos = t.pos / self.patch                                                # pixels -> patch units
             mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
-            x = layer(x, mem, knn(centres, pos, self.k, t.valid), window)
+            idx = knn(centres, pos, self.k, t.valid)
+            x = layer(x, mem, idx, window, neighbour_dist2(qpos, pos, idx), self_d2)
             preds.append(head(x)[:, lay.raster])
         return preds
 
