@@ -6,7 +6,7 @@
 from __future__ import annotations
 import sys, importlib, importlib.util
 from pathlib import Path
-from fastcore.script import call_parse, anno_parser
+from fastcore.script import call_parse, anno_parser, store_true
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'main', 'pretrain', 'reconstruct', 'demo']
@@ -78,6 +78,7 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
              epoch_len: int = None,     # crops per epoch (default: one per image)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
+             norm_pix: store_true = False, # MAE's per-patch normalised targets (default: raw pixels, see 07_mae)
              seed: int = 0):            # random seed
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from affmae.aff import list_models
@@ -94,7 +95,7 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
     torch.manual_seed(seed)
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, seed=seed, num_workers=workers, epoch_len=epoch_len)
     out = Path(out)
-    learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum,
+    learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision=None if precision == 'none' else precision,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures')
     start = learn.load_checkpoint(resume) if resume else 0
