@@ -5,7 +5,8 @@
    steps, then the median of 10 CUDA-synchronised steps.
 2. A short real pretraining run through `affmae.learner.mae_learner` (fastai, bf16, warm-up + cosine, clipping,
    figures, checkpoints) on synthetic EM crops, >= 2,000 steps: the largest of affmae_base/affmae_small at 256² whose
-   measured step time fits the time left; writes the last epoch's reconstruction figure.
+   measured step time fits the time left (`--archs`, at `--size`² with batch `--bs`); writes the last epoch's
+   reconstruction figure.
 
 Run from the repository root:  PYTHONPATH=.:$PYTHONPATH python kernels/pretrain_gpu.py --out DIR [--budget SECONDS]
 (`--cpu-smoke` runs everything tiny on the CPU to check the script.)
@@ -22,6 +23,8 @@ p.add_argument('--steps', type=int, default=2000)
 p.add_argument('--cpu-smoke', action='store_true')
 p.add_argument('--skip-speed', action='store_true', help='skip part 1')
 p.add_argument('--archs', default='affmae_base,affmae_small', help='part 2 candidates, largest first')
+p.add_argument('--size', type=int, default=256, help='part 2 crop size')
+p.add_argument('--bs', type=int, default=16, help='part 2 batch size')
 p.add_argument('--lr', type=float, default=None)
 p.add_argument('--norm-pix', type=int, default=0, help='1: MAE per-patch normalised targets (0, the default: raw pixels, see nbs/07_mae)')
 a = p.parse_args()
@@ -78,7 +81,7 @@ for arch in [] if a.skip_speed else (['affmae_tiny', 'vitmae_tiny'] if smoke els
 # 2. the real run: pick the architecture whose 2,000 steps fit the time left
 from affmae.data import pretrain_dls
 from affmae.learner import mae_learner
-size, bs = (64, 4) if smoke else (256, 16)
+size, bs = (64, 4) if smoke else (a.size, a.bs)
 cands = ['affmae_tiny'] if smoke else a.archs.split(',')
 t_data = time.time()
 per_epoch = max(1, a.steps // 10)

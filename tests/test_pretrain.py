@@ -123,3 +123,13 @@ def test_console_script_exit_status():
     r = subprocess.run([sys.executable, '-c', 'import sys; from affmae.cli import main; sys.exit(main())', 'pretrain', '--ratio', '1.5'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and '--ratio must be in (0, 1), got 1.5' in r.stderr
+
+
+def test_gradients_reach_every_parameter():
+    "One backward of affmae_tiny reaches every parameter, the decoder's distance-bias reaches included."
+    torch.manual_seed(0)
+    m = create_model('affmae_tiny')
+    m(em_batch(2, 64))['loss'].backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or not (p.grad.abs().sum() > 0)]
+    assert not dead, dead
+    assert all(l.reach_cross.grad.abs().sum() > 0 and l.reach_self.grad.abs().sum() > 0 for l in m.decoder.layers)
