@@ -145,7 +145,7 @@ def demo(out: str = 'runs/demo',  # output folder
     out = Path(out)
     data_tour(out / 'data', size=128)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    learn = pretrain(arch=arch, img_size=128, bs=16, n_synth=32, epoch_len=16 * 40, epochs=epochs, lr=1e-3, warmup=.1,
+    learn = pretrain(arch=arch, img_size=128, bs=16, n_synth=400, epoch_len=16 * 40, epochs=epochs, lr=1e-3, warmup=.1,
                      precision='none', out=str(out), ckpt_every=epochs)
     print(f"figures in {out / 'figures'} and {out / 'data'}, checkpoint in {out / 'checkpoints'}")
     return learn

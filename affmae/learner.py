@@ -23,8 +23,9 @@ from .mae import MAEBase
 import affmae.vit_mae
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'Accumulate', 'decay_split', 'adamw',
-           'recon_figure', 'ReconFigures', 'save_mae', 'load_mae', 'Checkpoint', 'latest_checkpoint', 'mae_learner']
+__all__ = ['PRECISIONS', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'FixedValidMasks', 'Accumulate', 'decay_split',
+           'adamw', 'recon_figure', 'ReconFigures', 'save_mae', 'load_mae', 'Checkpoint', 'latest_checkpoint',
+           'mae_learner']
 
 # %% ../nbs/09_pretrain.ipynb #03431dbe
 def mae_loss(out: dict, *yb) -> torch.Tensor:
@@ -54,6 +55,18 @@ class HeadLoss(Metric):
 def head_names(model: nn.Module) -> list[str]:
     "Names of the model's reconstruction heads, finest last (`model.head_names` if it has them)."
     return list(getattr(model, 'head_names', ['recon']))
+
+# %% ../nbs/09_pretrain.ipynb #3ddedecc
+class FixedValidMasks(Callback):
+    "Run every validation pass from the same seed (the same masks each epoch) in a forked RNG, leaving training's random stream untouched."
+    order = -10
+    def __init__(self, seed: int = 0): self.seed = seed
+    def before_validate(self):
+        dev = torch.device(getattr(self.dls, 'device', None) or 'cpu')
+        self._rng = torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else [])
+        self._rng.__enter__()
+        torch.manual_seed(self.seed)
+    def after_validate(self): self._rng.__exit__(None, None, None)
 
 # %% ../nbs/09_pretrain.ipynb #e947939a
 class Accumulate(Callback):
@@ -202,7 +215,7 @@ PRECISIONS = ('bf16', 'fp16', None)
 
 def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', ratio: float = .5, lr: float = 1.5e-4,
                 wd: float = .05, accum: int = 1, clip: float | None = 1., precision: str | None = 'bf16',
-                ckpt_dir=None, ckpt_every: int = 1, figs_dir=None, cbs=None, **model_kw) -> Learner:
+                ckpt_dir=None, ckpt_every: int = 1, figs_dir=None, valid_seed: int | None = 0, cbs=None, **model_kw) -> Learner:
     "A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`)."
     if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(arch, str):
@@ -213,7 +226,7 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', 
     dev = getattr(dls, 'device', None) or torch.device('cpu')
     model.to(dev)
     cbs = [InputIsTarget(), Accumulate(accum)] + ([GradientClip(clip)] if clip else []) + ([Checkpoint(ckpt_dir, ckpt_every)] if ckpt_dir else []) \
-          + ([ReconFigures(figs_dir)] if figs_dir else []) + list(cbs or [])
+          + ([ReconFigures(figs_dir)] if figs_dir else []) + ([FixedValidMasks(valid_seed)] if valid_seed is not None else []) + list(cbs or [])
     metrics = [HeadLoss(i, f'loss_{n}') for i, n in enumerate(head_names(model))] if len(head_names(model)) > 1 else []
     learn = Learner(dls, model, loss_func=mae_loss, opt_func=adamw, lr=lr, wd=[wd, 0.], splitter=decay_split,
                     metrics=metrics, cbs=cbs)
