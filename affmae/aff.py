@@ -144,15 +144,19 @@ class AFFEncoder(nn.Module):
 
     def forward(self, img: Tensor, mask: Tensor | None = None) -> list[Tokens]:
         "Encode the patches of `img` (B, C, H, W) not hidden by `mask` (B, H/P, W/P) bool, True = masked."
-        return self.forward_tokens(*self.embed(img, mask))
+        t = self.embed(img, mask)
+        return self.forward_tokens(*t, n_max=t.x.shape[1])        # embed pads to the largest visible count: no sync
 
-    def forward_tokens(self, x: Tensor, pos: Tensor, valid: Tensor | None = None, clusters: list | None = None) -> list[Tokens]:
-        "Encode tokens `x` (B, N, dims[0]) at pixel positions `pos` (B, N, 2); returns one `Tokens` per stage (curve order). Appends each stage's `Clusters` to `clusters` if given."
+    def forward_tokens(self, x: Tensor, pos: Tensor, valid: Tensor | None = None, clusters: list | None = None,
+                       n_max: int | None = None) -> list[Tokens]:
+        "Encode tokens `x` (B, N, dims[0]) at pixel positions `pos` (B, N, 2); returns one `Tokens` per stage (curve order). Appends each stage's `Clusters` to `clusters` if given; `n_max`: the most valid tokens of any image, if known."
         if x.ndim != 3 or x.shape[-1] != self.dims[0]: raise ValueError(f"x must have shape (B, N, {self.dims[0]}), got {tuple(x.shape)}")
         if pos.shape != (*x.shape[:2], 2): raise ValueError(f"pos must have shape {(*x.shape[:2], 2)}, got {tuple(pos.shape)}")
         outs, cl = [], None
         for s, blocks in enumerate(self.stages):
-            if s > 0: x, pos, valid = self.merges[s - 1](x, cl, self.spacing(s - 1))[:3]
+            if s > 0:
+                x, pos, valid = self.merges[s - 1](x, cl, self.spacing(s - 1), n_max=n_max)[:3]
+                n_max = None if n_max is None else n_keep(n_max, self.ds[s - 1])
             cl = cluster_tokens(pos, valid, self.cluster, self.nbhd)
             x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
             bias = self.rpes[s](pos, cl.nbhd, self.spacing(s))

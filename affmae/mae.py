@@ -153,19 +153,20 @@ class BlockLayout:
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
     "Point-decoder layer: cross-attention of block-grouped queries to their nearest stage tokens, local self-attention, MLP; both attentions with a learned distance bias."
-    def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto'):
+    def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.impl = heads, impl
+        self.heads, self.impl, self.has_locality = heads, impl, locality
         self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (nn.LayerNorm(dim) for _ in range(4))
         self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-        self.reach_cross, self.reach_self = (nn.Parameter(torch.full((heads,), -2.)) for _ in range(2))   # softplus(-2) ≈ 0.13 / patch²
+        if locality: self.reach_cross, self.reach_self = (nn.Parameter(torch.full((heads,), -2.)) for _ in range(2))   # softplus(-2) ≈ 0.13 / patch²
 
-    def locality(self, reach: Tensor, d2: Tensor, dtype) -> Tensor:
-        "Attention bias `(B, H, N, M)` = −softplus(reach_h)·d², from squared distances `d2` (B, N, M) in patch units."
-        return (-F.softplus(reach)[:, None, None] * d2[:, None]).to(dtype)
+    def locality(self, reach: str, d2: Tensor, dtype) -> Tensor | None:
+        "Attention bias `(B, H, N, M)` = −softplus(r_h)·d² (`r` the parameter named `reach`), from squared distances `d2` (B, N, M) in patch units; None without locality."
+        if not self.has_locality: return None
+        return (-F.softplus(getattr(self, reach))[:, None, None] * d2[:, None]).to(dtype)
 
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         B, N, _ = t.shape
@@ -179,22 +180,22 @@ class DecoderLayer(nn.Module):
         "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); `*_d2`: squared distances (B, Nq, k or M)."
         q, = self._heads(self.q(self.norm_q(x)), 1)
         k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        bias = self.locality(self.reach_cross, cross_d2, q.dtype)
+        bias = self.locality('reach_cross', cross_d2, q.dtype)
         x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))   # knn ids
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        bias = self.locality(self.reach_self, self_d2, q.dtype)
+        bias = self.locality('reach_self', self_d2, q.dtype)
         x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # BlockLayout windows
         return x + self.mlp(self.norm_m(x))
 
 class PointDecoder(nn.Module):
     "One query per grid patch decoded from an encoder's per-stage point sets, coarsest stage first; one reconstruction per stage."
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
-                 block: int = 4, margin: int = 2, mlp_ratio: float = 4., impl: str = 'auto'):
+                 block: int = 4, margin: int = 2, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
         super().__init__()
         self.patch, self.dim, self.k, self.block, self.margin = patch, dim, k, block, margin
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, impl) for _ in enc_dims)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, impl, locality) for _ in enc_dims)
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans)) for _ in enc_dims)
         self._layouts = {}
 
@@ -223,13 +224,14 @@ class PointDecoder(nn.Module):
 class AFFMAE(MAEBase):
     "MAE with an AutoFocusFormer encoder over the visible patches and a point decoder with deep supervision."
     def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, block: int = 4,
-                 margin: int = 2, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto', **kw):
+                 margin: int = 2, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
+                 dec_locality: bool = True, **kw):
         S = len(encoder.dims)
         if len(ds_weights) != S: raise ValueError(f"ds_weights needs one weight per encoder stage ({S}), got {len(ds_weights)}")
         super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=ds_weights, **kw)
         self.encoder = encoder
         self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, block, margin,
-                                    dec_mlp_ratio, impl)
+                                    dec_mlp_ratio, impl, dec_locality)
         self.head_names = [f'stage{s}' for s in reversed(range(S))]
         self.decoder.apply(_init_dec)
         for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head

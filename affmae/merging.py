@@ -40,14 +40,14 @@ class TokenMerging(nn.Module):
         self.norm = nn.LayerNorm(heads * dim)
         self.proj = nn.Linear(heads * dim, out_dim)
 
-    def forward(self, x: Tensor, cl: Clusters, spacing: float = 1., score: Tensor | None = None) -> Merged:
-        "Merge `x` (B, N, C), in the curve order of `cl`; `spacing`: typical distance between tokens; `score` overrides the learned score."
+    def forward(self, x: Tensor, cl: Clusters, spacing: float = 1., score: Tensor | None = None, n_max: int | None = None) -> Merged:
+        "Merge `x` (B, N, C), in the curve order of `cl`; `spacing`: typical distance between tokens; `score` overrides the learned score; `n_max`: the most valid tokens of any image, if known on the host (saves a host sync)."
         B, N, C = x.shape
         if cl.order.shape != (B, N): raise ValueError(f"x has {N} tokens but the clusters hold {cl.order.shape[1]}")
         if score is None:
             with torch.autocast(x.device.type, enabled=False): score = self.score(x.to(self.proj.weight.dtype)).squeeze(-1)
         k = n_keep(cl.valid.sum(1), self.ds)
-        K = int(k.max())
+        K = n_keep(n_max, self.ds) if n_max is not None else int(k.max())
         kept = score.masked_fill(~cl.valid, float('-inf')).topk(K, dim=1).indices       # (B, K)
         valid = torch.arange(K, device=x.device) < k[:, None]
         nb = gather_rows(cl.nbhd, kept // cl.cluster_size)                               # (B, K, M)

@@ -229,3 +229,16 @@ def test_aff_base_reduced_depth_512_perlin_fwd_bwd():
     assert [o.x.shape[-1] for o in outs] == [128, 256, 512, 768]
     assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
     assert dt < 30, dt
+
+
+def test_host_token_counts_match_synced_path():
+    "`forward` carries the largest token count on the host (no sync per merge): same tokens as reading it from the GPU."
+    torch.manual_seed(0)
+    enc = create_model('aff_mini').eval()
+    img = torch.randn(2, 1, 128, 128)
+    mask = perlin_mask(2, 16, .5, generator=torch.Generator().manual_seed(3))
+    mask[1, :3] = True                                                   # ragged: image 1 hides more patches
+    with torch.no_grad(): fast, synced = enc(img, mask), enc.forward_tokens(*enc.embed(img, mask))
+    for a, b in zip(fast, synced):
+        assert a.x.shape == b.x.shape and torch.equal(a.valid, b.valid)
+        assert torch.equal(a.pos, b.pos) and torch.equal(a.x, b.x)
