@@ -51,10 +51,12 @@ class PatchEmbed(nn.Module):
         P = self.patch
         if H % P or W % P: raise ValueError(f"image size {H}×{W} is not a multiple of the patch size {P}")
         h, w = H // P, W // P
-        if mask is None: mask = torch.zeros(B, h, w, dtype=torch.bool, device=img.device)
-        if mask.shape != (B, h, w) or mask.dtype != torch.bool:
+        if mask is None:                                                 # every patch: no need to count (no host sync)
+            ids = torch.arange(h * w, device=img.device).expand(B, -1)
+            valid = torch.ones(B, h * w, dtype=torch.bool, device=img.device)
+        elif mask.shape != (B, h, w) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {(B, h, w)} (True = masked), got {mask.dtype} {tuple(mask.shape)}")
-        ids, valid = visible_ids(mask)
+        else: ids, valid = visible_ids(mask)
         patches = img.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * P * P)
         x = self.norm(self.proj(gather_rows(patches, ids))) * valid[..., None]
         return Tokens(x, patch_positions(ids, w, P), valid)

@@ -223,6 +223,7 @@ def _triton_bwd(q, k, v, idx, bias, out, lse, do, bias_grad):
     dk = torch.zeros(B, H, Nk, D, device=q.device, dtype=torch.float32)
     dv = torch.zeros(B, H, Nk, D, device=q.device, dtype=torch.float32)
     db = torch.empty(B, H, N, M, device=q.device, dtype=bias.dtype) if bias_grad else None
+    if bias_grad: bias = bias.contiguous()              # dbias is stored with bias's strides: same layout as db
     grid, meta = _launch_args(q, idx, M)
     _bwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, out, do, lse, dq, dk, dv,
                       db if db is not None else dq,

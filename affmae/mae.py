@@ -163,10 +163,10 @@ class DecoderLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
         if locality: self.reach_cross, self.reach_self = (nn.Parameter(torch.full((heads,), -2.)) for _ in range(2))   # softplus(-2) ≈ 0.13 / patch²
 
-    def locality(self, reach: str, d2: Tensor, dtype) -> Tensor | None:
-        "Attention bias `(B, H, N, M)` = −softplus(r_h)·d² (`r` the parameter named `reach`), from squared distances `d2` (B, N, M) in patch units; None without locality."
+    def locality(self, reach: str, d2: Tensor, dtype, B: int) -> Tensor | None:
+        "Attention bias `(B, H, N, M)` = −softplus(r_h)·d² (`r` the parameter named `reach`) from squared distances `d2` (B or 1, N, M) in patch units (a batch of 1 is broadcast, not copied); None without locality."
         if not self.has_locality: return None
-        return (-F.softplus(getattr(self, reach))[:, None, None] * d2[:, None]).to(dtype)
+        return (-F.softplus(getattr(self, reach))[:, None, None] * d2[:, None]).to(dtype).expand(B, -1, -1, -1)
 
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         B, N, _ = t.shape
@@ -177,13 +177,13 @@ class DecoderLayer(nn.Module):
         return o.transpose(1, 2).reshape(B, N, H * D)
 
     def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor, cross_d2: Tensor, self_d2: Tensor) -> Tensor:
-        "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); `*_d2`: squared distances (B, Nq, k or M)."
+        "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); `*_d2`: squared distances (B or 1, Nq, k or M)."
         q, = self._heads(self.q(self.norm_q(x)), 1)
         k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        bias = self.locality('reach_cross', cross_d2, q.dtype)
+        bias = self.locality('reach_cross', cross_d2, q.dtype, q.shape[0])
         x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))   # knn ids
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        bias = self.locality('reach_self', self_d2, q.dtype)
+        bias = self.locality('reach_self', self_d2, q.dtype, q.shape[0])
         x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # BlockLayout windows
         return x + self.mlp(self.norm_m(x))
 
@@ -210,7 +210,7 @@ class PointDecoder(nn.Module):
         lay = self.layout(h, w, dev)
         x = (self.mask_token + sincos_embed(lay.pos, self.dim)).expand(B, -1, -1)
         centres, window, qpos = lay.centres.expand(B, -1, -1), lay.window.expand(B, -1, -1), lay.pos.expand(B, -1, -1)
-        self_d2 = lay.window_d2.expand(B, -1, -1)
+        self_d2 = lay.window_d2[None]                                                # the same for every image
         preds = []
         for proj, layer, head, t in zip(self.proj, self.layers, self.heads, reversed(stages)):
             pos = t.pos / self.patch                                                # pixels -> patch units

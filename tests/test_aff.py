@@ -242,3 +242,12 @@ def test_host_token_counts_match_synced_path():
     for a, b in zip(fast, synced):
         assert a.x.shape == b.x.shape and torch.equal(a.valid, b.valid)
         assert torch.equal(a.pos, b.pos) and torch.equal(a.x, b.x)
+
+
+def test_no_mask_is_all_visible():
+    "`mask=None` embeds every patch, exactly as an all-False mask does."
+    torch.manual_seed(0)
+    enc = create_model('aff_mini').eval()
+    img = torch.randn(2, 1, 64, 96)
+    with torch.no_grad(): a, b = enc(img), enc(img, torch.zeros(2, 8, 12, dtype=torch.bool))
+    for s, t in zip(a, b): assert torch.equal(s.x, t.x) and torch.equal(s.pos, t.pos) and torch.equal(s.valid, t.valid)

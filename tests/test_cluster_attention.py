@@ -98,3 +98,20 @@ def test_check_idx(impl):
     with pytest.raises(ValueError, match='out of range'): cluster_attention(q, k, v, bad, impl=impl)
     if impl == 'torch':   # the reference gathers with clamped ids; Triton would read out of bounds, so it is not run unchecked
         with pytest.raises(RuntimeError): cluster_attention(q, k, v, bad, impl=impl, check_idx=False)
+
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+def test_batch_broadcast_bias(impl):
+    "A bias shared by the batch (expanded from batch 1, stride 0) gives the outputs and gradients of its copy."
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 2, 16, 16, generator=g).requires_grad_() for _ in range(3))
+    idx = torch.randint(-1, 16, (3, 4, 8), generator=g)
+    b1 = torch.randn(1, 2, 16, 8, generator=g).requires_grad_()
+    go = torch.randn(3, 2, 16, 16, generator=g)
+    outs = []
+    for bias in (b1.expand(3, -1, -1, -1), b1.expand(3, -1, -1, -1).contiguous()):
+        for t in (q, k, v, b1): t.grad = None
+        o = cluster_attention(q, k, v, idx, bias, impl=impl)
+        o.backward(go)
+        outs.append([o.detach()] + [t.grad.clone() for t in (q, k, v, b1)])
+    for a, b in zip(*outs): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
