@@ -156,17 +156,18 @@ class DecoderLayer(nn.Module):
     def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.impl, self.has_locality = heads, impl, locality
+        self.heads, self.impl = heads, impl
         self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (nn.LayerNorm(dim) for _ in range(4))
         self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
-        if locality: self.reach_cross, self.reach_self = (nn.Parameter(torch.full((heads,), -2.)) for _ in range(2))   # softplus(-2) ≈ 0.13 / patch²
+        reach = lambda: nn.Parameter(torch.full((heads,), -2.)) if locality else None   # softplus(-2) ≈ 0.13 / patch²
+        self.reach_cross, self.reach_self = reach(), reach()
 
-    def locality(self, reach: str, d2: Tensor, dtype, B: int) -> Tensor | None:
-        "Attention bias `(B, H, N, M)` = −softplus(r_h)·d² (`r` the parameter named `reach`) from squared distances `d2` (B or 1, N, M) in patch units (a batch of 1 is broadcast, not copied); None without locality."
-        if not self.has_locality: return None
-        return (-F.softplus(getattr(self, reach))[:, None, None] * d2[:, None]).to(dtype).expand(B, -1, -1, -1)
+    def locality(self, reach: Tensor | None, d2: Tensor, dtype, B: int) -> Tensor | None:
+        "Attention bias `(B, H, N, M)` = −softplus(reach_h)·d² from squared distances `d2` (B or 1, N, M) in patch units (a batch of 1 is broadcast, not copied); None without locality."
+        if reach is None: return None
+        return (-F.softplus(reach)[:, None, None] * d2[:, None]).to(dtype).expand(B, -1, -1, -1)
 
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         B, N, _ = t.shape
@@ -180,10 +181,10 @@ class DecoderLayer(nn.Module):
         "Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); `*_d2`: squared distances (B or 1, Nq, k or M)."
         q, = self._heads(self.q(self.norm_q(x)), 1)
         k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        bias = self.locality('reach_cross', cross_d2, q.dtype, q.shape[0])
+        bias = self.locality(self.reach_cross, cross_d2, q.dtype, q.shape[0])
         x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))   # knn ids
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        bias = self.locality('reach_self', self_d2, q.dtype, q.shape[0])
+        bias = self.locality(self.reach_self, self_d2, q.dtype, q.shape[0])
         x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # BlockLayout windows
         return x + self.mlp(self.norm_m(x))
 
