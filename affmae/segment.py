@@ -626,8 +626,8 @@ def predict(
     "Segment images: writes `<name>_labels.tif` (one plane per slice) and `<name>_overlay.png` per image into `out`."
     dev = _device(device)
     model, rec = load_seg(ckpt, dev)
+    files = [f for p in ([images] if isinstance(images, str) else images) for f in image_files(p)]   # bad paths fail here, before any output
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    files = [f for p in ([images] if isinstance(images, str) else images) for f in image_files(p)]
     written = []
     for f in files:
         n = image_info(f)[0]
