@@ -24,11 +24,13 @@ class Tokens(NamedTuple):
     pos: Tensor    # (B, N, 2) float32 (x, y) positions in pixels
     valid: Tensor  # (B, N) bool
 
-def visible_ids(mask: Tensor) -> tuple[Tensor, Tensor]:
-    "Flat grid ids `(B, n)` of the visible (False) cells of `mask` (B, h, w), in raster order, -1 past an image's count; and the valid mask."
+def visible_ids(mask: Tensor, n_visible: int | None = None) -> tuple[Tensor, Tensor]:
+    """Flat grid ids `(B, n)` of the visible (False) cells of `mask` (B, h, w), in raster order, -1 past an image's
+    count; and the valid mask. `n_visible`: the largest count if known on the host (saves a host sync)."""
     vis = ~mask.flatten(1)
     n = vis.sum(1)
-    ids = (~vis).to(torch.int8).argsort(dim=1, stable=True)[:, :int(n.max())]
+    width = int(n.max()) if n_visible is None else n_visible
+    ids = (~vis).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
     valid = torch.arange(ids.shape[1], device=ids.device) < n[:, None]
     return ids.masked_fill(~valid, -1), valid
 
@@ -44,7 +46,8 @@ class PatchEmbed(nn.Module):
         self.patch, self.in_chans = patch, in_chans
         self.proj, self.norm = nn.Linear(in_chans * patch * patch, dim), nn.LayerNorm(dim)
 
-    def forward(self, img: Tensor, mask: Tensor | None = None) -> Tokens:
+    def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None) -> Tokens:
+        "Tokens of the patches of `img` not hidden by `mask`; `n_visible`: visible patches per image, if known."
         if img.ndim != 4 or img.shape[1] != self.in_chans:
             raise ValueError(f"img must have shape (B, {self.in_chans}, H, W), got {tuple(img.shape)}")
         B, C, H, W = img.shape
@@ -56,7 +59,7 @@ class PatchEmbed(nn.Module):
             valid = torch.ones(B, h * w, dtype=torch.bool, device=img.device)
         elif mask.shape != (B, h, w) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {(B, h, w)} (True = masked), got {mask.dtype} {tuple(mask.shape)}")
-        else: ids, valid = visible_ids(mask)
+        else: ids, valid = visible_ids(mask, n_visible)
         patches = img.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * P * P)
         x = self.norm(self.proj(gather_rows(patches, ids))) * valid[..., None]
         return Tokens(x, patch_positions(ids, w, P), valid)
@@ -144,10 +147,12 @@ class AFFEncoder(nn.Module):
         "Typical distance between stage `s`'s tokens, in pixels (all patches visible)."
         return self.patch / math.sqrt(math.prod(self.ds[:s]))
 
-    def forward(self, img: Tensor, mask: Tensor | None = None) -> list[Tokens]:
-        "Encode the patches of `img` (B, C, H, W) not hidden by `mask` (B, H/P, W/P) bool, True = masked."
-        t = self.embed(img, mask)
-        return self.forward_tokens(*t, n_max=t.x.shape[1])        # embed pads to the largest visible count: no sync
+    def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None,
+                clusters: list | None = None) -> list[Tokens]:
+        """Encode the patches of `img` (B, C, H, W) not hidden by `mask` (B, H/P, W/P) bool, True = masked;
+        `n_visible`: visible patches per image if known on the host (no host sync); `clusters` as in `forward_tokens`."""
+        t = self.embed(img, mask, n_visible)
+        return self.forward_tokens(*t, clusters=clusters, n_max=t.x.shape[1])   # embed pads to the largest count
 
     def forward_tokens(self, x: Tensor, pos: Tensor, valid: Tensor | None = None, clusters: list | None = None,
                        n_max: int | None = None) -> list[Tokens]:

@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.profiler import record_function
+from .graphs import StepGraph
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 from fastcore.script import call_parse, store_true
 
 # %% auto #0
-__all__ = ['CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'default_device', 'make_images', 'make_optimizer', 'train_step', 'attn_flops',
-           'attn_cost', 'patch_functions', 'count_invisible', 'step_flops', 'time_steps', 'largest_fit', 'fits_step',
-           'module_category', 'label_ranges', 'split_profile', 'profile_step', 'resolve_arch', 'arch_name',
-           'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench', 'bench_table', 'profile_table',
-           'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
+__all__ = ['MODES', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'default_device', 'make_images', 'make_optimizer', 'train_step',
+           'make_step', 'attn_flops', 'attn_cost', 'patch_functions', 'count_invisible', 'step_flops', 'time_steps',
+           'largest_fit', 'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step',
+           'resolve_arch', 'arch_name', 'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench',
+           'bench_table', 'profile_table', 'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
 
 # %% ../nbs/11_benchmarks.ipynb #16d4b0c0
 def default_device():
@@ -45,6 +46,17 @@ def train_step(model, opt, img, amp=True):
     loss.backward()
     with record_function('bench::optimizer'): opt.step()
     return loss.detach()
+
+MODES = ('captured', 'eager')
+
+def make_step(model, opt, amp=True, mode='eager', warmup=2):
+    "A function `img -> loss` running one training step: `train_step` (`'eager'`) or a replayed CUDA graph (`'captured'`)."
+    if mode not in MODES: raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == 'eager': return functools.partial(train_step, model, opt, amp=amp)
+    sg = StepGraph(model, opt, amp=torch.bfloat16 if amp else None, warmup=warmup, log=lambda s: None)
+    def step(img):
+        with record_function('bench::step'): return sg(img)['loss']
+    return step
 
 # %% ../nbs/11_benchmarks.ipynb #5f4bdf63
 def attn_flops(q_shape, idx_shape, backward=False):
@@ -139,19 +151,24 @@ def _by_child(counts, top, bs):
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
-def time_steps(model, opt, img, steps=10, warmup=3, amp=True):
-    "Warm up, then time `steps` training steps: `dict(step_ms (median), times_ms, peak_mem_gib, reserved_gib)`."
+def time_steps(model, opt, img, steps=10, warmup=3, amp=True, step=None):
+    """Warm up, then time `steps` training steps (`step`, default `train_step`) one by one, then back to back:
+    `dict(step_ms (median), times_ms, pipelined_ms, peak_mem_gib, reserved_gib)`."""
     dev = img.device
-    for _ in range(warmup): train_step(model, opt, img, amp)
+    step = step or functools.partial(train_step, model, opt, amp=amp)
+    for _ in range(warmup): step(img)
     _sync(dev)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(steps):
         _sync(dev); t0 = time.perf_counter()
-        train_step(model, opt, img, amp)
+        step(img)
         _sync(dev); times.append(1e3*(time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    for _ in range(steps): step(img)                             # no sync between steps: what a loop that
+    _sync(dev); pipelined = 1e3*(time.perf_counter() - t0)/steps # never waits for the GPU gets
     gib = lambda f: f(dev)/2**30 if dev.type == 'cuda' else None
-    return dict(step_ms=statistics.median(times), times_ms=[round(t, 3) for t in times],
+    return dict(step_ms=statistics.median(times), times_ms=[round(t, 3) for t in times], pipelined_ms=pipelined,
                 peak_mem_gib=gib(torch.cuda.max_memory_allocated), reserved_gib=gib(torch.cuda.max_memory_reserved))
 
 # %% ../nbs/11_benchmarks.ipynb #ffca265b
@@ -175,7 +192,7 @@ def _free(device):
     if device.type == 'cuda': gc.collect(); torch.cuda.empty_cache()
 
 def fits_step(model, opt, bs, size, amp=True):
-    "Does a training step on `bs` images of `size`² run without running out of memory?"
+    "Does an eager training step on `bs` images of `size`² run without running out of memory?"
     dev = next(model.parameters()).device
     ok = True
     try:
@@ -269,18 +286,21 @@ def split_profile(events, gpu=True, steps=1, top=10):
     syncs = sum(e.name in SYNC_OPS for e in cpu_evts)/steps
     return dict(ms=ms, top_ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top]), syncs=syncs)
 
-def profile_step(model, opt, img, amp=True, steps=1):
-    "Profile `steps` training steps: `dict(wall_ms, busy_ms, ms={category: ms}, top_ops={op: ms}, syncs)` per step."
+def profile_step(model, opt, img, amp=True, steps=1, step=None):
+    """Profile `steps` training steps (`step`, default `train_step`): `dict(wall_ms, busy_ms, idle_frac, ms={category:
+    ms}, top_ops={op: ms}, syncs)` per step. A replayed graph runs no Python: its kernels all count as 'other'."""
     dev = img.device
+    step = step or functools.partial(train_step, model, opt, amp=amp)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
     with label_ranges(model):
-        train_step(model, opt, img, amp); _sync(dev)            # hooks in place; first step outside the profile
+        step(img); _sync(dev)                                    # hooks in place; first step outside the profile
         with torch.profiler.profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            for _ in range(steps): train_step(model, opt, img, amp)
+            for _ in range(steps): step(img)
             _sync(dev); wall = 1e3*(time.perf_counter() - t0)/steps
     sp = split_profile(prof.events(), gpu=dev.type == 'cuda', steps=steps)
-    return dict(wall_ms=wall, busy_ms=sum(sp['ms'].values()), **sp)
+    busy = sum(sp['ms'].values())
+    return dict(wall_ms=wall, busy_ms=busy, idle_frac=(wall - busy)/wall if dev.type == 'cuda' else None, **sp)
 
 # %% ../nbs/11_benchmarks.ipynb #ce082b46
 def resolve_arch(arch):
@@ -305,11 +325,11 @@ def _model_info(model):
                 patch_size=ps[0] if isinstance(ps, (tuple, list)) else ps, mask_ratio=get('mask_ratio', 'ratio'))
 
 def bench_one(arch, size, bs, device=None, steps=10, warmup=3, amp=None, auto=False, profile=True,
-              max_bs=4096, rel_tol=1/32, model_kw=None, log=print):
-    "Benchmark `arch` at `size`² with batch `bs` (and the largest batch if `auto`): one JSON record."
+              max_bs=4096, rel_tol=1/32, model_kw=None, log=print, mode='eager'):
+    "Benchmark `arch` at `size`² with batch `bs` (and the largest batch if `auto`), `mode` steps: one JSON record."
     dev = torch.device(device) if device else default_device()
     amp = dev.type == 'cuda' if amp is None else amp
-    rec = dict(arch=arch_name(arch), size=size, bs=bs, error=None)
+    rec = dict(arch=arch_name(arch), size=size, bs=bs, mode=mode, error=None)
     model = opt = None
     try:
         model = build_model(arch, dev, **(model_kw or {})); opt = make_optimizer(model)
@@ -318,13 +338,13 @@ def bench_one(arch, size, bs, device=None, steps=10, warmup=3, amp=None, auto=Fa
         rec |= dict(flops_per_img=fl['total'], fwd_flops_per_img=fl['fwd'], fwd_flops_by_module=fl['fwd_by_module'],
                     flops_by_op=fl['by_op'])
         _free(dev)
-        t = time_steps(model, opt, make_images(bs, size, dev), steps, warmup, amp)
+        step = make_step(model, opt, amp, mode)
+        t = time_steps(model, opt, make_images(bs, size, dev), steps, warmup, amp, step)
         rec |= t | dict(img_per_s=bs/t['step_ms']*1e3)
-        log(f"{rec['arch']:>14} {size:5d}² bs {bs:4d}: {t['step_ms']:9.1f} ms  {rec['img_per_s']:9.2f} img/s"
+        log(f"{rec['arch']:>14} {size:5d}² bs {bs:4d} {mode:>8}: {t['step_ms']:9.1f} ms  {rec['img_per_s']:9.2f} img/s"
             + (f"  {t['peak_mem_gib']:6.2f} GiB" if t['peak_mem_gib'] is not None else ''))
-        if profile:
-            _free(dev)
-            rec['profile'] = profile_step(model, opt, make_images(bs, size, dev), amp)
+        if profile: rec['profile'] = profile_step(model, opt, make_images(bs, size, dev), amp, step=step)
+        del step; _free(dev)
     except Exception as e:
         if not _is_oom(e): raise
         rec['error'] = 'out of memory'; log(f"{rec['arch']:>14} {size:5d}² bs {bs:4d}: out of memory")
@@ -362,7 +382,7 @@ def env_info(device):
     if dev.type == 'cuda':
         p = torch.cuda.get_device_properties(dev); name, mem = p.name, p.total_memory/2**30
     else: name, mem = f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)', None
-    return dict(schema='affmae.bench/1', device=name, device_mem_gib=mem,
+    return dict(schema='affmae.bench/2', device=name, device_mem_gib=mem,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 versions=dict(python=platform.python_version(), torch=torch.__version__, triton=tv,
                               cuda=torch.version.cuda, affmae=av))
@@ -373,9 +393,12 @@ def default_bs(size):
 
 def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=None, auto=False, steps=10,
               warmup=3, profile=True, device=None, amp=None, mem_gib=None, max_bs=4096, rel_tol=1/32,
-              model_kw=None, json_path=None, command=None, log=print):
-    "Benchmark every arch at every size (batch `bs[i]` at `sizes[i]`, default `default_bs`): the results dict."
+              model_kw=None, json_path=None, command=None, log=print, modes=None):
+    """Benchmark every arch at every size (batch `bs[i]` at `sizes[i]`, default `default_bs`) in every step mode
+    (`modes`, default captured and eager on CUDA, eager on the CPU): the results dict."""
     dev = torch.device(device) if device else default_device()
+    modes = list(modes or (MODES if dev.type == 'cuda' else ('eager',)))
+    if dev.type != 'cuda' and 'captured' in modes: raise ValueError("captured steps need a CUDA device")
     amp = dev.type == 'cuda' if amp is None else amp
     bs = [default_bs(s) for s in sizes] if bs is None else list(bs)
     if len(bs) == 1: bs = bs*len(sizes)
@@ -387,9 +410,10 @@ def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=
         config=dict(amp='bf16' if amp else None, optimizer='AdamW' + (' (fused)' if dev.type == 'cuda' else ''),
                     steps=steps, warmup=warmup, mem_gib=mem_gib))
     for size, b in zip(sizes, bs):
-        for arch in archs:
-            res['records'].append(bench_one(arch, size, b, dev, steps, warmup, amp, auto, profile, max_bs,
-                                            rel_tol, model_kw, log))
+        for mode in modes:
+            for arch in archs:
+                res['records'].append(bench_one(arch, size, b, dev, steps, warmup, amp, auto and mode == 'eager',
+                                                profile, max_bs, rel_tol, model_kw, log, mode))
             if json_path: Path(json_path).write_text(json.dumps(res, indent=1))   # partial results survive a crash
     return res
 
@@ -399,26 +423,29 @@ def _ratio(r0, r1, k, fmt):
     x, y = r0.get(k), r1.get(k)
     return format(x/y, fmt) + '×' if x is not None and y else '-'
 def _gflop(f): return '-' if f is None else f'{f/1e9:,.0f}' if f >= 1e11 else f'{f/1e9:.3g}'
+def _mode(r): return r.get('mode', 'eager')
 def _timed(a): return f" (timed at {a['timed_bs']})" if a.get('timed_bs') not in (None, a.get('bs')) else ''
 
 def bench_table(res):
     "The results as a Markdown table, with ratio rows for the first two archs."
     recs = res['records']
-    rows = ['| arch | image | batch | GFLOP/img | ms/step | img/s | peak GiB | auto batch | img/s at auto |',
-            '|---|---|---|---|---|---|---|---|---|']
+    rows = ['| arch | step | image | batch | GFLOP/img | ms/step | img/s | GPU idle | peak GiB | auto batch | img/s at auto |',
+            '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in recs:
-        a = r.get('auto') or {}
-        rows.append(f"| {r['arch']} | {r['size']}² | {r['bs']} | {_gflop(r.get('flops_per_img'))} | "
+        a, idle = r.get('auto') or {}, (r.get('profile') or {}).get('idle_frac')
+        rows.append(f"| {r['arch']} | {_mode(r)} | {r['size']}² | {r['bs']} | {_gflop(r.get('flops_per_img'))} | "
                     f"{_f(r.get('step_ms'), '.1f') if not r['error'] else r['error']} | {_f(r.get('img_per_s'), '.2f')} | "
+                    f"{_f(None if idle is None else 100*idle, '.0f')}{'%' if idle is not None else ''} | "
                     f"{_f(r.get('peak_mem_gib'), '.2f')} | {_f(a.get('bs'), 'd')}{_timed(a)} | {_f(a.get('img_per_s'), '.2f')} |")
     archs = list(dict.fromkeys(r['arch'] for r in recs))
     if len(archs) >= 2:
         a0, a1 = archs[:2]
-        rows += ['', f'| ratio {a0}/{a1} | image | img/s | peak memory | FLOPs/img | img/s at auto batch |', '|---|---|---|---|---|---|']
-        by = {(r['arch'], r['size']): r for r in recs}
-        for size in dict.fromkeys(r['size'] for r in recs):
-            r0, r1 = by.get((a0, size)), by.get((a1, size))
-            if r0 and r1: rows.append(f"| | {size}² | {_ratio(r0, r1, 'img_per_s', '.2f')} | {_ratio(r0, r1, 'peak_mem_gib', '.2f')} | "
+        rows += ['', f'| ratio {a0}/{a1} | step | image | batch | img/s | peak memory | FLOPs/img | img/s at auto batch |',
+                 '|---|---|---|---|---|---|---|---|']
+        by = {(r['arch'], r['size'], r['bs'], _mode(r)): r for r in recs}
+        for size, b, mode in dict.fromkeys((r['size'], r['bs'], _mode(r)) for r in recs):
+            r0, r1 = by.get((a0, size, b, mode)), by.get((a1, size, b, mode))
+            if r0 and r1: rows.append(f"| | {mode} | {size}² | {b} | {_ratio(r0, r1, 'img_per_s', '.2f')} | {_ratio(r0, r1, 'peak_mem_gib', '.2f')} | "
                                       f"{_ratio(r0, r1, 'flops_per_img', '.3f')} | {_ratio(r0.get('auto') or {}, r1.get('auto') or {}, 'img_per_s', '.2f')} |")
     return '\n'.join(rows)
 
@@ -426,11 +453,11 @@ def profile_table(res):
     "Per-category share of the profiled step time, one row per record (Markdown)."
     cats = [c for c in CATEGORIES if any((r.get('profile') or {}).get('ms', {}).get(c) for r in res['records'])]
     if not cats: return ''
-    rows = ['| arch | image | ' + ' | '.join(cats) + ' | busy ms | wall ms | syncs |', '|---' * (len(cats) + 5) + '|']
+    rows = ['| arch | step | image | batch | ' + ' | '.join(cats) + ' | busy ms | wall ms | syncs |', '|---' * (len(cats) + 7) + '|']
     for r in res['records']:
         p = r.get('profile')
         if not p: continue
-        rows.append(f"| {r['arch']} | {r['size']}² | " + ' | '.join(f"{100*p['ms'][c]/p['busy_ms']:.1f}%" for c in cats)
+        rows.append(f"| {r['arch']} | {_mode(r)} | {r['size']}² | {r['bs']} | " + ' | '.join(f"{100*p['ms'][c]/p['busy_ms']:.1f}%" for c in cats)
                     + f" | {p['busy_ms']:.1f} | {p['wall_ms']:.1f} | {p.get('syncs', 0):.0f} |")
     return '\n'.join(rows)
 
@@ -438,6 +465,7 @@ def top_ops_table(res):
     "The costliest operators of each profiled record (Markdown)."
     rows = ['| arch | image | operator (category: name) | ms/step |', '|---|---|---|---|']
     for r in res['records']:
+        if _mode(r) != 'eager': continue                      # a replayed graph has no operators to name
         for op, ms in ((r.get('profile') or {}).get('top_ops') or {}).items():
             rows.append(f"| {r['arch']} | {r['size']}² | `{op}` | {ms:.2f} |")
     return '\n'.join(rows)
@@ -466,12 +494,15 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
           max_bs:int=4096, # upper limit of the largest-batch search (on the CPU, where nothing runs out of memory, the answer)
           no_profile:store_true=False, # skip the torch.profiler breakdown
           device:str=None, # 'cuda' or 'cpu' (default: cuda if available)
+          modes:str=None, # step modes, comma-separated: captured (CUDA graph), eager (default: both on CUDA)
           ):
     "Benchmark models side by side: FLOPs/img, peak memory, img/s (and the largest batch), with a profile breakdown."
     size_l = [int(s) for s in sizes.split(',')]
     bs_l, auto = parse_bs(bs, size_l)
+    mode_l = None if not modes else [m.strip() for m in modes.split(',')]
+    if mode_l and not set(mode_l) <= set(MODES): raise ValueError(f"--modes: choose from {', '.join(MODES)}, got {modes!r}")
     res = run_bench(archs.split(','), size_l, bs_l, auto=auto, steps=steps, warmup=warmup, profile=not no_profile,
-                    device=device, mem_gib=mem_gib, max_bs=max_bs, json_path=json, command=' '.join(['affmae bench'] + [a for a in sys.argv[1:] if a != 'bench']))
+                    device=device, mem_gib=mem_gib, max_bs=max_bs, json_path=json, modes=mode_l, command=' '.join(['affmae bench'] + [a for a in sys.argv[1:] if a != 'bench']))
     print(f"\n{res['device']}, {res['date']}, torch {res['versions']['torch']}, triton {res['versions']['triton']}\n")
     print(bench_table(res))
     if not no_profile: print(); print(profile_table(res)); print(); print(top_ops_table(res))

@@ -10,7 +10,7 @@ import torch, torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['hilbert_index', 'hilbert_index_fast', 'curve_order', 'knn', 'gather_rows', 'cluster_knn', 'Clusters',
+__all__ = ['hilbert_index', 'hilbert_index_fast', 'curve_order', 'knn', 'gather_rows', 'knn_overflow', 'cluster_knn', 'Clusters',
            'cluster_tokens', 'neighbour_offsets']
 
 # %% ../nbs/04_clustering.ipynb #00d09993
@@ -73,9 +73,8 @@ def curve_order(pos: Tensor, valid: Tensor | None = None, bits: int = 16) -> Ten
     "Permutation `(B, N)` that sorts each image's points `pos` (B, N, 2) along a Hilbert curve; invalid points go last."
     valid = _check_points(pos, valid)
     p, v = pos.float(), valid[..., None]
-    inf = torch.tensor(float('inf'), device=p.device)
-    lo = torch.where(v, p, inf).amin(1, keepdim=True)
-    hi = torch.where(v, p, -inf).amax(1, keepdim=True)
+    lo = torch.where(v, p, float('inf')).amin(1, keepdim=True)
+    hi = torch.where(v, p, float('-inf')).amax(1, keepdim=True)
     lo = torch.where(lo.isfinite(), lo, 0.)
     ext = (hi - lo).amax(-1, keepdim=True).nan_to_num(0.).clamp_min(1e-6)   # one scale for x and y keeps shapes
     q = ((p - lo) / ext * (2**bits - 1)).round().clamp(0, 2**bits - 1)
@@ -121,8 +120,21 @@ def gather_rows(x: Tensor, idx: Tensor, zero: bool = True) -> Tensor:
     out = x.reshape(B * N, *x.shape[2:]).index_select(0, flat).reshape(*idx.shape, *x.shape[2:])
     return out * (idx >= 0).view(*idx.shape, *[1] * (x.ndim - 2)).to(out.dtype) if zero else out
 
-def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, k: int, n_cand: int = 32) -> Tensor:
-    "Same result as `knn(centres, pos, k, valid)` for `centres` of the consecutive clusters of `cluster_size` tokens of `pos` (B, G·c, 2), pruned by cluster bounds."
+_OVERFLOW: dict = {}
+def knn_overflow(device) -> Tensor:
+    "Device counter of `cluster_knn` rows left unproven by a capped repair (`n_fix`); read it outside a captured step."
+    key = str(torch.device(device))
+    if key not in _OVERFLOW: _OVERFLOW[key] = torch.zeros((), dtype=torch.long, device=device)
+    return _OVERFLOW[key]
+
+def _capturing(t: Tensor) -> bool: return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, k: int, n_cand: int = 32,
+                n_fix: int | None = None) -> Tensor:
+    """Same result as `knn(centres, pos, k, valid)` for `centres` of the consecutive clusters of `cluster_size` tokens
+    of `pos` (B, G·c, 2), pruned by cluster bounds. Rows the bounds cannot prove are recomputed by brute force: all of
+    them (one host sync to count them), or, with `n_fix` (default under CUDA-graph capture), at most `n_fix` per image
+    without a sync, adding any rows left over to `knn_overflow`."""
     B, G, _ = centres.shape
     c, dev = cluster_size, pos.device
     if G <= n_cand: return knn(centres, pos, k, valid)
@@ -147,13 +159,18 @@ def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, 
         idx = F.pad(_key_ids(key), (0, k - kk), value=-1)
         rk = (key[..., -1] >> 32).to(torch.int32).view(torch.float32).sqrt() if kk == k else torch.full_like(bound, float('inf'))
         bad = ~((rk < bound - 1e-5 * ext[..., 0]) | bound.isinf())
-        if bad.any():                                              # prove-or-recompute: brute force for the rest
-            nb = bad.sum(1)
-            sel = (~bad).to(torch.int8).argsort(dim=1, stable=True)[:, :int(nb.max())]
-            res = knn(cen.gather(1, sel[..., None].expand(-1, -1, 2)), p, k, valid)
-            use = torch.arange(sel.shape[1], device=dev) < nb[:, None]
-            idx = idx.scatter(1, sel[..., None].expand(-1, -1, k), torch.where(use[..., None], res, idx.gather(1, sel[..., None].expand(-1, -1, k))))
-    return idx
+        if n_fix is None and _capturing(pos): n_fix = max(16, G // 16)
+        nb = bad.sum(1)
+        if n_fix is None: n_fix = int(nb.max())                    # the host sync: how many rows to repair
+        else: knn_overflow(dev).add_((nb - n_fix).clamp_min(0).sum())
+        return _repair(idx, bad, min(n_fix, G), cen, p, k, valid) if n_fix else idx
+
+def _repair(idx: Tensor, bad: Tensor, n: int, cen: Tensor, p: Tensor, k: int, valid: Tensor) -> Tensor:
+    "Brute-force KNN for the first `n` rows per image where `bad` (B, G) holds; other rows of `idx` (B, G, k) kept."
+    sel = (~bad).to(torch.int8).argsort(dim=1, stable=True)[:, :n]       # failed rows first
+    res = knn(cen.gather(1, sel[..., None].expand(-1, -1, 2)), p, k, valid)
+    s = sel[..., None].expand(-1, -1, k)
+    return idx.scatter(1, s, torch.where(bad.gather(1, sel)[..., None], res, idx.gather(1, s)))
 
 # %% ../nbs/04_clustering.ipynb #f5a56561
 class Clusters(NamedTuple):

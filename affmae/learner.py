@@ -20,6 +20,7 @@ from fastai.torch_core import find_bs
 from safetensors.torch import save_file, safe_open
 from .aff import create_model
 from .mae import MAEBase
+from .graphs import CaptureStep
 import affmae.vit_mae
 
 # %% auto #0
@@ -215,8 +216,9 @@ PRECISIONS = ('bf16', 'fp16', None)
 
 def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', ratio: float = .5, lr: float = 1.5e-4,
                 wd: float = .05, accum: int = 1, clip: float | None = 1., precision: str | None = 'bf16',
-                ckpt_dir=None, ckpt_every: int = 1, figs_dir=None, valid_seed: int | None = 0, cbs=None, **model_kw) -> Learner:
-    "A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`)."
+                ckpt_dir=None, ckpt_every: int = 1, figs_dir=None, valid_seed: int | None = 0, cbs=None,
+                capture: bool = True, **model_kw) -> Learner:
+    "A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`); `capture`: CUDA-graph steps."
     if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if isinstance(arch, str):
         kw = dict(mask=mask, ratio=ratio, **model_kw)
@@ -226,7 +228,8 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', 
     dev = getattr(dls, 'device', None) or torch.device('cpu')
     model.to(dev)
     cbs = [InputIsTarget(), Accumulate(accum)] + ([GradientClip(clip)] if clip else []) + ([Checkpoint(ckpt_dir, ckpt_every)] if ckpt_dir else []) \
-          + ([ReconFigures(figs_dir)] if figs_dir else []) + ([FixedValidMasks(valid_seed)] if valid_seed is not None else []) + list(cbs or [])
+          + ([ReconFigures(figs_dir)] if figs_dir else []) + ([FixedValidMasks(valid_seed)] if valid_seed is not None else []) \
+          + ([CaptureStep()] if capture else []) + list(cbs or [])
     metrics = [HeadLoss(i, f'loss_{n}') for i, n in enumerate(head_names(model))] if len(head_names(model)) > 1 else []
     learn = Learner(dls, model, loss_func=mae_loss, opt_func=adamw, lr=lr, wd=[wd, 0.], splitter=decay_split,
                     metrics=metrics, cbs=cbs)

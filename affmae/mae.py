@@ -8,14 +8,14 @@ import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import perlin_mask, random_mask
-from .clustering import knn, gather_rows
+from .clustering import Clusters, cluster_tokens, knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model
 
 # %% auto #0
 __all__ = ['MASKERS', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed',
-           'MAEBase', 'neighbour_dist2', 'BlockLayout', 'DecoderLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny',
-           'affmae_small', 'affmae_base', 'stage_feature_stats']
+           'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters', 'DecoderLayer', 'PointDecoder', 'AFFMAE',
+           'affmae_tiny', 'affmae_small', 'affmae_base', 'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
 def patchify(img: Tensor, p: int = 8) -> Tensor:
@@ -88,19 +88,27 @@ class MAEBase(nn.Module):
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch}")
         return H // self.patch, W // self.patch
 
+    def n_visible(self, h: int, w: int) -> int:
+        "Visible patches per image in every mask `make_mask` draws on an `h`x`w` grid (the ratio is exact)."
+        return h * w - round(self.ratio * h * w)
+
     def make_mask(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
         "A fresh mask `(B, h, w)` for `img`, True = masked."
         return MASKERS[self.mask_kind](img.shape[0], self.grid(img), self.ratio, generator=generator, device=img.device)
 
-    def predict(self, img: Tensor, mask: Tensor) -> list[Tensor]:
-        "One prediction `(B, L, p*p*C)` per reconstruction head, finest last."
+    def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
+        """One prediction `(B, L, p*p*C)` per reconstruction head, finest last (rows of visible patches are free: the
+        loss ignores them); `n_visible`: every image's visible count, if known on the host."""
         raise NotImplementedError
 
-    def forward(self, img: Tensor, mask: Tensor | None = None) -> dict:
+    def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None) -> dict:
+        """Losses and final prediction for `img` under `mask` (drawn by `make_mask` if None). `n_visible`: every
+        image's visible count when known on the host (always so for masks from `make_mask`): no host sync."""
         h, w = self.grid(img)
-        mask = self.make_mask(img) if mask is None else mask
-        if mask.shape != (img.shape[0], h, w): raise ValueError(f"mask must be (B, h, w) = {(img.shape[0], h, w)}, got {tuple(mask.shape)}")
-        preds = self.predict(img, mask)
+        if mask is None: mask, n_visible = self.make_mask(img), self.n_visible(h, w)
+        if mask.shape != (img.shape[0], h, w):
+            raise ValueError(f"mask must be (B, h, w) = {(img.shape[0], h, w)}, got {tuple(mask.shape)}")
+        preds = self.predict(img, mask, n_visible)
         if len(preds) != len(self.loss_weights): raise ValueError(f"{len(preds)} heads but {len(self.loss_weights)} loss weights")
         tgt, m = patch_targets(img, self.patch, self.norm_pix), mask.flatten(1)
         losses = [masked_mse(p, tgt, m) for p in preds]
@@ -123,32 +131,29 @@ class MAEBase(nn.Module):
 
 # %% ../nbs/07_mae.ipynb #99ae915e
 def neighbour_dist2(qpos: Tensor, kpos: Tensor, idx: Tensor) -> Tensor:
-    "Squared distances `(B, G*Q, M)` from block-grouped queries `qpos` (B, G*Q, 2) to their neighbours `kpos[idx]` (idx (B, G, M))."
+    "Squared distances `(B, G*Q, M)` from grouped queries `qpos` (B, G*Q, 2) to their neighbours `kpos[idx]` (idx (B, G, M))."
     B, G, M = idx.shape
     kp = gather_rows(kpos, idx)                                                  # (B, G, M, 2); -1 -> (0, 0), masked anyway
     return (qpos.view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, -1, M)
 
-class BlockLayout:
-    "Block-major query layout of an `h`x`w` patch grid in `b`x`b` blocks with self-attention windows grown by `margin`."
-    def __init__(self, h: int, w: int, b: int = 4, margin: int = 2, device=None):
-        gh, gw = -(-h // b), -(-w // b)
-        gi, gj, i, j = torch.meshgrid(*(torch.arange(n, device=device) for n in (gh, gw, b, b)), indexing='ij')
-        rows, cols = (gi * b + i).reshape(-1), (gj * b + j).reshape(-1)
-        real = (rows < h) & (cols < w)
-        self.h, self.w, self.b, self.G = h, w, b, gh * gw
-        self.pos = torch.stack([cols, rows], -1).float() + .5                    # (Nq, 2) query centres, patch units
-        self.centres = self.pos.view(self.G, b * b, 2).mean(1)                   # (G, 2) block centres
-        q = torch.arange(len(rows), device=device)
-        self.raster = torch.empty(h * w, dtype=torch.long, device=device)        # query index of each raster patch
-        self.raster[(rows * w + cols)[real]] = q[real]
-        off = torch.arange(-margin, b + margin, device=device)
-        R = (torch.arange(gh, device=device) * b)[:, None, None, None] + off[:, None]   # (gh, 1, W, 1)
-        C = (torch.arange(gw, device=device) * b)[None, :, None, None] + off            # (1, gw, 1, W)
-        R, C = torch.broadcast_tensors(R, C)
-        ok = (R >= 0) & (R < h) & (C >= 0) & (C < w)
-        idx = ((R.clamp(0) // b) * gw + C.clamp(0) // b) * b * b + (R.clamp(0) % b) * b + C.clamp(0) % b
-        self.window = torch.where(ok, idx, -1).reshape(self.G, -1)               # (G, (b+2m)^2) query indices
-        self.window_d2 = neighbour_dist2(self.pos[None], self.pos[None], self.window[None])[0]   # (Nq, (b+2m)^2)
+def patch_ids(mask: Tensor | None, h: int, w: int, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """Raster ids `(B, n)` of the masked patches of `mask` (B, h, w) (of every patch, batch 1, if None), -1 past an
+    image's count, and their valid mask; `n`: the masked count of every image if known on the host (no sync)."""
+    if mask is None:
+        ids = torch.arange(h * w)[None]
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    m = mask.flatten(1)
+    cnt = m.sum(1)
+    ids = (~m).to(torch.int8).argsort(dim=1, stable=True)[:, :int(cnt.max()) if n is None else n]
+    valid = torch.arange(ids.shape[1], device=ids.device) < cnt[:, None]
+    return ids.masked_fill(~valid, -1), valid
+
+def query_clusters(ids: Tensor, valid: Tensor, w: int, group: int = 16, window: int = 64) -> tuple[Clusters, Tensor]:
+    """Queries at the patches `ids` (B, n) of a `w`-wide grid, as points in patch units clustered along a Hilbert
+    curve: `Clusters` (groups of `group`, each with its `window` nearest queries) and each row's patch id (-1: none)."""
+    pos = torch.stack([ids % w, ids // w], -1).float() + .5
+    cl = cluster_tokens(pos, valid, group, window)
+    return cl, torch.where(cl.valid, ids.gather(1, cl.order.clamp(min=0)), -1)
 
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
@@ -185,61 +190,76 @@ class DecoderLayer(nn.Module):
         x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))   # knn ids
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
         bias = self.locality(self.reach_self, self_d2, q.dtype, q.shape[0])
-        x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # BlockLayout windows
+        x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # query windows
         return x + self.mlp(self.norm_m(x))
 
 class PointDecoder(nn.Module):
-    "One query per grid patch decoded from an encoder's per-stage point sets, coarsest stage first; one reconstruction per stage."
+    "Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage first."
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
-                 block: int = 4, margin: int = 2, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
+                 group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
         super().__init__()
-        self.patch, self.dim, self.k, self.block, self.margin = patch, dim, k, block, margin
+        self.patch, self.dim, self.k, self.group, self.window = patch, dim, k, group, window
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, impl, locality) for _ in enc_dims)
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans)) for _ in enc_dims)
-        self._layouts = {}
+        self._dense = {}
 
-    def layout(self, h: int, w: int, device) -> BlockLayout:
+    def queries(self, mask: Tensor | None, h: int, w: int, B: int, device, n: int | None = None):
+        "`query_clusters` of the masked patches of `mask` (of every patch if None: computed once per grid and device)."
+        if mask is not None: return query_clusters(*patch_ids(mask, h, w, n), w, self.group, self.window)
         key = (h, w, str(device))
-        if key not in self._layouts: self._layouts[key] = BlockLayout(h, w, self.block, self.margin, device)
-        return self._layouts[key]
+        if key not in self._dense:
+            ids, valid = patch_ids(None, h, w)
+            self._dense[key] = query_clusters(ids.to(device), valid.to(device), w, self.group, self.window)
+        cl, rows = self._dense[key]
+        return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
 
-    def forward(self, stages: list[Tokens], h: int, w: int) -> list[Tensor]:
-        "Predictions `(B, h*w, p*p*C)` in raster order, one per layer (coarsest stage first, finest last)."
+    def forward(self, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
+                n_masked: int | None = None) -> list[Tensor]:
+        """Predictions `(B, h*w, out)` on the patch grid, one per layer (coarsest stage first): at the masked patches
+        of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known."""
         B, dev = stages[0].x.shape[0], stages[0].x.device
-        lay = self.layout(h, w, dev)
-        x = (self.mask_token + sincos_embed(lay.pos, self.dim)).expand(B, -1, -1)
-        centres, window, qpos = lay.centres.expand(B, -1, -1), lay.window.expand(B, -1, -1), lay.pos.expand(B, -1, -1)
-        self_d2 = lay.window_d2[None]                                                # the same for every image
+        cl, rows = self.queries(mask, h, w, B, dev, n_masked)
+        x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
+        self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
         preds = []
         for proj, layer, head, t in zip(self.proj, self.layers, self.heads, reversed(stages)):
             pos = t.pos / self.patch                                                # pixels -> patch units
             mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
-            idx = knn(centres, pos, self.k, t.valid)
-            x = layer(x, mem, idx, window, neighbour_dist2(qpos, pos, idx), self_d2)
-            preds.append(head(x)[:, lay.raster])
+            idx = knn(cl.centres, pos, self.k, t.valid)
+            x = layer(x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
+            preds.append(_to_grid(head(x), rows, h * w))
         return preds
+
+def _to_grid(y: Tensor, rows: Tensor, L: int) -> Tensor:
+    "Rows `y` (B, n, D) of the patches `rows` (B, n; -1 = none) scattered into a zero grid `(B, L, D)`."
+    D = y.shape[-1]
+    out = y.new_zeros(y.shape[0], L + 1, D)
+    return out.scatter(1, rows.masked_fill(rows < 0, L)[..., None].expand(-1, -1, D), y)[:, :L]
 
 # %% ../nbs/07_mae.ipynb #9ce7d98a
 class AFFMAE(MAEBase):
     "MAE with an AutoFocusFormer encoder over the visible patches and a point decoder with deep supervision."
-    def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, block: int = 4,
-                 margin: int = 2, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
+    def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, group: int = 16,
+                 window: int = 64, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
                  dec_locality: bool = True, **kw):
         S = len(encoder.dims)
         if len(ds_weights) != S: raise ValueError(f"ds_weights needs one weight per encoder stage ({S}), got {len(ds_weights)}")
         super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=ds_weights, **kw)
         self.encoder = encoder
-        self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, block, margin,
+        self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group, window,
                                     dec_mlp_ratio, impl, dec_locality)
         self.head_names = [f'stage{s}' for s in reversed(range(S))]
         self.decoder.apply(_init_dec)
         for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head
         nn.init.normal_(self.decoder.mask_token, std=.02)
 
-    def predict(self, img: Tensor, mask: Tensor) -> list[Tensor]:
-        return self.decoder(self.encoder(img, mask), *self.grid(img))
+    def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
+        "One prediction per decoder layer `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
+        h, w = self.grid(img)
+        n_masked = None if n_visible is None else h * w - n_visible
+        return self.decoder(self.encoder(img, mask, n_visible), h, w, mask, n_masked)
 
 def _init_dec(m):
     if isinstance(m, nn.Linear):

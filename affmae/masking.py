@@ -116,14 +116,18 @@ def coherence(mask: Tensor) -> Tensor:
     return torch.cat([eq_h, eq_v], 1).float().mean(1)
 
 # %% ../nbs/01_masking.ipynb #8491c116
-def mask_to_ids(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    "MAE's `(ids_keep, ids_masked, ids_restore)` over the flattened grid of `mask` `(n, h, w)` or `(n, L)`, `True` = masked."
+def mask_to_ids(mask: Tensor, n_visible: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's `(ids_keep, ids_masked, ids_restore)` over the flattened grid of `mask` `(n, h, w)` or `(n, L)`,
+    `True` = masked. `n_visible`: the visible count of every sample if the caller knows it (skips the check, a host
+    sync)."""
     if mask.ndim not in (2, 3) or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (n, h, w) or (n, L), got {mask.dtype} {tuple(mask.shape)}")
     m = mask.flatten(1)
-    counts = m.sum(1)
-    if (counts != counts[0]).any():
-        raise ValueError(f"mask_to_ids needs the same number of masked cells in every sample, got counts {counts.tolist()}")
-    k = m.shape[1] - int(counts[0])
+    if n_visible is None:
+        counts = m.sum(1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"mask_to_ids needs the same number of masked cells in every sample, got counts {counts.tolist()}")
+        n_visible = m.shape[1] - int(counts[0])
+    k = n_visible
     ids_shuffle = torch.argsort(m.to(torch.uint8), dim=1, stable=True)     # visible first, then masked
     return ids_shuffle[:, :k], ids_shuffle[:, k:], torch.argsort(ids_shuffle, dim=1)

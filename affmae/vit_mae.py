@@ -57,18 +57,19 @@ class ViTMAE(MAEBase):
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=.02)
 
-    def encode(self, img: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> tuple[Tensor, Tensor]:
         "Encoded visible tokens `(B, L_v, dim)` and their raster indices `ids_keep` `(B, L_v)`."
         h, w = self.grid(img)
-        keep = mask_to_ids(mask)[0]
+        keep = mask_to_ids(mask, n_visible)[0]
         x = patchify(img, self.patch).gather(1, keep[..., None].expand(-1, -1, self.embed.in_features))
         x = self.embed(x) + sincos_embed(grid_positions(h, w, img.device), self.dim)[keep]
         for blk in self.blocks: x = blk(x)
         return self.norm(x), keep
 
-    def predict(self, img: Tensor, mask: Tensor) -> list[Tensor]:
+    def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
+        "One prediction `(B, h*w, p*p*C)` for every patch, from the dense decoder."
         h, w = self.grid(img)
-        x, keep = self.encode(img, mask)
+        x, keep = self.encode(img, mask, n_visible)
         x = self.dec_embed(x)
         B, L, D = x.shape[0], h * w, self.dec_dim
         x = self.mask_token.to(x.dtype).expand(B, L, D).scatter(1, keep[..., None].expand(-1, -1, D), x)
