@@ -343,7 +343,10 @@ def bench_one(arch, size, bs, device=None, steps=10, warmup=3, amp=None, auto=Fa
         rec |= t | dict(img_per_s=bs/t['step_ms']*1e3)
         log(f"{rec['arch']:>14} {size:5d}² bs {bs:4d} {mode:>8}: {t['step_ms']:9.1f} ms  {rec['img_per_s']:9.2f} img/s"
             + (f"  {t['peak_mem_gib']:6.2f} GiB" if t['peak_mem_gib'] is not None else ''))
-        if profile: rec['profile'] = profile_step(model, opt, make_images(bs, size, dev), amp, step=step)
+        if profile and mode == 'eager':                  # a replayed graph runs no Python: nothing to attribute
+            rec['profile'] = profile_step(model, opt, make_images(bs, size, dev), amp, step=step)
+        busy = t['pipelined_ms'] if mode == 'captured' else (rec.get('profile') or {}).get('busy_ms')
+        if busy is not None and dev.type == 'cuda': rec |= dict(busy_ms=busy, idle_frac=max(0., 1 - busy/t['step_ms']))
         del step; _free(dev)
     except Exception as e:
         if not _is_oom(e): raise
@@ -432,7 +435,7 @@ def bench_table(res):
     rows = ['| arch | step | image | batch | GFLOP/img | ms/step | img/s | GPU idle | peak GiB | auto batch | img/s at auto |',
             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in recs:
-        a, idle = r.get('auto') or {}, (r.get('profile') or {}).get('idle_frac')
+        a, idle = r.get('auto') or {}, r.get('idle_frac')
         rows.append(f"| {r['arch']} | {_mode(r)} | {r['size']}² | {r['bs']} | {_gflop(r.get('flops_per_img'))} | "
                     f"{_f(r.get('step_ms'), '.1f') if not r['error'] else r['error']} | {_f(r.get('img_per_s'), '.2f')} | "
                     f"{_f(None if idle is None else 100*idle, '.0f')}{'%' if idle is not None else ''} | "
