@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib, math
 from typing import NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
@@ -14,8 +15,8 @@ from .cluster_attention import cluster_attention
 
 # %% auto #0
 __all__ = ['Tokens', 'visible_ids', 'patch_positions', 'PatchEmbed', 'RelPosBias', 'DropPath', 'ClusterAttention', 'AFFBlock',
-           'AFFEncoder', 'register_model', 'list_models', 'create_model', 'aff_mini', 'aff_small', 'aff_base',
-           'show_stages']
+           'run_block', 'AFFEncoder', 'register_model', 'list_models', 'create_model', 'aff_mini', 'aff_small',
+           'aff_base', 'show_stages']
 
 # %% ../nbs/06_aff.ipynb #f99825e4
 class Tokens(NamedTuple):
@@ -113,19 +114,25 @@ class AFFBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 # %% ../nbs/06_aff.ipynb #e901dee5
+def run_block(blk: nn.Module, checkpoint: bool, *args):
+    "`blk(*args)`, recomputed in the backward instead of storing its activations if `checkpoint` (and training)."
+    if not (checkpoint and torch.is_grad_enabled()): return blk(*args)
+    rng = any(isinstance(m, DropPath) and m.p > 0 for m in blk.modules())         # only random blocks replay the RNG
+    return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False, preserve_rng_state=rng)
+
 class AFFEncoder(nn.Module):
     "AutoFocusFormer over the visible patches of an image: per-stage tokens (features, pixel positions, valid)."
     def __init__(self, dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (1, 1, 2, 1),
                  heads: Sequence[int] = (1, 2, 4, 6), patch: int = 8, in_chans: int = 1, nbhd: int = 64,
                  cluster: int = 8, ds: float | Sequence[float] = 0.4, mlp_ratio: float = 3., drop_path: float = 0.,
-                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto'):
+                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool = False):
         super().__init__()
         S = len(dims)
         if not (len(depths) == len(heads) == S): raise ValueError(f"dims, depths and heads need one entry per stage, got {len(dims)}, {len(depths)}, {len(heads)}")
         ds = [ds] * (S - 1) if isinstance(ds, (int, float)) else list(ds)
         if len(ds) != S - 1: raise ValueError(f"ds needs one rate per merge ({S - 1}), got {len(ds)}")
         self.dims, self.depths, self.heads, self.ds = tuple(dims), tuple(depths), tuple(heads), tuple(ds)
-        self.patch, self.in_chans, self.nbhd, self.cluster = patch, in_chans, nbhd, cluster
+        self.patch, self.in_chans, self.nbhd, self.cluster, self.checkpoint = patch, in_chans, nbhd, cluster, checkpoint
         self.embed = PatchEmbed(dims[0], patch, in_chans)
         dp = [drop_path * i / max(1, sum(depths) - 1) for i in range(sum(depths))]   # linear stochastic-depth schedule
         self.stages, self.rpes, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -167,7 +174,7 @@ class AFFEncoder(nn.Module):
             cl = cluster_tokens(pos, valid, self.cluster, self.nbhd)
             x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
             bias = self.rpes[s](pos, cl.nbhd, self.spacing(s))
-            for blk in blocks: x = blk(x, cl.nbhd, bias)
+            for blk in blocks: x = run_block(blk, self.checkpoint, x, cl.nbhd, bias)
             outs.append(Tokens(self.norms[s](x) * valid[..., None], pos, valid))
             if clusters is not None: clusters.append(cl)
         return outs

@@ -56,6 +56,7 @@ def make_step(model, opt, amp=True, mode='eager', warmup=2):
     sg = StepGraph(model, opt, amp=torch.bfloat16 if amp else None, warmup=warmup, log=lambda s: None)
     def step(img):
         with record_function('bench::step'): return sg(img)['loss']
+    step.captured = True                       # its graph's memory is allocated at capture, inside the warm-up
     return step
 
 # %% ../nbs/11_benchmarks.ipynb #5f4bdf63
@@ -156,9 +157,11 @@ def time_steps(model, opt, img, steps=10, warmup=3, amp=True, step=None):
     `dict(step_ms (median), times_ms, pipelined_ms, peak_mem_gib, reserved_gib)`."""
     dev = img.device
     step = step or functools.partial(train_step, model, opt, amp=amp)
+    captured = getattr(step, 'captured', False)
+    if dev.type == 'cuda' and captured: torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(warmup): step(img)
     _sync(dev)
-    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+    if dev.type == 'cuda' and not captured: torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(steps):
         _sync(dev); t0 = time.perf_counter()

@@ -130,45 +130,47 @@ def knn_overflow(device) -> Tensor:
 def _capturing(t: Tensor) -> bool: return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, k: int, n_cand: int = 32,
-                n_fix: int | None = None) -> Tensor:
-    """Same result as `knn(centres, pos, k, valid)` for `centres` of the consecutive clusters of `cluster_size` tokens
-    of `pos` (B, G·c, 2), pruned by cluster bounds. Rows the bounds cannot prove are recomputed by brute force: all of
-    them (one host sync to count them), or, with `n_fix` (default under CUDA-graph capture), at most `n_fix` per image
-    without a sync, adding any rows left over to `knn_overflow`."""
+                n_fix: int | None = None, query: Tensor | None = None) -> Tensor:
+    """Same result as `knn(query, pos, k, valid)` (`query` (B, Q, 2), default `centres`), pruned by the bounds of the
+    consecutive clusters of `cluster_size` tokens of `pos` (B, G·c, 2), whose centres are `centres`. Rows the bounds
+    cannot prove are recomputed by brute force: all of them (one host sync to count them), or, with `n_fix` (default
+    under CUDA-graph capture), at most `n_fix` per image without a sync, adding any rows left over to `knn_overflow`."""
     B, G, _ = centres.shape
     c, dev = cluster_size, pos.device
-    if G <= n_cand: return knn(centres, pos, k, valid)
+    if G <= n_cand: return knn(centres if query is None else query, pos, k, valid)
     with torch.autocast(dev.type, enabled=False):
         cen, p = centres.float(), pos.float()
+        q = cen if query is None else query.float()
+        Q = q.shape[1]
         w = valid.view(B, G, c)
         R = torch.where(w, (p.view(B, G, c, 2) - cen[:, :, None]).norm(dim=-1), 0.).amax(-1)       # (B, G)
-        ext = torch.where(valid[..., None], p, 0.).abs().amax((1, 2)).view(B, 1, 1) + 1.
+        ext = torch.maximum(torch.where(valid[..., None], p, 0.).abs().amax((1, 2)), q.abs().amax((1, 2))).view(B, 1, 1) + 1.
         lbs, cand = [], []
         step = max(1, 2**25 // (B * G))
-        for i in range(0, G, step):
-            lb = (cen[:, i:i+step, None] - cen[:, None]).norm(dim=-1) - R[:, None]
+        for i in range(0, Q, step):
+            lb = (q[:, i:i+step, None] - cen[:, None]).norm(dim=-1) - R[:, None]
             lb = lb.masked_fill(~w.any(-1)[:, None], float('inf'))
             v_, i_ = lb.topk(n_cand + 1, dim=-1, largest=False)
             lbs.append(v_); cand.append(i_)
         lb, cand = torch.cat(lbs, 1), torch.cat(cand, 1)
         bound = lb[..., n_cand]                                    # nearest bound among the clusters left out
         tok = (cand[..., :n_cand, None] * c + torch.arange(c, device=dev)).flatten(2)   # (B, G, n_cand·c) candidate ids
-        key = _dist_keys(cen[:, :, None], gather_rows(p, tok), valid.gather(1, tok.flatten(1)).view_as(tok), tok)
+        key = _dist_keys(q[:, :, None], gather_rows(p, tok), valid.gather(1, tok.flatten(1)).view_as(tok), tok)
         kk = min(k, key.shape[-1])
         key = key.topk(kk, dim=-1, largest=False).values
         idx = F.pad(_key_ids(key), (0, k - kk), value=-1)
         rk = (key[..., -1] >> 32).to(torch.int32).view(torch.float32).sqrt() if kk == k else torch.full_like(bound, float('inf'))
         bad = ~((rk < bound - 1e-5 * ext[..., 0]) | bound.isinf())
-        if n_fix is None and _capturing(pos): n_fix = max(16, G // 16)
+        if n_fix is None and _capturing(pos): n_fix = max(16, Q // 16)
         nb = bad.sum(1)
         if n_fix is None: n_fix = int(nb.max())                    # the host sync: how many rows to repair
         else: knn_overflow(dev).add_((nb - n_fix).clamp_min(0).sum())
-        return _repair(idx, bad, min(n_fix, G), cen, p, k, valid) if n_fix else idx
+        return _repair(idx, bad, min(n_fix, Q), q, p, k, valid) if n_fix else idx
 
-def _repair(idx: Tensor, bad: Tensor, n: int, cen: Tensor, p: Tensor, k: int, valid: Tensor) -> Tensor:
-    "Brute-force KNN for the first `n` rows per image where `bad` (B, G) holds; other rows of `idx` (B, G, k) kept."
+def _repair(idx: Tensor, bad: Tensor, n: int, q: Tensor, p: Tensor, k: int, valid: Tensor) -> Tensor:
+    "Brute-force KNN for the first `n` rows per image where `bad` (B, Q) holds; other rows of `idx` (B, Q, k) kept."
     sel = (~bad).to(torch.int8).argsort(dim=1, stable=True)[:, :n]       # failed rows first
-    res = knn(cen.gather(1, sel[..., None].expand(-1, -1, 2)), p, k, valid)
+    res = knn(q.gather(1, sel[..., None].expand(-1, -1, 2)), p, k, valid)
     s = sel[..., None].expand(-1, -1, k)
     return idx.scatter(1, s, torch.where(bad.gather(1, sel)[..., None], res, idx.gather(1, s)))
 

@@ -8,9 +8,9 @@ import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import perlin_mask, random_mask
-from .clustering import Clusters, cluster_tokens, knn, gather_rows
+from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
-from .aff import AFFEncoder, Tokens, register_model
+from .aff import AFFEncoder, Tokens, register_model, run_block
 
 # %% auto #0
 __all__ = ['MASKERS', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed',
@@ -196,9 +196,11 @@ class DecoderLayer(nn.Module):
 class PointDecoder(nn.Module):
     "Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage first."
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
-                 group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
+                 group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True,
+                 checkpoint: bool = False):
         super().__init__()
         self.patch, self.dim, self.k, self.group, self.window = patch, dim, k, group, window
+        self.checkpoint = checkpoint
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
         self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, impl, locality) for _ in enc_dims)
@@ -216,19 +218,23 @@ class PointDecoder(nn.Module):
         return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
 
     def forward(self, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
-                n_masked: int | None = None) -> list[Tensor]:
+                n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
         """Predictions `(B, h*w, out)` on the patch grid, one per layer (coarsest stage first): at the masked patches
-        of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known."""
+        of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
+        `clusters`: the encoder's clustering of each stage, to prune the search for each query group's neighbours."""
         B, dev = stages[0].x.shape[0], stages[0].x.device
         cl, rows = self.queries(mask, h, w, B, dev, n_masked)
         x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
         self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
         preds = []
-        for proj, layer, head, t in zip(self.proj, self.layers, self.heads, reversed(stages)):
+        for s, (proj, layer, head, t) in enumerate(zip(self.proj, self.layers, self.heads, reversed(stages))):
             pos = t.pos / self.patch                                                # pixels -> patch units
             mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
-            idx = knn(cl.centres, pos, self.k, t.valid)
-            x = layer(x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
+            if clusters is None: idx = knn(cl.centres, pos, self.k, t.valid)
+            else:
+                cs = clusters[-1 - s]
+                idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k, query=cl.centres)
+            x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
             preds.append(_to_grid(head(x), rows, h * w))
         return preds
 
@@ -243,13 +249,13 @@ class AFFMAE(MAEBase):
     "MAE with an AutoFocusFormer encoder over the visible patches and a point decoder with deep supervision."
     def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, group: int = 16,
                  window: int = 64, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
-                 dec_locality: bool = True, **kw):
+                 dec_locality: bool = True, checkpoint: bool = False, **kw):
         S = len(encoder.dims)
         if len(ds_weights) != S: raise ValueError(f"ds_weights needs one weight per encoder stage ({S}), got {len(ds_weights)}")
         super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=ds_weights, **kw)
         self.encoder = encoder
         self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group, window,
-                                    dec_mlp_ratio, impl, dec_locality)
+                                    dec_mlp_ratio, impl, dec_locality, checkpoint)
         self.head_names = [f'stage{s}' for s in reversed(range(S))]
         self.decoder.apply(_init_dec)
         for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head
@@ -259,7 +265,9 @@ class AFFMAE(MAEBase):
         "One prediction per decoder layer `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
         h, w = self.grid(img)
         n_masked = None if n_visible is None else h * w - n_visible
-        return self.decoder(self.encoder(img, mask, n_visible), h, w, mask, n_masked)
+        clusters = []
+        stages = self.encoder(img, mask, n_visible, clusters)
+        return self.decoder(stages, h, w, mask, n_masked, clusters)
 
 def _init_dec(m):
     if isinstance(m, nn.Linear):
@@ -269,9 +277,9 @@ def _init_dec(m):
 def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
     "Split `kw` between the encoder (`AFFEncoder` arguments) and the MAE model, over the defaults."
     enc_keys = set(AFFEncoder.__init__.__code__.co_varnames[1:AFFEncoder.__init__.__code__.co_argcount])
-    enc = {**enc_cfg, **{k: v for k, v in kw.items() if k in enc_keys and k != 'impl'}}
-    if 'impl' in kw: enc['impl'] = kw['impl']
-    return AFFMAE(AFFEncoder(**enc), **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k == 'impl'}})
+    shared = ('impl', 'checkpoint')                                              # options of both halves
+    enc = {**enc_cfg, **{k: v for k, v in kw.items() if k in enc_keys}}
+    return AFFMAE(AFFEncoder(**enc), **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
 
 @register_model
 def affmae_tiny(**kw) -> AFFMAE:
