@@ -206,7 +206,7 @@ def test_large_crop(tmp_path):
     assert dls.one_batch()[0].shape == (1, 1, 2048, 2048)
 
 def test_synth_dls_and_show_batch(tmp_path):
-    dls = pretrain_dls(size=64, bs=4, n_synth=8, device='cpu')
+    dls = pretrain_dls('synthetic', size=64, bs=4, n_synth=8, device='cpu')
     (x,) = dls.one_batch()
     assert x.shape == (4, 1, 64, 64) and x.dtype == torch.float32
     assert isinstance(dls.show_batch(show=False), Figure)
