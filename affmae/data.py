@@ -342,9 +342,9 @@ def pretrain_files(path):
     return files
 
 class EMSources:
-    "Every 2-D slice of every image file under the `paths` (folders, stacks, images), masks skipped, as one source."
-    def __init__(self, paths, min_size=0):
-        self.paths = data_paths(paths)
+    "Every 2-D slice of every image file under `paths` (folders, stacks, images), masks skipped; decoded slices cached."
+    def __init__(self, paths, min_size=0, cache_mb=1024):
+        self.paths, self.cache_bytes, self._cache, self._cached = data_paths(paths), cache_mb*2**20, {}, 0
         files = list(dict.fromkeys(f for p in self.paths for f in pretrain_files(p)))   # each file once
         self.folders = [EMFolder(f, min_size=min_size) for f in files]    # headers read and checked here
         self.items = [(j, k) for j, src in enumerate(self.folders) for k in range(len(src))]
@@ -353,7 +353,13 @@ class EMSources:
     def __len__(self): return len(self.items)
     def _at(self, i): j, k = self.items[i]; return self.folders[j], k
     def shape(self, i): s, k = self._at(i); return s.shape(k)
-    def image(self, i): s, k = self._at(i); return s.image(k)
+    def image(self, i):
+        "Slice `i`: compressed files decoded once and kept (up to `cache_mb`), memory-mapped TIFFs read in place."
+        if i in self._cache: return self._cache[i]
+        s, k = self._at(i); a = s.image(k)
+        if not isinstance(a, np.memmap) and self._cached + a.nbytes <= self.cache_bytes:
+            self._cache[i] = a; self._cached += a.nbytes
+        return a
     def name(self, i): s, k = self._at(i); return s.name(k)
     def file_of(self, i): return self.items[i][0]
     def __repr__(self): return f"EMSources({self.path!r}: {len(self.folders)} files, {len(self)} slices)"
