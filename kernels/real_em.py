@@ -254,13 +254,15 @@ for si, name in enumerate(names):
     s = sets[name]
     dls = set_dls(s)
     dls.all_idxs = list(dls.train.dataset.idxs)
-    # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained)
+    # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained);
+    # per run: scoring and ~2 s of set-up (model, Learner, loaders)
     left = a.budget - (time.time() - t0) - (5 if tiny else 20)
     test_tiles = sum(math.ceil(max(h - S, 0) / (0.75 * S) + 1) * math.ceil(max(w - S, 0) / (0.75 * S) + 1)
                      for h, w in (dls.test_src.shape(i) for i in range(len(dls.test_src))))
-    eval_s = 6 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 1     # forward ~ 1/3 of a step, 2x slack
+    # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
+    eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s']
-    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * eval_s)
+    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 2))
                                                    / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
     examples = {}
