@@ -24,12 +24,14 @@ def model_name(r):
 
 def find_run(runs, arch, init, frac):
     "The run of `arch` from `init` at label fraction `frac` (None if absent)."
-    return next((r for r in runs if (r['arch'], r['init']) == (arch, init) and np.isclose(r['label_frac'], frac)), None)
+    return next((r for r in runs if (r['arch'], r['init']) == (arch, init) and np.isclose(r['label_frac'], frac)),
+                None)
 
 def results_table(res):
-    "A markdown table of every fine-tuning run: set, labels, model, steps, seconds, held-out mIoU, foreground IoU and Dice."
+    "Markdown table of every fine-tuning run: set, labels, model, steps, seconds, held-out mIoU, fg IoU and fg Dice."
     f = lambda v: 'n/a' if v is None else f'{v:.3f}'
-    rows = ['| set | labels | model | steps | train s | mIoU | fg IoU | fg Dice |', '|---|---|---|---:|---:|---:|---:|---:|']
+    rows = ['| set | labels | model | steps | train s | mIoU | fg IoU | fg Dice |',
+            '|---|---|---|---:|---:|---:|---:|---:|']
     for name, s in res['sets'].items():
         for r in sorted(s['runs'], key=lambda r: r['label_frac']):
             rows.append(f"| {name} | {r['label_frac']:.0%} ({r['n_labelled']}) | {model_name(r)} | {r['steps']} | "
@@ -52,8 +54,9 @@ def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below
         scratch = find_run(s['runs'], arch, 'scratch', fracs[0]) if fracs else None
         mine = find_run(s['runs'], arch, 'pretrained', fracs[0]) if fracs else None
         if mine and scratch:
+            d = mine['miou'] - scratch['miou']
             out.append(dict(what=f'{arch} pretrained - scratch >= {gain}, mIoU', set=name, label_frac=fracs[0],
-                            value=mine['miou'] - scratch['miou'], against=gain, met=mine['miou'] - scratch['miou'] >= gain))
+                            value=d, against=gain, met=d >= gain))
     for a, p in res['pretrain'].items():
         v = p['valid'][-1][1]
         out.append(dict(what=f'{a} validation loss < {below} x trivial', set='pretraining', label_frac=None, value=v,
@@ -64,8 +67,8 @@ def targets_table(checks):
     "The checks of `check_targets` as a markdown table."
     f = lambda v: '' if v is None else f'{v:.0%}'
     rows = ['| target | set | labels | value | against | met |', '|---|---|---|---:|---:|---|']
-    return '\n'.join(rows + [f"| {c['what']} | {c['set']} | {f(c['label_frac'])} | {c['value']:.3f} | {c['against']:.3f} | "
-                              f"{'yes' if c['met'] else '**no**'} |" for c in checks])
+    return '\n'.join(rows + [f"| {c['what']} | {c['set']} | {f(c['label_frac'])} | {c['value']:.3f} | "
+                              f"{c['against']:.3f} | {'yes' if c['met'] else '**no**'} |" for c in checks])
 
 # %% ../nbs/12_real_em.ipynb #d17a4789
 def plot_scores(res, metric='miou', axs=None):
@@ -96,7 +99,8 @@ def plot_pretraining(res, axs=None):
         r = res['pretrain'][a]
         per_epoch = r['steps']//r['epochs']
         ax.plot(r['train_loss'], lw=1, label='training loss (smoothed)')
-        ax.plot([per_epoch*(i + 1) for i in range(len(r['valid']))], [v[1] for v in r['valid']], 'o-', label='validation loss')
+        ax.plot([per_epoch*(i + 1) for i in range(len(r['valid']))], [v[1] for v in r['valid']], 'o-',
+                label='validation loss')
         ax.axhline(r['trivial_total'], color='k', ls='--', lw=1, label='trivial: predict the mean')
         ax.set_title(f"{a}: {r['steps']} steps, {r['seconds']:.0f} s", fontsize=10); ax.set_xlabel('step')
         ax.legend(fontsize=7)

@@ -231,7 +231,7 @@ def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     "Load the `prefixes` (default `model.pretrained_prefixes` or encoder+decoder) weights of a pretraining checkpoint into `model`; returns a report of loaded/new/unused/mismatched keys."
     if getattr(model, 'pretrained_prefixes', None) == ():
         name = getattr(model, 'arch', type(model).__name__)
-        raise ValueError(f"{name} has no pretrained encoder: train it from scratch (leave out the pretrained checkpoint)")
+        raise ValueError(f"{name} has no pretrained encoder: train it from scratch (no pretrained checkpoint)")
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
     if not isinstance(ckpt, dict) and Path(ckpt).is_dir():           # a pretraining run's checkpoint folder: its newest
         from affmae.learner import latest_checkpoint; ckpt = latest_checkpoint(ckpt)

@@ -19,8 +19,8 @@ def test_shapes_and_size():
 def test_learns_a_handful_of_images():
     "Trained on 4 tiny synthetic images, it segments them in eval mode (BatchNorm's running statistics)."
     torch.manual_seed(0)
-    d = segment_dls('synthetic', size=48, bs=4, n_synth=4, valid_pct=0, synth_size=48, synth_kw=dict(cell=48., mito=(6., 12.)),
-                    epoch_len=160, device='cpu')
+    d = segment_dls('synthetic', size=48, bs=4, n_synth=4, valid_pct=0, synth_size=48, epoch_len=160, device='cpu',
+                    synth_kw=dict(cell=48., mito=(6., 12.)))
     v = d.train.new(dataset=EMCrops(d.src, range(4), 48, train=False, masks=True), shuffle=False, drop_last=False,
                     after_batch=EMBatch(*d.stats, augment=False))             # validated on the same 4 images, whole
     learn = seg_learner(DataLoaders(d.train, v, device='cpu'), 'unet', per_class=False, width=8)
