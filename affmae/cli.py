@@ -6,7 +6,7 @@
 from __future__ import annotations
 import sys, importlib, importlib.util
 from pathlib import Path
-from fastcore.script import call_parse, anno_parser, store_true
+from fastcore.script import call_parse, anno_parser, store_true, Param
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'main', 'pretrain', 'reconstruct', 'demo']
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
 # %% ../nbs/09b_cli.ipynb #479a1c66
 @subcommand
 @call_parse
-def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); default: synthetic EM images
+def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separated); default: the embedded podocyte "
+                         "TEM; 'synthetic': synthetic EM", str, nargs='+', action='extend') = None,
              arch: str = 'affmae_base', # model: affmae_tiny|small|base, vitmae_tiny|small|base
              img_size: int = 512,       # crop size in pixels
              mask: str = 'perlin',      # masking: perlin or random
@@ -74,7 +75,7 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
              out: str = 'runs/pretrain',# output folder (checkpoints/, figures/)
              resume: str = None,        # checkpoint (.safetensors) or checkpoint folder to resume from
              precision: str = 'bf16',   # bf16, fp16 or none (mixed precision on CUDA only)
-             n_synth: int = 256,        # number of synthetic images when no --data
+             n_synth: int = 256,        # number of synthetic images with --data synthetic
              epoch_len: int = None,     # crops per epoch (default: one per image)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
@@ -82,7 +83,7 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
              seed: int = 0):            # random seed
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from affmae.aff import list_models
-    from affmae.data import pretrain_dls
+    from affmae.data import pretrain_dls, data_paths
     from affmae.mae import MASKERS
     from affmae.learner import mae_learner
     import torch
@@ -91,7 +92,9 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
     _require(arch in list_models(), f"--arch {arch!r} is not a model; choose from {', '.join(list_models())}")
     _require(precision in ('bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
     _require(min(epochs, bs, accum, img_size, ckpt_every) > 0, "--epochs, --bs, --accum, --img-size and --ckpt-every must be positive")
-    _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
+    if isinstance(data, list) and len(data) == 1: data = data[0]
+    for p in [] if data in (None, 'synthetic') else data_paths(data):
+        _require(p.exists(), f"--data {p}: no such directory or file")
     torch.manual_seed(seed)
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, seed=seed, num_workers=workers, epoch_len=epoch_len)
     out = Path(out)
@@ -139,13 +142,13 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
 def demo(out: str = 'runs/demo',  # output folder
          epochs: int = 10,        # epochs (40 steps each)
          arch: str = 'affmae_tiny'):  # model
-    "A short CPU pretraining run of a tiny model on synthetic EM data, with figures, in a few minutes."
+    "A short CPU pretraining run of a tiny model on the embedded podocyte TEM images, with figures, in a few minutes."
     import torch
     from affmae.data import data_tour
     out = Path(out)
     data_tour(out / 'data', size=128)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
-    learn = pretrain(arch=arch, img_size=128, bs=16, n_synth=400, epoch_len=16 * 40, epochs=epochs, lr=1e-3, warmup=.1,
+    learn = pretrain(arch=arch, img_size=128, bs=16, epoch_len=16 * 40, epochs=epochs, lr=1e-3, warmup=.1,
                      precision='none', out=str(out), ckpt_every=epochs)
     print(f"figures in {out / 'figures'} and {out / 'data'}, checkpoint in {out / 'checkpoints'}")
     return learn

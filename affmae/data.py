@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #99997b01
 from __future__ import annotations
-import math, random, warnings
+import importlib.resources, math, random, warnings
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 import tifffile
@@ -17,8 +17,9 @@ from fastai.torch_core import default_device
 
 # %% auto #0
 __all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'synth_em', 'EMDataError', 'image_files', 'image_info', 'read_plane',
-           'read_mask', 'find_pairs', 'EMFolder', 'SynthEM', 'robust_range', 'norm_stats', 'EMCrops', 'dihedral',
-           'EMBatch', 'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
+           'read_mask', 'find_pairs', 'EMFolder', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources', 'SynthEM',
+           'robust_range', 'norm_stats', 'EMCrops', 'dihedral', 'EMBatch', 'split_items', 'EMDataLoader',
+           'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #df5ce699
 EM_CLASSES = ('background', 'membrane', 'mitochondria', 'nucleus', 'vesicle')
@@ -321,6 +322,48 @@ class EMFolder:
     def file_of(self, i): return self.items[i][0]
     def __repr__(self): return f"EMFolder({str(self.path)!r}: {len(self.files)} files, {len(self)} slices)"
 
+# %% ../nbs/00_data.ipynb #ebc6067f
+def sample_dir():
+    "The folder of the four podocyte TEM images shipped with affmae (najafian-lab/fpw-dl-v1, MIT licence in it)."
+    return Path(str(importlib.resources.files('affmae')))/'assets'/'podocyte'
+
+def data_paths(data):
+    "`data` as a list of `Path`s: one path, a list of paths, or a string of paths separated by commas."
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    ps = [Path(s.strip()) for d in items for s in str(d).split(',') if s.strip()]
+    if not ps: raise EMDataError(f"no data paths in {data!r}")
+    return ps
+
+def pretrain_files(path):
+    "Image files under `path` (itself if a file), recursively, without masks (files in `masks/` folders or `*_mask`)."
+    p = Path(path)
+    files = [f for f in image_files(p) if p.is_file() or 'masks' not in f.relative_to(p).parts[:-1]]
+    if not files: raise EMDataError(f"{p}: only masks found, no images to pretrain on")
+    return files
+
+class EMSources:
+    "Every 2-D slice of every image file under `paths` (folders, stacks, images), masks skipped; decoded slices cached."
+    def __init__(self, paths, min_size=0, cache_mb=1024):
+        self.paths, self.cache_bytes, self._cache, self._cached = data_paths(paths), cache_mb*2**20, {}, 0
+        files = list(dict.fromkeys(f for p in self.paths for f in pretrain_files(p)))   # each file once
+        self.folders = [EMFolder(f, min_size=min_size) for f in files]    # headers read and checked here
+        self.items = [(j, k) for j, src in enumerate(self.folders) for k in range(len(src))]
+        self.carrier = np.uint8 if all(s.carrier == np.uint8 for s in self.folders) else np.float32
+        self.path = ','.join(map(str, self.paths))
+    def __len__(self): return len(self.items)
+    def _at(self, i): j, k = self.items[i]; return self.folders[j], k
+    def shape(self, i): s, k = self._at(i); return s.shape(k)
+    def image(self, i):
+        "Slice `i`: compressed files decoded once and kept (up to `cache_mb`), memory-mapped TIFFs read in place."
+        if i in self._cache: return self._cache[i]
+        s, k = self._at(i); a = s.image(k)
+        if not isinstance(a, np.memmap) and self._cached + a.nbytes <= self.cache_bytes:
+            self._cache[i] = a; self._cached += a.nbytes
+        return a
+    def name(self, i): s, k = self._at(i); return s.name(k)
+    def file_of(self, i): return self.items[i][0]
+    def __repr__(self): return f"EMSources({self.path!r}: {len(self.folders)} files, {len(self)} slices)"
+
 # %% ../nbs/00_data.ipynb #c15cf1cd
 class SynthEM(torch.utils.data.Dataset):
     "A fixed pool of `n` `synth_em` images of `size` (8-bit) with labels, generated once from `seed`."
@@ -468,36 +511,38 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         train, valid = list(range(n_synth)), list(range(n_synth, n_synth + nv))
         codes = EM_CLASSES if masks else None
     else:
-        src = EMFolder(path, masks=masks, min_size=size)
+        src = EMFolder(path, masks=True, min_size=size) if masks else EMSources(path, min_size=size)
         train, valid = split_items(src, valid_pct, seed)
     mean, std = stats or norm_stats(src, train, pct, seed=seed)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes)
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, True), **kw)]
     if valid: dls.append(EMDataLoader(EMCrops(src, valid, size, False, masks, pct, codes=codes), after_batch=EMBatch(mean, std, False), **kw))
-    dls = DataLoaders(*dls, path=path or '.', device=device)
+    dls = DataLoaders(*dls, path=path if isinstance(path, (str, Path)) else '.', device=device)
     dls.src, dls.stats, dls.codes = src, (mean, std), codes
     return dls
 
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                  pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None):
-    "fastai `DataLoaders` of `(img,)` batches, `img` `(B,1,size,size)` normalised, from image folder `path` or `synth_em`."
+    "`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'."
+    path = sample_dir() if path is None else None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, False, pct, epoch_len,
                    synth_size, synth_kw, None, stats)
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                 codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None):
     "fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`."
+    path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
                    synth_size, synth_kw, codes, stats)
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):
-    "Write `show_batch` figures of `n` synthetic pretraining and segmentation samples of `size` px to `out_dir`."
+    "Write `show_batch` figures of `n` pretraining crops (embedded podocyte TEM) and synthetic segmentation samples."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fn in (('pretrain', pretrain_dls), ('segment', segment_dls)):
-        dls = fn(size=size, bs=n, n_synth=n, seed=seed, device='cpu')
+        dls = fn(size=size, bs=n, n_synth=n, seed=seed, device='cpu', epoch_len=n)
         fig = dls.show_batch(max_n=n, show=False)
         paths.append(out/f'{name}_batch.png'); fig.savefig(paths[-1], dpi=80); plt.close(fig)
     return paths

@@ -229,6 +229,9 @@ def read_state(ckpt):
 
 def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     "Load the `prefixes` (default `model.pretrained_prefixes` or encoder+decoder) weights of a pretraining checkpoint into `model`; returns a report of loaded/new/unused/mismatched keys."
+    if getattr(model, 'pretrained_prefixes', None) == ():
+        name = getattr(model, 'arch', type(model).__name__)
+        raise ValueError(f"{name} has no pretrained encoder: train it from scratch (no pretrained checkpoint)")
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
     if not isinstance(ckpt, dict) and Path(ckpt).is_dir():           # a pretraining run's checkpoint folder: its newest
         from affmae.learner import latest_checkpoint; ckpt = latest_checkpoint(ckpt)
@@ -426,6 +429,10 @@ def _aff_seg(name):
 
 for _n in ('affmae_tiny', 'affmae_small', 'affmae_base'): register_seg(_n)(_aff_seg(_n))
 
+# %% ../nbs/10_segment.ipynb #effd3d00
+from .unet import UNet
+register_seg('unet')(UNet)
+
 # %% ../nbs/10_segment.ipynb #aa64b320
 class LayerDecay(Callback):
     "Layer-wise lr decay: parameter group `i` of `n` trains at `decay**(n-1-i)` × the last (head) group's lr."
@@ -581,7 +588,7 @@ def _device(device=None): return torch.device(device or ('cuda' if torch.cuda.is
 @call_parse
 def finetune(
     data:str=None,            # folder of images and masks (default: synthetic EM)
-    arch:str='affmae_base',   # segmentation arch: affmae_{tiny,small,base}, vitmae_{tiny,small,base}
+    arch:str='affmae_base',   # segmentation arch: affmae_{tiny,small,base}, vitmae_{tiny,small,base}, unet
     pretrained:str=None,      # pretraining checkpoint (.safetensors, or a run's checkpoint folder); none = from scratch
     img_size:int=512,         # training crop size
     epochs:int=20,            # epochs

@@ -48,7 +48,7 @@ from affmae.segment import finetune_grid, grid_table, plot_grid, backbone, seg_m
 n_lab, n_pre = (4, 8) if smoke else (64, 96)
 kw = dict(device=dev)                              # synthetic images are generated on `dev`
 t = time.time()
-pdl = pretrain_dls(None, size=S, bs=bs, n_synth=n_pre, valid_pct=0, seed=1, epoch_len=bs * 200, **kw)
+pdl = pretrain_dls('synthetic', size=S, bs=bs, n_synth=n_pre, valid_pct=0, seed=1, epoch_len=bs * 200, **kw)
 D = segment_dls(None, size=S, bs=bs, n_synth=n_lab, valid_pct=(2 if smoke else 8) / n_lab, seed=0, **kw)
 def forever(dl):
     while True: yield from dl

@@ -85,8 +85,8 @@ size, bs = (64, 4) if smoke else (a.size, a.bs)
 cands = ['affmae_tiny'] if smoke else a.archs.split(',')
 t_data = time.time()
 per_epoch = max(1, a.steps // 10)
-dls = pretrain_dls(size=size, bs=bs, n_synth=12 if smoke else 48, synth_size=2 * size, epoch_len=bs * per_epoch,
-                   device=dev, seed=0)
+dls = pretrain_dls('synthetic', size=size, bs=bs, n_synth=12 if smoke else 48, synth_size=2 * size,
+                   epoch_len=bs * per_epoch, device=dev, seed=0)
 res['run']['data_s'] = time.time() - t_data
 arch = cands[-1]
 for c in cands:

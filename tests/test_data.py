@@ -206,7 +206,7 @@ def test_large_crop(tmp_path):
     assert dls.one_batch()[0].shape == (1, 1, 2048, 2048)
 
 def test_synth_dls_and_show_batch(tmp_path):
-    dls = pretrain_dls(size=64, bs=4, n_synth=8, device='cpu')
+    dls = pretrain_dls('synthetic', size=64, bs=4, n_synth=8, device='cpu')
     (x,) = dls.one_batch()
     assert x.shape == (4, 1, 64, 64) and x.dtype == torch.float32
     assert isinstance(dls.show_batch(show=False), Figure)
@@ -222,3 +222,58 @@ def test_synth_em_2048():
     img, lbl = synth_em(2048, 0)
     assert img.shape == lbl.shape == (2048, 2048)
     assert set(lbl.unique().tolist()) == set(range(len(EM_CLASSES)))
+
+# ---- several sources at once, and the embedded real EM
+
+def test_pretrain_dls_several_sources(tmp_path):
+    "Folders (labelled or not, recursively, masks skipped) and TIFF stacks together; every plane is an image."
+    d = tmp_path/'set'
+    (d/'images').mkdir(parents=True); (d/'masks').mkdir(); (d/'unlabelled').mkdir()
+    for i in range(2):
+        png(d/'images'/f's{i}.png', rnd((70, 80), seed=i)); png(d/'masks'/f's{i}.png', np.zeros((70, 80), np.uint8))
+    tifffile.imwrite(d/'unlabelled'/'u.tif', rnd((3, 72, 72), seed=5), photometric='minisblack')
+    tifffile.imwrite(tmp_path/'stack.tif', rnd((4, 64, 96), np.uint16, seed=6), compression='zlib',
+                     photometric='minisblack')
+    for data in ([d, tmp_path/'stack.tif'], f"{d},{tmp_path/'stack.tif'}"):
+        dls = pretrain_dls(data, size=64, bs=4, valid_pct=0, device='cpu', epoch_len=8)
+        assert isinstance(dls.src, EMSources) and len(dls.src) == 2 + 3 + 4
+        names = {dls.src.name(i).split('/')[-1] for i in range(len(dls.src))}
+        assert names == {'s0.png', 's1.png', *(f'u.tif[{k}]' for k in range(3)), *(f'stack.tif[{k}]' for k in range(4))}
+        assert dls.train_ds.carrier == np.float32 and dls.one_batch()[0].shape == (4, 1, 64, 64)
+    # a validation split keeps a stack's planes together
+    tr, va = split_items(EMSources([d, tmp_path/'stack.tif']), valid_pct=0.4, seed=1)
+    src = EMSources([d, tmp_path/'stack.tif'])
+    assert not {src.file_of(i) for i in tr} & {src.file_of(i) for i in va}
+
+def test_several_sources_bad_inputs(tmp_path):
+    png(tmp_path/'a.png', rnd((64, 64)))
+    (tmp_path/'sub').mkdir(); (tmp_path/'sub'/'broken.png').write_bytes(b'\x89PNG garbage')
+    with pytest.raises(EMDataError, match=r'broken\.png: cannot read image header'):
+        pretrain_dls([tmp_path], size=32, device='cpu')
+    with pytest.raises(EMDataError, match=r'nowhere: no such file or folder'):
+        pretrain_dls(f"{tmp_path/'a.png'},{tmp_path/'nowhere'}", size=32, device='cpu')
+    (tmp_path/'m'/'masks').mkdir(parents=True); png(tmp_path/'m'/'masks'/'x.png', rnd((64, 64)))
+    with pytest.raises(EMDataError, match='only masks found'): EMSources(tmp_path/'m')
+
+def test_embedded_podocyte_default():
+    "`pretrain_dls()` reads the four podocyte TEM images shipped in the package, with their licence beside them."
+    assert (sample_dir()/'LICENSE.md').read_text().startswith('MIT License')
+    dls = pretrain_dls(size=128, bs=4, epoch_len=8, device='cpu')
+    assert len(dls.src) == 4 and dls.src.shape(0) == (1104, 1024) and dls.train_ds.carrier == np.uint8
+    assert len(dls.train_ds.idxs) == 3 and len(dls.valid_ds.idxs) == 1
+    (x,) = dls.one_batch()
+    assert x.shape == (4, 1, 128, 128) and abs(x.mean().item()) < 0.5
+
+def test_cli_data_several_ways(tmp_path):
+    "`affmae pretrain --data` takes space-separated, repeated and comma-separated paths."
+    from fastcore.script import anno_parser
+    from affmae.cli import pretrain, main
+    parse = lambda *a: anno_parser(pretrain).parse_args(list(a)).data
+    assert parse('--data', 'a', 'b', '--data', 'c,d') == ['a', 'b', 'c,d']
+    assert parse() is None
+    for i in range(2): png(tmp_path/f'{i}.png', rnd((40, 40), seed=i))
+    tifffile.imwrite(tmp_path/'st.tif', rnd((2, 40, 40), seed=3))
+    out = tmp_path/'run'
+    assert main(['pretrain', '--data', str(tmp_path/'0.png'), str(tmp_path/'1.png'), '--data', str(tmp_path/'st.tif'),
+                 '--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '2', '--epochs', '1', '--out', str(out)]) == 0
+    assert (out/'checkpoints'/'epoch_000.safetensors').exists()

@@ -85,7 +85,7 @@ def test_checkpoint_kill_resume_same_next_losses(arch, tmp_path):
     def run(ckpt, cbs, seed=0, resume=None):
         torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
         log = _Log()
-        learn = mae_learner(pretrain_dls(size=32, bs=4, n_synth=8, device='cpu'), arch, lr=2e-3, accum=2,
+        learn = mae_learner(pretrain_dls('synthetic', size=32, bs=4, n_synth=8, device='cpu'), arch, lr=2e-3, accum=2,
                             ckpt_dir=ckpt, cbs=[log] + cbs)
         start = learn.load_checkpoint(resume) if resume else 0
         learn.fit_one_cycle(3, pct_start=.25, start_epoch=start)

@@ -1,0 +1,308 @@
+"""Real EM end to end (issue 13): pretraining on real micrographs, then fine-tuning at 10 % and 100 % of the labels.
+
+Data (`--data`: one or more roots, comma-separated; each set is taken from the first root that holds it), the layout
+of `../shared/data` (its README has sources and licences):
+  drosophila-vnc  images/ + masks/ (sections 0-15 train, 16-19 held out), unlabelled/stack2.tif; 5 classes
+  sbem-mito       training/ (train), validation/ (held out), unlabelled/; background, mitochondria
+  kidney-gbm      train/, test/ (held out); background, gbm
+  podocyte-tem    4 unlabelled images
+Sets that are missing are skipped. Everything is first copied into a work folder as uncompressed TIFF (memory-mapped
+crops; `--tiny`: centre crops of a few images per split).
+
+1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
+   (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
+   splits, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the held-out images are
+   never seen, not even unlabelled. Recorded: per-step training loss, per-epoch validation loss per head, the trivial
+   level (predicting the dataset mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
+2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.segment.seg_learner` fine-tunes
+   affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
+   steps; then `unet` from scratch for the wall-clock time that the pretrained affmae_base run took. Same crops,
+   dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
+3. Scores on the held-out images, whole, by sliding window (`affmae.segment.evaluate_model`): mIoU (all classes),
+   foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
+
+Step counts come from step times measured at the start, so the whole script fits `--budget` seconds.
+Writes to `--out`: real_em.json (rewritten after every run), pretrain_curves.png, pretrain/<arch>/recon_*.png,
+examples_<set>.png.
+
+Run from the repository root:
+  PYTHONPATH=.:$PYTHONPATH python kernels/real_em.py --data data_em --out $OUT --budget 450
+  PYTHONPATH=. python kernels/real_em.py --data ../shared/data --out /tmp/real_em_tiny --tiny   # CPU check, < 2 min
+"""
+import argparse, json, math, shutil, tempfile, time, warnings
+from pathlib import Path
+import numpy as np, torch, tifffile
+warnings.filterwarnings('ignore')
+
+p = argparse.ArgumentParser()
+p.add_argument('--data', default='data_em', help='root folder(s) of the sets, comma-separated')
+p.add_argument('--out', default='runs/real_em')
+p.add_argument('--budget', type=float, default=450., help='seconds for the whole script')
+p.add_argument('--tiny', action='store_true', help='tiny models, crops and step counts on the CPU: checks the script')
+p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
+p.add_argument('--fracs', default='0.1,1.0', help='label fractions')
+p.add_argument('--size', type=int, default=256, help='crop size for pretraining and fine-tuning (and the eval tile)')
+p.add_argument('--pre-bs', type=int, default=32)
+p.add_argument('--bs', type=int, default=8, help='fine-tuning batch size')
+p.add_argument('--pre-frac', type=float, default=0.4, help='share of the budget left after timing spent pretraining')
+p.add_argument('--pre-lr', default='1e-3,6e-4', help='peak pretraining lr of affmae, vitmae')
+p.add_argument('--pre-epochs', type=int, default=5, help='pretraining epochs (one validation and figure each)')
+p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
+p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
+p.add_argument('--ft-lr', type=float, default=1e-3)
+p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
+p.add_argument('--seed', type=int, default=0)
+a = p.parse_args()
+t0 = time.time()
+tiny = a.tiny
+dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
+out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+S = 32 if tiny else a.size
+PB, B = (4, 4) if tiny else (a.pre_bs, a.bs)
+ARCHS = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
+UNET_KW = dict(width=8) if tiny else {}
+FRACS = [float(f) for f in a.fracs.split(',')]
+PRE_LR = dict(zip(ARCHS, map(float, a.pre_lr.split(','))))
+import matplotlib; matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+from fastai.data.core import DataLoaders
+from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
+                         image_info, read_plane, read_mask)
+from affmae.learner import mae_learner
+from affmae.aff import create_model
+from affmae.segment import seg_model, seg_learner, label_subset, evaluate_model, predict_plane, overlay, to_uint8
+from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table
+
+res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
+           date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), args=vars(a), tiny=tiny, size=S, pretrain_bs=PB,
+           bs=B, archs=ARCHS, unet_kw=UNET_KW, timing={}, pretrain={}, sets={})
+def log(*x): print(f'[{time.time() - t0:6.1f}s]', *x, flush=True)
+def f3(v): return 'n/a' if v is None else f'{v:.3f}'
+def save(): (out / 'real_em.json').write_text(json.dumps(res, indent=1))
+def sync():
+    if dev == 'cuda': torch.cuda.synchronize()
+def free():
+    if dev == 'cuda': torch.cuda.empty_cache()
+
+# ---- data: every set as uncompressed TIFF in a work folder (train/test splits, unlabelled) ----
+roots = [Path(r.strip()) for r in a.data.split(',') if r.strip()]
+def find(name): return next((r / name for r in roots if (r / name).is_dir()), None)
+SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation'), 'kidney-gbm': ('train', 'test')}
+UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
+work = Path(tempfile.mkdtemp(prefix='real_em_'))
+
+def to_tiff(planes, dst):
+    "Write `planes` (a 2-D array or a stack) as an uncompressed TIFF; `--tiny`: their centre 96² crops."
+    a = np.asarray(planes)
+    if tiny:
+        h, w = a.shape[-2:]; y, x = (h - 96) // 2, (w - 96) // 2
+        a = a[..., y:y + 96, x:x + 96]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(dst, a, photometric='minisblack')
+
+def copy_pairs(pairs, dst):
+    for img, msk in pairs:
+        to_tiff(read_plane(img), dst / 'images' / f'{img.stem}.tif')
+        to_tiff(read_mask(msk).astype(np.uint8), dst / 'masks' / f'{img.stem}.tif')
+
+def copy_unlabelled(src, dst):
+    for f in pretrain_files(src)[:2 if tiny else None]:
+        n = image_info(f)[0]
+        planes = [read_plane(f, k, n) for k in range(min(n, 2) if tiny else n)]
+        to_tiff(np.stack(planes) if n > 1 else planes[0], dst / f'{f.stem}.tif')
+
+t = time.time()
+sets, pre_paths = {}, []
+for name in a.sets.split(','):
+    root = find(name)
+    if root is None: log(f'{name}: not found under {a.data}, skipped'); continue
+    tr, te = SPLITS[name]
+    def pairs(d): return [(f, m) for f, m, _, _ in EMFolder(d, masks=True).files]
+    if te is None: train, test = pairs(root)[:-4], pairs(root)[-4:]   # split the sections by index: last 4 held out
+    else: train, test = pairs(root / tr), pairs(root / te)
+    if tiny: train, test = train[:3], test[:1]
+    copy_pairs(train, work / name / 'train'); copy_pairs(test, work / name / 'test')
+    classes = [l.strip() for l in (root / 'classes.txt').read_text().splitlines() if l.strip()]
+    sets[name] = dict(train=work / name / 'train', test=work / name / 'test', classes=classes)
+    res['sets'][name] = dict(classes=classes, n_train=len(train), n_test=len(test),
+                             test_images=[f.name for f, _ in test], runs=[])
+    pre_paths.append(work / name / 'train' / 'images')
+for name, sub in UNLABELLED.items():
+    root = find(name)
+    if root is None or not (root / sub).exists(): continue
+    copy_unlabelled(root / sub, work / 'unlabelled' / name)
+    pre_paths.append(work / 'unlabelled' / name)
+res['timing']['data_s'] = round(time.time() - t, 2)
+res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
+log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},
+    'pretraining on', res['pretrain_data'])
+
+# ---- step times (plain loops, after warm-up: Triton compiles, cuDNN picks) ----
+WARM, REPS = (1, 1) if tiny else (2, 3)
+def timed(f, n):
+    sync(); t = time.perf_counter()
+    for _ in range(n): f()
+    sync(); return (time.perf_counter() - t) / n
+
+def pre_timing(arch):
+    m = create_model(arch).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == 'cuda')
+    x = torch.randn(PB, 1, S, S, device=dev)
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == 'cuda'): loss = m(x)['loss']
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    timed(step, WARM); r = timed(step, REPS)
+    del m, opt; free(); return r
+
+def ft_timing(arch, **kw):
+    m = seg_model(arch, n_classes=5, **kw).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == 'cuda')
+    x, y = torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == 'cuda'):
+            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    timed(step, WARM); r = timed(step, REPS)
+    del m, opt; free(); return r
+
+T = res['timing']
+for arch in ARCHS:
+    T[f'{arch}_pretrain_step_s'] = pre_timing(arch)
+    T[f'{arch}_finetune_step_s'] = ft_timing(arch)
+T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
+log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
+
+OVERHEAD = 1.3                                               # fastai's per-step work, Learner set-up, loaders
+left = a.budget - (time.time() - t0) - (5 if tiny else 30)   # slack for figures and the last JSON
+pre_steps = a.pre_steps or (4 if tiny else max(50, int(a.pre_frac * left / len(ARCHS) / (max(
+    T[f'{x}_pretrain_step_s'] for x in ARCHS) * OVERHEAD))))
+res.update(pretrain_steps=pre_steps)
+save()
+
+# ---- 1. pretraining ----
+states = {}
+EPOCHS = 2 if tiny else a.pre_epochs
+per_epoch = max(1, pre_steps // EPOCHS)
+for arch in ARCHS:
+    torch.manual_seed(a.seed)
+    dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=0.05, seed=a.seed, device=dev, epoch_len=PB * per_epoch)
+    with torch.no_grad():                                    # trivial level: predict 0 (the dataset mean) everywhere
+        trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
+    learn = mae_learner(dls, arch, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
+                        figs_dir=out / 'pretrain' / arch)
+    t = time.time()
+    with learn.no_bar(): learn.fit_one_cycle(EPOCHS, PRE_LR[arch], pct_start=.1, moms=(.9, .9, .9))
+    secs = time.time() - t
+    w = learn.model.loss_weights
+    res['pretrain'][arch] = dict(
+        steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], seconds=round(secs, 1),
+        n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
+        loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w),
+        train_loss=[float(l) for l in learn.recorder.losses],
+        valid=[[None if v is None else float(v) for v in vals] for vals in learn.recorder.values],
+        valid_names=list(learn.recorder.metric_names[1:-1]))
+    states[arch] = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
+    v = res['pretrain'][arch]['valid'][-1]
+    log(f'pretrained {arch}: {v} (names {res["pretrain"][arch]["valid_names"]}), trivial {trivial:.3f} x {sum(w)}')
+    del learn, dls; free(); save()
+
+fig = plot_pretraining(res); fig.savefig(out / 'pretrain_curves.png', dpi=90); plt.close(fig)
+
+# ---- 2. fine-tuning and 3. held-out scores ----
+def set_dls(s):
+    "Training crops of a set (`segment_dls`, no split) + its held-out images' centre crops as the validation loader."
+    dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'])
+    src = EMFolder(s['test'], masks=True)
+    vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes']), bs=B,
+                       device=dls.device, after_batch=EMBatch(*dls.stats, augment=False))
+    new = DataLoaders(dls.train, vdl, device=dls.device)
+    new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
+    return new
+
+def run(dls, s, arch, init, frac, steps, **kw):
+    "Fine-tune one model for `steps` steps on `frac` of the labels; scores on the held-out images, whole."
+    tds = dls.train.dataset
+    tds.idxs, tds.n = list(dls.all_idxs), B * steps
+    dls.train.n = tds.n
+    label_subset(dls, frac, a.seed)
+    torch.manual_seed(a.seed)
+    pre = init == 'pretrained'
+    learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
+                        lr_decay=a.lr_decay if pre else None, per_class=False, **kw)
+    t = time.time()
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.ft_lr)
+    train_s = time.time() - t
+    crop_miou = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))['miou']
+    model = learn.model.eval()
+    rec = dict(classes=s['classes'], stats=dls.stats, tile=S)
+    t = time.time()
+    sc = evaluate_model(model, dls.test_src, rec, overlap=0.25, bs=16, device=dev)
+    eval_s = time.time() - t
+    fg = [v for c, v in list(sc['per_class'].items())[1:]]
+    dice = [v['dice'] for v in fg if v['dice'] is not None]
+    row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, train_s=round(train_s, 2),
+               eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
+               dice=float(np.mean(dice)) if dice else None,
+               per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou))
+    example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
+    del learn, model; free()
+    return row, example
+
+CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch')]
+names = list(sets)
+for si, name in enumerate(names):
+    s = sets[name]
+    dls = set_dls(s)
+    dls.all_idxs = list(dls.train.dataset.idxs)
+    # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained);
+    # per run: scoring and ~2 s of set-up (model, Learner, loaders)
+    left = a.budget - (time.time() - t0) - (5 if tiny else 20)
+    test_tiles = sum(math.ceil(max(h - S, 0) / (0.75 * S) + 1) * math.ceil(max(w - S, 0) / (0.75 * S) + 1)
+                     for h, w in (dls.test_src.shape(i) for i in range(len(dls.test_src))))
+    # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
+    eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
+    per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s']
+    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 2))
+                                                   / (per_step * OVERHEAD))))
+    log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
+    examples = {}
+    for frac in FRACS:
+        if time.time() - t0 > a.budget:                      # over budget: keep what is done, skip the rest
+            res['stopped_early'] = f'{name} at {frac:.0%} of labels'; log('budget spent, stopping'); break
+        for arch, init in CONFIGS:
+            row, examples[frac, arch, init] = run(dls, s, arch, init, frac, steps)
+            res['sets'][name]['runs'].append(row); save()
+            log(f"{name} {frac:.0%} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
+                f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
+        t_aff = next(r['train_s'] for r in res['sets'][name]['runs']
+                     if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
+        u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] * OVERHEAD)))
+        if tiny: u_steps = min(u_steps, 2 * steps)              # the CPU check: mechanics, not the match
+        row, examples[frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, **UNET_KW)
+        row['matched_to_s'] = t_aff
+        res['sets'][name]['runs'].append(row); save()
+        log(f"{name} {frac:.0%} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
+            f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
+    if res.get('stopped_early'): break
+    # example predictions: the first held-out image, truth and every model, one row per label fraction
+    img, truth = dls.test_src.image(0), dls.test_src.mask(0)
+    cols = ['image', 'truth'] + [f'{arch} {init}' for arch, init in CONFIGS] + ['unet']
+    fig, axs = plt.subplots(len(FRACS), len(cols), figsize=(2.3 * len(cols), 2.5 * len(FRACS)), squeeze=False)
+    for r, frac in enumerate(FRACS):
+        preds = [examples[frac, arch, init] for arch, init in CONFIGS] + [examples[frac, 'unet', 'scratch']]
+        for c, (title, lbl) in enumerate(zip(cols, [None, truth] + preds)):
+            ax = axs[r, c]
+            ax.imshow(np.repeat(to_uint8(img)[..., None], 3, -1) if lbl is None else overlay(img, lbl))
+            ax.set_title(title if r == 0 else '', fontsize=8); ax.set_xticks([]); ax.set_yticks([])
+        axs[r, 0].set_ylabel(f'{frac:.0%} of labels', fontsize=8)
+    fig.suptitle(f'{name}: {res["sets"][name]["test_images"][0]} (held out)', fontsize=10)
+    fig.tight_layout(); fig.savefig(out / f'examples_{name}.png', dpi=80); plt.close(fig)
+    del dls; free()
+
+res['total_s'] = round(time.time() - t0, 1)
+save()
+shutil.rmtree(work, ignore_errors=True)
+for metric in ('miou', 'fg_iou'):
+    fig = plot_scores(res, metric); fig.savefig(out / f'scores_{metric}.png', dpi=90); plt.close(fig)
+print(results_table(res)); print(); print(targets_table(check_targets(res, ARCHS[0], ARCHS[1])))
+log('done; results in', out / 'real_em.json')
