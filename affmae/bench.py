@@ -516,11 +516,13 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
 
 # %% ../nbs/11_benchmarks.ipynb #500d4b01
 def plot_bench(res, ax=None):
-    "Throughput and peak memory vs image size, one line per model (two panels)."
+    "Throughput and peak memory vs image size at equal pixels per batch (`default_bs`), one line per model and mode."
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for arch in dict.fromkeys(r['arch'] for r in res['records']):
-        rs = [r for r in res['records'] if r['arch'] == arch and not r['error']]
+    main = [r for r in res['records'] if r['bs'] == default_bs(r['size']) or len({x['bs'] for x in res['records']}) == 1]
+    for arch, mode in dict.fromkeys((r['arch'], r.get('mode', 'eager')) for r in main):
+        rs = [r for r in main if r['arch'] == arch and r.get('mode', 'eager') == mode and not r['error']]
+        arch = arch if len({r.get('mode', 'eager') for r in main}) == 1 else f'{arch} ({mode})'
         sz = [r['size'] for r in rs]
         ax[0].plot(sz, [r['img_per_s'] for r in rs], 'o-', label=arch)
         if any(r.get('auto', {}).get('img_per_s') for r in rs):

@@ -188,7 +188,7 @@ def test_profile_attributes_backward(where):
 
 
 def _check_schema(res, archs, sizes):
-    assert res['schema'] == 'affmae.bench/1'
+    assert res['schema'] == 'affmae.bench/2'
     for k in ('device', 'date', 'versions', 'config', 'records', 'command'): assert k in res
     assert {'python', 'torch', 'triton', 'cuda', 'affmae'} <= set(res['versions'])
     assert [(r['arch'], r['size']) for r in res['records']] == [(a, s) for s in sizes for a in archs]
@@ -211,8 +211,11 @@ def test_run_bench_cpu(tmp_path):
     assert r['tiny_shallow', 48]['flops_per_img'] > r['tiny_shallow', 32]['flops_per_img']
     assert all(x['auto']['bs'] == 2 and x['auto']['img_per_s'] > 0 for x in res['records'])
     t = bench_table(res)
-    assert '| ratio tiny_shallow/tiny_deep |' in t and '| | 48² |' in t
-    assert 'tiny_deep | 48²' in profile_table(res)
+    assert '| ratio tiny_shallow/tiny_deep | step |' in t and '| | eager | 48² | 1 |' in t
+    assert all(x['mode'] == 'eager' for x in res['records'])          # no CUDA graphs on the CPU
+    assert 'tiny_deep | eager | 48²' in profile_table(res)
+    with pytest.raises(ValueError, match='captured steps need a CUDA device'):
+        run_bench([tiny_shallow], sizes=(32,), modes=('captured',), device='cpu')
 
 
 def test_parse_bs_errors():
