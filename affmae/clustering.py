@@ -144,7 +144,8 @@ def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, 
         Q = q.shape[1]
         w = valid.view(B, G, c)
         R = torch.where(w, (p.view(B, G, c, 2) - cen[:, :, None]).norm(dim=-1), 0.).amax(-1)       # (B, G)
-        ext = torch.maximum(torch.where(valid[..., None], p, 0.).abs().amax((1, 2)), q.abs().amax((1, 2))).view(B, 1, 1) + 1.
+        ext = torch.where(valid[..., None], p, 0.).abs().amax((1, 2))                # coordinate scale for the
+        ext = torch.maximum(ext, q.abs().amax((1, 2))).view(B, 1, 1) + 1.            # float tolerance below
         lbs, cand = [], []
         step = max(1, 2**25 // (B * G))
         for i in range(0, Q, step):

@@ -17,7 +17,7 @@ __all__ = ['StepGraph', 'CaptureStep']
 
 # %% ../nbs/09a_graphs.ipynb #cbcbf70d
 class StepGraph:
-    "Train `model` with `opt` one batch per call: eagerly for `warmup` calls per input shape, then by a captured CUDA graph."
+    "Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA graph."
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float | None = None,
                  amp: torch.dtype | None = torch.bfloat16, warmup: int = 3, log=print, emulate: bool = False):
         self.model, self.opt, self.clip, self.amp, self.warmup, self.log = model, opt, clip, amp, warmup, log
@@ -30,7 +30,7 @@ class StepGraph:
             knn_overflow(self.params[0].device)                            # the counter exists before any capture
 
     def step(self, img: Tensor, mask: Tensor | None = None) -> dict:
-        "Forward, backward, clipping and optimiser step on `img` (and `mask`, else the model's own): the model's outputs."
+        "Forward, backward, clipping and optimiser step on `img` (and `mask`, else the model's own): the outputs."
         ctx = torch.autocast(img.device.type, self.amp, cache_enabled=False) if self.amp else nullcontext()
         m = self.model
         with ctx: out = m(img) if mask is None else m(img, mask, m.n_visible(*m.grid(img)))

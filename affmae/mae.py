@@ -131,7 +131,7 @@ class MAEBase(nn.Module):
 
 # %% ../nbs/07_mae.ipynb #99ae915e
 def neighbour_dist2(qpos: Tensor, kpos: Tensor, idx: Tensor) -> Tensor:
-    "Squared distances `(B, G*Q, M)` from grouped queries `qpos` (B, G*Q, 2) to their neighbours `kpos[idx]` (idx (B, G, M))."
+    "Squared distances `(B, G*Q, M)` from grouped queries `qpos` (B, G*Q, 2) to neighbours `kpos[idx]` (idx (B, G, M))."
     B, G, M = idx.shape
     kp = gather_rows(kpos, idx)                                                  # (B, G, M, 2); -1 -> (0, 0), masked anyway
     return (qpos.view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, -1, M)
@@ -157,7 +157,8 @@ def query_clusters(ids: Tensor, valid: Tensor, w: int, group: int = 16, window: 
 
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
-    "Point-decoder layer: cross-attention of block-grouped queries to their nearest stage tokens, local self-attention, MLP; both attentions with a learned distance bias."
+    """Point-decoder layer: cross-attention of grouped queries to their nearest stage tokens, local self-attention, MLP;
+    both attentions with a learned distance bias."""
     def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
