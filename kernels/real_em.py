@@ -5,9 +5,11 @@ of `../shared/data` (its README has sources and licences):
   drosophila-vnc  images/ + masks/ (sections 0-15 train, 16-19 held out), unlabelled/stack2.tif; 5 classes
   sbem-mito       training/ (train), validation/ (held out), unlabelled/; background, mitochondria
   kidney-gbm      train/, test/ (held out); background, gbm
-  podocyte-tem    4 unlabelled images
-Sets that are missing are skipped. Everything is first copied into a work folder as uncompressed TIFF (memory-mapped
-crops; `--tiny`: centre crops of a few images per split).
+  podocyte-tem    4 unlabelled images (if absent: the copy that ships in affmae, `affmae.data.sample_dir()`)
+Sets that are missing are skipped. A device call carries at most 64 MiB with the working tree, so the sets can
+travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`.
+Everything is first copied into a work folder as uncompressed TIFF (memory-mapped crops; `--tiny`: centre crops of a
+few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
    (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
@@ -69,7 +71,7 @@ import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.data.core import DataLoaders
 from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
-                         image_info, read_plane, read_mask)
+                         image_info, read_plane, read_mask, sample_dir)
 from affmae.learner import mae_learner
 from affmae.aff import create_model
 from affmae.segment import seg_model, seg_learner, label_subset, evaluate_model, predict_plane, overlay, to_uint8
@@ -131,8 +133,9 @@ for name in a.sets.split(','):
     pre_paths.append(work / name / 'train' / 'images')
 for name, sub in UNLABELLED.items():
     root = find(name)
-    if root is None or not (root / sub).exists(): continue
-    copy_unlabelled(root / sub, work / 'unlabelled' / name)
+    src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
+    if src is None or not src.exists(): continue
+    copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)
 res['timing']['data_s'] = round(time.time() - t, 2)
 res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
