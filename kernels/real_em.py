@@ -5,9 +5,11 @@ of `../shared/data` (its README has sources and licences):
   drosophila-vnc  images/ + masks/ (sections 0-15 train, 16-19 held out), unlabelled/stack2.tif; 5 classes
   sbem-mito       training/ (train), validation/ (held out), unlabelled/; background, mitochondria
   kidney-gbm      train/, test/ (held out); background, gbm
-  podocyte-tem    4 unlabelled images
-Sets that are missing are skipped. Everything is first copied into a work folder as uncompressed TIFF (memory-mapped
-crops; `--tiny`: centre crops of a few images per split).
+  podocyte-tem    4 unlabelled images (if absent: the copy that ships in affmae, `affmae.data.sample_dir()`)
+Sets that are missing are skipped. A device call carries at most 64 MiB with the working tree, so the sets can
+travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`.
+Everything is first copied into a work folder as uncompressed TIFF (memory-mapped crops; `--tiny`: centre crops of a
+few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
    (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
@@ -22,8 +24,9 @@ crops; `--tiny`: centre crops of a few images per split).
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
 Step counts come from step times measured at the start, so the whole script fits `--budget` seconds.
-Writes to `--out`: real_em.json (rewritten after every run), pretrain_curves.png, pretrain/<arch>/recon_*.png,
-examples_<set>.png.
+Writes six files to `--out` (the device machine returns at most 8): real_em.json (rewritten after every run),
+pretrain_curves.png, recon_<arch>.png (first and last epoch's reconstructions, one per pretrained arch), scores.png
+(held-out mIoU) and examples.png (the first held-out image of each set: truth and every model's prediction).
 
 Run from the repository root:
   PYTHONPATH=.:$PYTHONPATH python kernels/real_em.py --data data_em --out $OUT --budget 450
@@ -32,6 +35,7 @@ Run from the repository root:
 import argparse, json, math, shutil, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch, tifffile
+from PIL import Image
 warnings.filterwarnings('ignore')
 
 p = argparse.ArgumentParser()
@@ -67,7 +71,7 @@ import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.data.core import DataLoaders
 from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
-                         image_info, read_plane, read_mask)
+                         image_info, read_plane, read_mask, sample_dir)
 from affmae.learner import mae_learner
 from affmae.aff import create_model
 from affmae.segment import seg_model, seg_learner, label_subset, evaluate_model, predict_plane, overlay, to_uint8
@@ -129,8 +133,9 @@ for name in a.sets.split(','):
     pre_paths.append(work / name / 'train' / 'images')
 for name, sub in UNLABELLED.items():
     root = find(name)
-    if root is None or not (root / sub).exists(): continue
-    copy_unlabelled(root / sub, work / 'unlabelled' / name)
+    src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
+    if src is None or not src.exists(): continue
+    copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)
 res['timing']['data_s'] = round(time.time() - t, 2)
 res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
@@ -189,7 +194,7 @@ for arch in ARCHS:
     with torch.no_grad():                                    # trivial level: predict 0 (the dataset mean) everywhere
         trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
     learn = mae_learner(dls, arch, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
-                        figs_dir=out / 'pretrain' / arch)
+                        figs_dir=work / 'figures' / arch)
     t = time.time()
     with learn.no_bar(): learn.fit_one_cycle(EPOCHS, PRE_LR[arch], pct_start=.1, moms=(.9, .9, .9))
     secs = time.time() - t
@@ -205,6 +210,10 @@ for arch in ARCHS:
     v = res['pretrain'][arch]['valid'][-1]
     log(f'pretrained {arch}: {v} (names {res["pretrain"][arch]["valid_names"]}), trivial {trivial:.3f} x {sum(w)}')
     del learn, dls; free(); save()
+    figs = sorted((work / 'figures' / arch).glob('recon_*.png'))      # first and last epoch, one above the other
+    ims = [Image.open(f).convert('RGB') for f in (figs[0], figs[-1])]
+    both = Image.new('RGB', (max(i.width for i in ims), sum(i.height for i in ims)), 'white')
+    both.paste(ims[0], (0, 0)); both.paste(ims[1], (0, ims[0].height)); both.save(out / f'recon_{arch}.png')
 
 fig = plot_pretraining(res); fig.savefig(out / 'pretrain_curves.png', dpi=90); plt.close(fig)
 
@@ -249,6 +258,7 @@ def run(dls, s, arch, init, frac, steps, **kw):
     return row, example
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch')]
+examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 names = list(sets)
 for si, name in enumerate(names):
     s = sets[name]
@@ -265,12 +275,11 @@ for si, name in enumerate(names):
     steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 2))
                                                    / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
-    examples = {}
     for frac in FRACS:
         if time.time() - t0 > a.budget:                      # over budget: keep what is done, skip the rest
             res['stopped_early'] = f'{name} at {frac:.0%} of labels'; log('budget spent, stopping'); break
         for arch, init in CONFIGS:
-            row, examples[frac, arch, init] = run(dls, s, arch, init, frac, steps)
+            row, examples[name, frac, arch, init] = run(dls, s, arch, init, frac, steps)
             res['sets'][name]['runs'].append(row); save()
             log(f"{name} {frac:.0%} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
                 f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
@@ -278,31 +287,32 @@ for si, name in enumerate(names):
                      if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
         u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] * OVERHEAD)))
         if tiny: u_steps = min(u_steps, 2 * steps)              # the CPU check: mechanics, not the match
-        row, examples[frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, **UNET_KW)
+        row, examples[name, frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, **UNET_KW)
         row['matched_to_s'] = t_aff
         res['sets'][name]['runs'].append(row); save()
         log(f"{name} {frac:.0%} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
             f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
     if res.get('stopped_early'): break
-    # example predictions: the first held-out image, truth and every model, one row per label fraction
-    img, truth = dls.test_src.image(0), dls.test_src.mask(0)
-    cols = ['image', 'truth'] + [f'{arch} {init}' for arch, init in CONFIGS] + ['unet']
-    fig, axs = plt.subplots(len(FRACS), len(cols), figsize=(2.3 * len(cols), 2.5 * len(FRACS)), squeeze=False)
-    for r, frac in enumerate(FRACS):
-        preds = [examples[frac, arch, init] for arch, init in CONFIGS] + [examples[frac, 'unet', 'scratch']]
-        for c, (title, lbl) in enumerate(zip(cols, [None, truth] + preds)):
-            ax = axs[r, c]
-            ax.imshow(np.repeat(to_uint8(img)[..., None], 3, -1) if lbl is None else overlay(img, lbl))
-            ax.set_title(title if r == 0 else '', fontsize=8); ax.set_xticks([]); ax.set_yticks([])
-        axs[r, 0].set_ylabel(f'{frac:.0%} of labels', fontsize=8)
-    fig.suptitle(f'{name}: {res["sets"][name]["test_images"][0]} (held out)', fontsize=10)
-    fig.tight_layout(); fig.savefig(out / f'examples_{name}.png', dpi=80); plt.close(fig)
+    truths[name] = np.array(dls.test_src.image(0)), dls.test_src.mask(0)
     del dls; free()
 
 res['total_s'] = round(time.time() - t0, 1)
 save()
-shutil.rmtree(work, ignore_errors=True)
-for metric in ('miou', 'fg_iou'):
-    fig = plot_scores(res, metric); fig.savefig(out / f'scores_{metric}.png', dpi=90); plt.close(fig)
+fig = plot_scores(res, 'miou'); fig.savefig(out / 'scores.png', dpi=90); plt.close(fig)
+# example predictions: per set, the first held-out image, its truth and every model, one row per label fraction
+cols = ['image', 'truth'] + [f'{arch} {init}' for arch, init in CONFIGS] + ['unet']
+rows = [(name, frac) for name in truths for frac in FRACS]
+n = max(len(rows), 1)
+fig, axs = plt.subplots(n, len(cols), figsize=(2.3 * len(cols), 2.5 * n), squeeze=False)
+for r, (name, frac) in enumerate(rows):
+    img, truth = truths[name]
+    preds = [examples[name, frac, arch, init] for arch, init in CONFIGS] + [examples[name, frac, 'unet', 'scratch']]
+    for c, (title, lbl) in enumerate(zip(cols, [None, truth] + preds)):
+        ax = axs[r, c]
+        ax.imshow(np.repeat(to_uint8(img)[..., None], 3, -1) if lbl is None else overlay(img, lbl))
+        ax.set_title(title if r == 0 else '', fontsize=8); ax.set_xticks([]); ax.set_yticks([])
+    axs[r, 0].set_ylabel(f"{name}\n{res['sets'][name]['test_images'][0]}, {frac:.0%} of labels", fontsize=7)
+fig.tight_layout(); fig.savefig(out / 'examples.png', dpi=80); plt.close(fig)
 print(results_table(res)); print(); print(targets_table(check_targets(res, ARCHS[0], ARCHS[1])))
+shutil.rmtree(work, ignore_errors=True)
 log('done; results in', out / 'real_em.json')
