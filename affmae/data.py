@@ -528,6 +528,7 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
     tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes)
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, True), **kw)]
     if valid: dls.append(EMDataLoader(EMCrops(src, valid, size, False, masks, pct, codes=codes), after_batch=EMBatch(mean, std, False), **kw))
+    else: dls.append(dls[0].new(n=0, shuffle=False, drop_last=False))     # an empty validation set: fastai needs one
     dls = DataLoaders(*dls, path=path or '.', device=device)
     dls.src, dls.stats, dls.codes = src, (mean, std), codes
     return dls
