@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     except SystemExit as e: return e.code or 0
     args.pop('pdb', None); args.pop('xtra', None)
     try: f(**args)
-    except (ValueError, OSError) as e:     # UsageError, EMDataError, other modules' checks, files that cannot be read or written
+    except (ValueError, OSError) as e:     # UsageError, EMDataError, other checks, unreadable/unwritable files
         print(f"affmae {name}: error: {one_line(e)}", file=sys.stderr); return 2
     return 0
 
@@ -75,11 +75,12 @@ def check_device(device: str | None = None) -> str:
     "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."
     import torch
     if device in (None, '', 'auto'): return 'cuda' if torch.cuda.is_available() else 'cpu'
-    _require(re.fullmatch(r'cpu|cuda(:\d+)?', device) is not None, f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    _require(re.fullmatch(r'cpu|cuda(:\d+)?', device) is not None,
+             f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith('cuda'):
         _require(torch.cuda.is_available(), f"--device {device}: no CUDA GPU on this machine")
         i = torch.device(device).index or 0
-        _require(i < torch.cuda.device_count(), f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        _require(i < torch.cuda.device_count(), f"--device {device}: there are {torch.cuda.device_count()} GPU(s)")
     return device
 
 def writable_dir(out, what: str = '--out') -> Path:
@@ -91,10 +92,11 @@ def writable_dir(out, what: str = '--out') -> Path:
     return out
 
 def run_dir(out, overwrite: bool = False, ours=(), hint: str = '') -> Path:
-    "`writable_dir(out)` for one run's outputs: refused if not empty, unless `overwrite`, which deletes the files matching the globs `ours`."
+    "`writable_dir(out)` for a run: refused if not empty unless `overwrite`, which deletes the files of globs `ours`."
     out = writable_dir(out)
     if out.is_dir() and any(out.iterdir()):
-        _require(overwrite, f"--out {out} is not empty (another run's outputs?): {hint}pass --overwrite to replace them, or choose a new folder")
+        _require(overwrite, f"--out {out} is not empty (another run's outputs?): {hint}"
+                            "pass --overwrite to replace them, or choose a new folder")
         for f in [f for pat in ours for f in out.glob(pat) if f.is_file()]: f.unlink()
     return out
 
@@ -130,10 +132,12 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
     from affmae.learner import mae_learner, checkpoints, run_ids
     _require(0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
-    _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; choose from {', '.join(mae_models())}")
+    _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
     _require(precision in ('bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
-    _require(min(epochs, bs, accum, ckpt_every, n_synth) > 0, "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
-    _require(img_size >= 32 and img_size % 8 == 0, f"--img-size must be a multiple of the 8-pixel patch, at least 32; got {img_size}")
+    _require(min(epochs, bs, accum, ckpt_every, n_synth) > 0,
+             "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
+    _require(img_size >= 32 and img_size % 8 == 0,
+             f"--img-size must be a multiple of the 8-pixel patch, at least 32; got {img_size}")
     _require(0 <= warmup < 1, f"--warmup must be in [0, 1), got {warmup}")
     _require(0 <= valid_pct < 1, f"--valid-pct must be in [0, 1), got {valid_pct}")
     _require(lr > 0 and wd >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
@@ -141,21 +145,23 @@ def pretrain(data: str = None,          # folder of EM images (TIFF, PNG, ...); 
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
     _require(resume is None or Path(resume).exists(), f"--resume {resume}: no such checkpoint file or folder")
-    _require(not (resume and overwrite), "--resume continues the run in --out; --overwrite replaces it: pass one of them")
+    _require(not (resume and overwrite), "--resume continues the run in --out; --overwrite replaces it: pass one")
     out = Path(out)
-    if not resume: run_dir(out, overwrite, ours=('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
+    if not resume:
+        run_dir(out, overwrite, ('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
     set_seed(seed)
-    dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed, num_workers=workers,
-                       epoch_len=epoch_len)
+    dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
+                       num_workers=workers, epoch_len=epoch_len)
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision=None if precision == 'none' else precision,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures')
     start = learn.load_checkpoint(resume) if resume else 0
-    _require(start < epochs, f"--resume: the checkpoint ends epoch {start} of its run; --epochs {epochs} leaves nothing to train")
+    _require(start < epochs, f"--resume: the checkpoint ends epoch {start}; --epochs {epochs} leaves nothing to train")
     if resume:
         run = next(cb.run_id for cb in learn.cbs if hasattr(cb, 'run_id'))
         others = run_ids(out / 'checkpoints') - {run}
-        _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): resume into that run's folder")
+        _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): "
+                             "resume into the resumed run's folder")
     learn.fit_one_cycle(epochs, lr, pct_start=warmup, moms=(.9, .9, .9), start_epoch=start)
     return learn
 

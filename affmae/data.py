@@ -185,7 +185,7 @@ def _file_dtype(fn):
     except Exception: return None
 
 def check_image(fn):
-    "Find a truncated or corrupt image file without decoding it: a PNG's chunk checksums, a JPEG's end marker, a TIFF's data extents."
+    "Find a truncated or corrupt image, decoding nothing: a PNG's checksums, a JPEG's end marker, a TIFF's extents."
     fn = Path(fn)
     try:
         if fn.suffix.lower() in ('.tif', '.tiff'):
@@ -193,7 +193,7 @@ def check_image(fn):
             with tifffile.TiffFile(fn) as t:
                 for p in {0, len(t.pages) - 1}:
                     ends = [o + c for o, c in zip(t.pages[p].dataoffsets, t.pages[p].databytecounts)]
-                    if ends and max(ends) > size: raise ValueError(f"page {p}'s data ends at byte {max(ends)}, after the end of the file ({size})")
+                    if ends and max(ends) > size: raise ValueError(f"page {p}'s data ends after the file's end")
         elif fn.suffix.lower() == '.png':
             with Image.open(fn) as im: im.verify()
         else:
@@ -271,8 +271,8 @@ def read_mask(fn, k=0, n_img=1):
         several = (a > 0).sum(0) > 1
         if several.any() and not all((a[0] == c).all() for c in a[1:]):
             y, x = np.argwhere(several)[0]
-            raise EMDataError(f"{fn}: colour mask (pixel ({y}, {x}) is {tuple(a[:, y, x].tolist())}); a mask holds one class index per "
-                              f"pixel (0 = background, 1, 2, ...): export the label image from your tool, not its colours")
+            raise EMDataError(f"{fn}: colour mask (pixel ({y}, {x}) is {tuple(a[:, y, x].tolist())}); a mask holds "
+                              "one class index per pixel (0 = background, 1, 2, ...): export labels, not colours")
     elif a.ndim == 4: raise EMDataError(f"{fn}: mask has both planes and colour channels")
     return _to_labels(a, fn)
 
@@ -354,18 +354,19 @@ def read_classes(folder):
     f = Path(folder)/'classes.txt'
     if not f.is_file(): return None
     names = tuple(l.strip() for l in f.read_text().splitlines() if l.strip())
-    if len(names) < 2 or len(set(names)) < len(names): raise EMDataError(f"{f}: needs two or more distinct class names, one per line")
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise EMDataError(f"{f}: needs two or more distinct class names, one a line")
     return names
 
 def mask_classes(src, codes=None):
-    "Check every mask of the `EMFolder` `src` up front; returns the class names: `codes`, else `classes.txt`, else numbered."
+    "Check every mask of `EMFolder` `src` up front; the class names: `codes`, else `classes.txt`, else numbered."
     given = tuple(codes) if codes else read_classes(src.path/'masks') or read_classes(src.path)
     top = 0
     for f, m, n, _ in src.files:
         vals = sorted(set().union(*(np.unique(read_mask(m, k, n)).tolist() for k in range(n))))
         bad = [v for v in vals if v >= (len(given) if given else 256)]
         if bad: raise EMDataError(f"{m}: mask holds labels {bad[:10]} outside 0..{len(given) - 1 if given else 255}"
-                                  + (f" (classes {', '.join(given)})" if given else "; at most 256 classes are supported"))
+                                  + (f" (classes {', '.join(given)})" if given else "; at most 256 classes"))
         top = max(top, vals[-1])
     return given or ('background', *[f'class_{i}' for i in range(1, max(top, 1) + 1)])
 
@@ -412,8 +413,8 @@ def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0):
         v = np.clip((a[::s, ::s].astype(np.float32) - lo)/(hi - lo), 0, 1).ravel()
         if v.min() == v.max(): blank.append(src.name(i)); continue      # a blank image says nothing about contrast
         vals.append(v)
-    if not vals: raise EMDataError(f"every image sampled for the normalisation statistics is constant (blank), e.g. {blank[0]}")
-    if blank: warnings.warn(f"{len(blank)} constant (blank) image(s) left out of the normalisation statistics, e.g. {blank[0]}")
+    if not vals: raise EMDataError(f"every image sampled for the statistics is constant (blank), e.g. {blank[0]}")
+    if blank: warnings.warn(f"{len(blank)} constant (blank) image(s) left out of the statistics, e.g. {blank[0]}")
     v = np.concatenate(vals)
     return float(v.mean()), max(float(v.std()), 1e-2)                   # a floor: nearly blank data cannot blow up
 
@@ -471,7 +472,8 @@ def split_items(src, valid_pct=0.1, seed=0):
     "Train and valid item indices of `src`, keeping the slices of one file together."
     n = len(src)
     if not valid_pct: return list(range(n)), []
-    if n < 2: raise EMDataError(f"{getattr(src, 'path', src)}: only {n} slice, cannot hold out {valid_pct:.0%} for validation (pass valid_pct=0, or --valid-pct 0)")
+    if n < 2: raise EMDataError(f"{getattr(src, 'path', src)}: only {n} slice, cannot hold out {valid_pct:.0%} for "
+                                "validation (pass valid_pct=0, or --valid-pct 0)")
     by_file = {}
     for i in range(n): by_file.setdefault(src.file_of(i), []).append(i)
     groups = list(by_file.values())

@@ -110,9 +110,9 @@ def _encode_rng(s: dict) -> tuple[dict, dict]:
 
 def _decode_rng(ts: dict, js: dict) -> dict:
     "Inverse of `_encode_rng`."
-    n = js['numpy']
+    n, nc = js['numpy'], sum(k.startswith('rng.cuda.') for k in ts)
     return dict(python=_py_state(js['python']), numpy=(n[0], np.array(n[1], dtype=np.uint32), *n[2:]),
-                torch=ts['rng.torch'], cuda=[ts[f'rng.cuda.{i}'] for i in range(sum(k.startswith('rng.cuda.') for k in ts))],
+                torch=ts['rng.torch'], cuda=[ts[f'rng.cuda.{i}'] for i in range(nc)],
                 dls=[_py_state(d) for d in js['dls']])
 
 # %% ../nbs/09_pretrain.ipynb #406ae390
@@ -157,7 +157,9 @@ class ReconFigures(Callback):
         plt.close(fig)
 
 # %% ../nbs/09_pretrain.ipynb #d0018103
-def _one_line(e: BaseException) -> str: return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+def _one_line(e: BaseException) -> str:
+    "`e`'s type and the last line of its message."
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
 
 def _atomic_save(tensors: dict, path, metadata: dict):
     "Write safetensors to a temporary file beside `path`, fsync it, then rename it over `path`: never half a file."
@@ -187,18 +189,18 @@ def config_hash(arch: str, kw: dict) -> str:
     return hashlib.sha256(json.dumps([arch, kw], sort_keys=True).encode()).hexdigest()[:16]
 
 def save_mae(model: nn.Module, path, **meta):
-    "Save `model`'s weights to safetensors at `path` (atomically), with its architecture (`model.arch`), config hash and `meta` as metadata."
+    "Save `model`'s weights to safetensors at `path` (atomically), with `model.arch`, its hash and `meta` as metadata."
     arch, kw = getattr(model, 'arch', (None, {}))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(sd, path, metadata=dict(arch=json.dumps(arch), model_kw=json.dumps(kw), config_hash=json.dumps(config_hash(arch, kw)),
-                                         **{k: json.dumps(v) for k, v in meta.items()}))
+    meta = dict(arch=arch, model_kw=kw, config_hash=config_hash(arch, kw), **meta)
+    _atomic_save(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
 
 def _mae_meta(path) -> dict:
     "The JSON metadata of a `save_mae` file, checked to name an architecture."
     meta = _read_st(path, meta_only=True)[0]
     try: meta = {k: json.loads(v) for k, v in meta.items()}
     except ValueError: meta = {}
-    if meta.get('arch') is None: raise ValueError(f"{path} has no architecture in its metadata (not saved by save_mae?)")
+    if meta.get('arch') is None: raise ValueError(f"{path} has no architecture in its metadata (not from save_mae?)")
     return meta
 
 def load_mae(path, device='cpu') -> nn.Module:
@@ -214,9 +216,10 @@ def state_path(path) -> Path:
     return Path(path).with_suffix('.state.safetensors')
 
 class Checkpoint(Callback):
-    "Save model and training state (both safetensors, atomically) to `path/epoch_{e:03d}.*` every `every` epochs and at the last."
+    "Save model and training state (safetensors, atomically) to `path/epoch_{e:03d}.*` every `every` epochs and last."
     order = 100                                     # after every other callback: the saved random state is the epoch's final one
-    def __init__(self, path, every: int = 1): self.path, self.every, self.run_id = Path(path), every, uuid.uuid4().hex[:12]
+    def __init__(self, path, every: int = 1):
+        self.path, self.every, self.run_id = Path(path), every, uuid.uuid4().hex[:12]
     def before_train(self): self.trained = True    # not called for epochs skipped on resume
     def after_epoch(self):
         if getattr(self, 'trained', False) and ((self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch):
@@ -228,23 +231,27 @@ class Checkpoint(Callback):
         stem = self.path / f'epoch_{epoch:03d}.safetensors'
         sd = self.opt.state_dict()
         ts = {f'opt.{i}.{k}': v.detach().cpu().contiguous() for i, s in sd['state'].items() for k, v in s.items()}
+        ts.update({f'pg.{i}.{k}': v.detach().cpu() for i, g in enumerate(sd['param_groups']) for k, v in g.items()
+                   if torch.is_tensor(v)})                                # a capturable optimiser's tensor lr
+        pgs = [{k: v for k, v in g.items() if not torch.is_tensor(v)} for g in sd['param_groups']]
         rts, rjs = _encode_rng(_rng_state(self.dls))
         scaler = getattr(self.learn, 'scaler', None)
-        js = dict(epoch=epoch, n_epoch=self.n_epoch, rng=rjs, param_groups=sd['param_groups'],
+        js = dict(epoch=epoch, n_epoch=self.n_epoch, rng=rjs, param_groups=pgs,
                   scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None)
         _atomic_save({**ts, **rts}, state_path(stem), dict(state=json.dumps(js), run_id=json.dumps(self.run_id)))
-        save_mae(self.model, stem, epoch=epoch, stats=getattr(self.dls, 'stats', None), run_id=self.run_id)  # last: marks it complete
+        save_mae(self.model, stem, epoch=epoch, stats=getattr(self.dls, 'stats', None), run_id=self.run_id)   # done
 
 def _load_state(path) -> dict:
     "The training state saved beside checkpoint `path` by `Checkpoint`, decoded (tensors and JSON only, no pickle)."
     meta, ts = _read_st(state_path(path))
     if 'state' not in meta: raise ValueError(f"{state_path(path)} holds no training state")
     js = json.loads(meta['state'])
-    opt = {}
+    opt, pgs = {}, js['param_groups']
     for k, v in ts.items():
         if k.startswith('opt.'): _, i, name = k.split('.', 2); opt.setdefault(int(i), {})[name] = v
+        if k.startswith('pg.'): _, i, name = k.split('.', 2); pgs[int(i)][name] = v
     return dict(epoch=js['epoch'], n_epoch=js['n_epoch'], scaler=js['scaler'], rng=_decode_rng(ts, js['rng']),
-                opt=dict(state=opt, param_groups=js['param_groups']), run_id=json.loads(meta.get('run_id', 'null')))
+                opt=dict(state=opt, param_groups=pgs), run_id=json.loads(meta.get('run_id', 'null')))
 
 class _Restore(Callback):
     "Put back the random state and loss scale of a checkpoint just before the first resumed epoch, then leave."
@@ -259,7 +266,8 @@ class _Restore(Callback):
 
 def checkpoints(path) -> list[Path]:
     "The `epoch_NNN.safetensors` model checkpoints in the folder `path`, newest first."
-    return sorted((p for p in Path(path).glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)), reverse=True)
+    ps = [p for p in Path(path).glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)]
+    return sorted(ps, reverse=True)
 
 def latest_checkpoint(path) -> Path:
     "`path` if it is a file, else the newest readable checkpoint in the folder `path`, all of them from one run."
@@ -270,9 +278,9 @@ def latest_checkpoint(path) -> Path:
     for p in checkpoints(path):
         try: ok.append((p, _mae_meta(p)))
         except ValueError as e: bad.append(str(e))
-    if not ok: raise FileNotFoundError(f"no readable checkpoint (epoch_*.safetensors) in {path}" + (f": {bad[0]}" if bad else ''))
+    if not ok: raise FileNotFoundError(f"no readable checkpoint in {path}" + (f": {bad[0]}" if bad else ''))
     runs = list(dict.fromkeys(m.get('run_id') for _, m in ok))
-    if len(runs) > 1: raise ValueError(f"{path} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))}): pass one file")
+    if len(runs) > 1: raise ValueError(f"{path} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))})")
     if bad: print(f"skipped {len(bad)} unreadable checkpoint(s) ({bad[0]}); using {ok[0][0].name}")
     return ok[0][0]
 
@@ -286,7 +294,7 @@ def run_ids(path) -> set:
 
 @patch
 def load_checkpoint(self: Learner, path) -> int:
-    "Load model, optimiser and random state saved by `Checkpoint` at `path` (a `.safetensors` file or a folder: its newest loadable one); returns the epoch to resume at (`fit_one_cycle(..., start_epoch=...)`)."
+    "Load model, optimiser and random state of checkpoint `path` (a file, or a folder's newest loadable); next epoch."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
     errs = []
@@ -294,10 +302,11 @@ def load_checkpoint(self: Learner, path) -> int:
         try: meta, sd, state = _mae_meta(p), _read_st(p)[1], _load_state(p)
         except (ValueError, FileNotFoundError, KeyError) as e: errs.append(f"{p.name}: {e}"); continue
         break
-    else: raise ValueError(f"no loadable checkpoint in {path}" + (f" ({errs[0]})" if errs else " (no epoch_*.safetensors)"))
+    else: raise ValueError(f"no loadable checkpoint in {path} ({errs[0] if errs else 'no epoch_*.safetensors'})")
     arch = getattr(self.model, 'arch', None)
     if arch is not None and config_hash(*arch) != meta.get('config_hash'):
-        raise ValueError(f"{p} is a checkpoint of {meta['arch']} {meta['model_kw']}, but this run trains {arch[0]} {arch[1]}")
+        raise ValueError(f"{p} is a checkpoint of {meta['arch']} {meta['model_kw']}, "
+                         f"but this run trains {arch[0]} {arch[1]}")
     if errs: print(f"resume: {'; '.join(errs)}; resuming from {p.name} instead")
     self.model.load_state_dict(sd)
     self.create_opt()
@@ -305,7 +314,7 @@ def load_checkpoint(self: Learner, path) -> int:
         g.update({k: tuple(v) for k, v in g.items() if isinstance(now.get(k), tuple)})
     self.opt.load_state_dict(state['opt'])
     for cb in self.cbs:
-        if isinstance(cb, Checkpoint) and state['run_id']: cb.run_id = state['run_id']   # later checkpoints continue this run
+        if isinstance(cb, Checkpoint) and state['run_id']: cb.run_id = state['run_id']   # the same run continues
     self.add_cb(_Restore(state, state['epoch'] + 1))
     return state['epoch'] + 1
 

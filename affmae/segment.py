@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_segment.ipynb #95d0f897
 from __future__ import annotations
-import json, math, random, time, warnings
+import json, math, os, random, time, warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -217,7 +217,7 @@ def save_overlay(img, lbl, path, alpha=0.45):
 
 # %% ../nbs/10_segment.ipynb #61fc1456
 def read_state(ckpt):
-    "A state dict from a safetensors file, a torch weights file (a state dict, or one under 'model'; tensors only, never unpickled objects), or a dict; 'module.'/'model.' prefixes removed."
+    "A state dict from a safetensors file, a torch weights file (tensors only: never unpickled objects), or a dict."
     if isinstance(ckpt, dict): sd = ckpt
     else:
         ckpt = Path(ckpt)
@@ -232,28 +232,28 @@ def read_state(ckpt):
     return sd
 
 def check_pretrained(ckpt, arch):
-    "The file to load for a pretraining checkpoint `ckpt` (a run's folder: its newest), checked to hold an `arch` model if it names one."
+    "The file of pretraining checkpoint `ckpt` (a run's folder: its newest), checked to be of `arch` if it names one."
     p = latest_checkpoint(ckpt)
     if p.suffix != '.safetensors': return p
     meta = _read_st(p, meta_only=True)[0]
     try: ck = json.loads(meta.get('arch', 'null'))
     except ValueError: ck = None                                    # not ours: the weights check below decides
     if ck is not None and arch is not None and ck != arch:
-        raise ValueError(f"{p} is a checkpoint of {ck}, but the model is {arch}: pass --arch {ck}, or a {arch} checkpoint")
+        raise ValueError(f"{p} is a checkpoint of {ck}, but the model is {arch}: pass --arch {ck}, or an {arch} one")
     return p
 
 def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     "Load the `prefixes` (default `model.pretrained_prefixes` or encoder+decoder) weights of a pretraining checkpoint into `model`; returns a report of loaded/new/unused/mismatched keys."
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
-    if not isinstance(ckpt, dict): ckpt = check_pretrained(ckpt, getattr(model, 'arch', None))   # a run's folder: its newest
+    if not isinstance(ckpt, dict): ckpt = check_pretrained(ckpt, getattr(model, 'arch', None))   # a folder: its newest
     sd, own = read_state(ckpt), model.state_dict()
     take = {k: v for k, v in sd.items() if k.startswith(prefixes) and k in own and v.shape == own[k].shape}
     rep = dict(loaded=sorted(take), new=sorted(k for k in own if k not in take),
                unused=sorted(k for k in sd if k not in own), mismatched=sorted(k for k in sd if k in own and sd[k].shape != own[k].shape))
     if not take: raise ValueError(f"checkpoint {ckpt if not isinstance(ckpt, dict) else '(dict)'} holds none of the model's {'/'.join(prefixes)} weights (another architecture or size?)")
     short = [k for k in own if k.startswith(prefixes) and k not in take]
-    if short: raise ValueError(f"checkpoint {ckpt if not isinstance(ckpt, dict) else '(dict)'} lacks {len(short)} of the model's "
-                               f"{'/'.join(prefixes)} weights or holds them in other shapes (e.g. {short[0]}): another architecture or size?")
+    if short: raise ValueError(f"checkpoint {'(dict)' if isinstance(ckpt, dict) else ckpt} lacks {len(short)} of the "
+                               f"model's {'/'.join(prefixes)} weights or has other shapes (e.g. {short[0]})")
     model.load_state_dict(take, strict=False)
     if verbose:
         top = lambda ks: sorted({k.split('.')[0] for k in ks})
@@ -262,20 +262,22 @@ def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     return rep
 
 def save_seg(model, path, classes, tile, **meta):
-    "Save a segmentation model as safetensors with its recipe (arch, builder kwargs, classes, tile) in the metadata."
+    "Save a segmentation model as safetensors (atomically), its recipe (arch, kwargs, classes, tile) in the metadata."
     from safetensors.torch import save_model
     if not hasattr(model, 'arch'): raise ValueError("save_seg needs a model built by `seg_model` (it records the arch to rebuild it)")
     rec = dict(arch=model.arch, arch_kw=model.arch_kw, classes=list(classes), tile=int(tile), **meta)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path), metadata={'affmae_seg': json.dumps(rec)})
-    return Path(path)
+    path, tmp = Path(path), Path(path).with_name(f'.{Path(path).name}.tmp')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp), metadata={'affmae_seg': json.dumps(rec)})
+    os.replace(tmp, path)                                           # never half a file under the checkpoint's name
+    return path
 
 def load_seg(path, device='cpu'):
     "Rebuild and load a model saved by `save_seg`; returns `(model, recipe)`."
     from safetensors.torch import load_model
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    md = _read_st(path)[0]                                          # the whole file: a truncated one fails here, in one line
+    md = _read_st(path)[0]                                          # the whole file: a truncated one fails here
     if 'affmae_seg' not in md: raise ValueError(f"{path} is not a segmentation checkpoint (no 'affmae_seg' metadata; a pretraining checkpoint goes to `finetune --pretrained`)")
     rec = json.loads(md['affmae_seg'])
     model = seg_model(rec['arch'], n_classes=len(rec['classes']), **rec['arch_kw'])
@@ -593,17 +595,18 @@ def score_table(res):
 
 # %% ../nbs/10_segment.ipynb #9452c5cd
 def output_stems(inputs) -> list[tuple[Path, str]]:
-    "Each image under `inputs` (files or folders) with a unique output stem: its path under its folder argument, without the extension unless two would collide."
+    "Each image under `inputs` (files or folders) and a unique output stem: its path under its folder, no extension."
     items = {}
     for p in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         root = Path(p)
         for f in image_files(p): items.setdefault(f.resolve(), f.relative_to(root) if root.is_dir() else Path(f.name))
-    plain = Counter(str(r.with_suffix('')) for r in items.values())
+    plain, ext = lambda r: str(r.with_suffix('')), lambda r: str(r.with_name(f'{r.stem}_{r.suffix[1:]}'))
+    n_plain, n_ext = Counter(map(plain, items.values())), Counter(map(ext, items.values()))
     used, res = set(), []
     for f, r in items.items():
-        s = str(r.with_suffix('')) if plain[str(r.with_suffix(''))] == 1 else str(r.with_name(f'{r.stem}_{r.suffix[1:]}'))  # a.png, a.jpg -> a_png, a_jpg
+        s = ext(r) if n_plain[plain(r)] > 1 and n_ext[ext(r)] == 1 else plain(r)   # a.png, a.jpg -> a_png, a_jpg
         s0, i = s, 1
-        while s in used: i += 1; s = f'{s0}_{i}'                       # the same relative path under two folder arguments
+        while s in used: i += 1; s = f'{s0}_{i}'                       # one relative path under two folder arguments
         used.add(s); res.append((f, s))
     return res
 
@@ -620,7 +623,7 @@ def finetune(
     label_frac:float=1.,      # fraction of the training images whose labels are used
     n_synth:int=64,           # synthetic training images (without --data)
     valid_pct:float=0.1,      # held-out fraction, in (0, 1)
-    classes:str=None,         # class names, comma-separated, class 0 first (default: classes.txt beside the masks, else numbered)
+    classes:str=None,         # class names, comma-separated, class 0 first (default: classes.txt, else numbered)
     seed:int=0,               # seed for the split, the label subset and the run (Python, NumPy, torch)
     out:str='runs/finetune',  # output folder: seg.safetensors, history.json, results.png
     overwrite:store_true=False, # replace an earlier run's outputs in --out
@@ -628,8 +631,8 @@ def finetune(
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes the checkpoint, the history and a results figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
-    _require(arch in SEG_ARCHS, f"--arch {arch!r} is not a segmentation arch; choose from {', '.join(sorted(SEG_ARCHS))}")
-    _require(min(epochs, bs, n_synth) > 0, f"--epochs, --bs and --n-synth must be positive, got {epochs}, {bs} and {n_synth}")
+    _require(arch in SEG_ARCHS, f"--arch {arch!r} is not a segmentation arch; one of {', '.join(sorted(SEG_ARCHS))}")
+    _require(min(epochs, bs, n_synth) > 0, f"--epochs, --bs and --n-synth must be positive: {epochs}, {bs}, {n_synth}")
     _require(img_size >= 32, f"--img-size must be at least 32 pixels, got {img_size}")
     _require(0 < valid_pct < 1, f"--valid-pct must be in (0, 1): the scores need held-out images; got {valid_pct}")
     _require(0 < label_frac <= 1, f"--label-frac must be in (0, 1], got {label_frac}")
@@ -638,14 +641,14 @@ def finetune(
     _require(names is None or (len(names) > 1 and all(names) and len(set(names)) == len(names)),
              f"--classes needs two or more distinct names, comma-separated, class 0 first; got {classes!r}")
     _require(data is not None or names is None or len(names) == len(EM_CLASSES),
-             f"--classes: the synthetic data has {len(EM_CLASSES)} classes ({', '.join(EM_CLASSES)}), got {len(names or ())}")
+             f"--classes: the synthetic data has {len(EM_CLASSES)} classes ({', '.join(EM_CLASSES)})")
     _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
     _require(pretrained is None or Path(pretrained).exists(), f"--pretrained {pretrained}: no such file or folder")
     out = run_dir(out, overwrite, ours=('seg.safetensors', 'history.json', 'results.png'))
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
     set_seed(seed)
-    dls = segment_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed, num_workers=num_workers,
-                      codes=names)
+    dls = segment_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
+                      num_workers=num_workers, codes=names)
     classes = names or tuple(dls.codes)
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, lr_decay=lr_decay if lr_decay < 1 else None)
@@ -653,8 +656,10 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     path = save_seg(learn.model, out/'seg.safetensors', classes, img_size, stats=list(dls.stats), pretrained=str(pretrained or ''), label_frac=label_frac)
     cols = learn.recorder.metric_names[1:-1]
-    hist = [dict(zip(cols, map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v), vals))) for vals in learn.recorder.values]
-    (out/'history.json').write_text(json.dumps(dict(arch=arch, pretrained=pretrained, label_frac=label_frac, epochs=epochs, classes=classes, history=hist), indent=1))
+    num = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    hist = [dict(zip(cols, map(num, vals))) for vals in learn.recorder.values]
+    (out/'history.json').write_text(json.dumps(dict(arch=arch, pretrained=pretrained, label_frac=label_frac,
+                                                    epochs=epochs, classes=classes, history=hist), indent=1))
     learn.show_results(max_n=3).savefig(out/'results.png', dpi=80); plt.close('all')
     print(f"wrote {path}, {out/'history.json'}, {out/'results.png'}")
     return learn
@@ -668,11 +673,11 @@ def _check_infer(tile, overlap, bs):
 def predict(
     ckpt:str,                                                        # fine-tuned checkpoint (from `finetune`)
     images:Param("image files or folders (TIFF stacks: every plane)", str, nargs='+'),
-    out:str='predictions',                                           # output folder (a folder input's subfolders are kept)
+    out:str='predictions',                                           # output folder (keeps inputs' subfolders)
     tile:int=None,                                                   # tile size (default: the training crop)
     overlap:float=0.25,                                              # tile overlap fraction
     bs:int=4,                                                        # tiles per batch
-    device:str=None,                                                 # auto, cpu, cuda or cuda:N (default: cuda if available)
+    device:str=None,                                                 # auto (default), cpu, cuda or cuda:N
     overwrite:store_true=False,                                      # replace outputs of an earlier run in --out
 ):
     "Segment images: writes `<name>_labels.tif` (one plane per slice) and `<name>_overlay.png` per image into `out`."
@@ -680,9 +685,10 @@ def predict(
     dev = torch.device(check_device(device))
     out = writable_dir(out)
     model, rec = load_seg(ckpt, dev)
-    todo = [(f, out/f'{s}_labels.tif', out/f'{s}_overlay.png') for f, s in output_stems(images)]   # bad paths fail here
+    todo = [(f, out/f'{s}_labels.tif', out/f'{s}_overlay.png') for f, s in output_stems(images)]   # bad paths fail now
     old = [p for _, *ps in todo for p in ps if p.exists()]
-    _require(overwrite or not old, f"{old[0] if old else ''} exists (an earlier prediction?): pass --overwrite to replace it, or another --out")
+    _require(overwrite or not old, f"{old[0] if old else ''} exists (an earlier prediction?): "
+                                   "pass --overwrite to replace it, or another --out")
     written = []
     for f, lp, op in todo:
         n = image_info(f)[0]
@@ -692,7 +698,8 @@ def predict(
         save_labels(lbls if n > 1 else lbls[0], lp)
         save_overlay(planes[n//2], lbls[n//2], op)
         written += [lp, op]
-        print(f"{f}: {n} plane(s) {planes[0].shape[0]}×{planes[0].shape[1]} -> {lp.relative_to(out)}, {op.relative_to(out)}")
+        print(f"{f}: {n} plane(s) {planes[0].shape[0]}×{planes[0].shape[1]} -> {lp.relative_to(out)}, "
+              f"{op.relative_to(out)}")
     return written
 
 @call_parse
@@ -704,13 +711,13 @@ def evaluate(
     tile:int=None,      # tile size (default: the training crop)
     overlap:float=0.25, # tile overlap fraction
     bs:int=4,           # tiles per batch
-    device:str=None,    # auto, cpu, cuda or cuda:N (default: cuda if available)
+    device:str=None,    # auto (default: cuda if available), cpu, cuda or cuda:N
 ):
     "Score a checkpoint on whole images: prints the per-class IoU/Dice table and the scores as JSON."
     _check_infer(tile, overlap, bs)
     _require(n_synth >= 1, f"--n-synth must be >= 1, got {n_synth}")
     _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
-    _require(json_out is None or not Path(json_out).is_dir(), f"--json-out {json_out} is a folder, expected a file name")
+    _require(json_out is None or not Path(json_out).is_dir(), f"--json-out {json_out} is a folder, expected a file")
     if json_out: writable_dir(Path(json_out).parent, '--json-out')
     dev = torch.device(check_device(device))
     model, rec = load_seg(ckpt, dev)

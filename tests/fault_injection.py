@@ -33,8 +33,8 @@ def child(out: Path, epochs: int, save_delay: float):
 
 def launch(out: Path, a) -> subprocess.Popen:
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
-    return subprocess.Popen([sys.executable, __file__, '--child', str(out), '--epochs', str(a.epochs), '--save-delay', str(a.save_delay)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    cmd = [sys.executable, __file__, '--child', str(out), '--epochs', str(a.epochs), '--save-delay', str(a.save_delay)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def events(out: Path) -> list[str]:
@@ -66,12 +66,13 @@ def main(a):
     kills = dict(step=0, save=0)
     for i in range(a.kills):
         kind = 'save' if i % 2 else 'step'
-        n = rng.randint(2, 4) if kind == 'save' else rng.randint(1, 6)  # the 2nd save of a process ends its 1st resumed epoch
+        n = rng.randint(2, 4) if kind == 'save' else rng.randint(1, 6)  # its 2nd save ends a process's 1st epoch
         p = launch(run, a)
-        if not kill_at(p, run, kind, n, rng, a.save_delay): sys.exit(f"FAIL: the run finished before kill {i + 1}: raise --epochs")
+        if not kill_at(p, run, kind, n, rng, a.save_delay): sys.exit(f"FAIL: the run ended before kill {i + 1}")
         kills[kind] += 1
         ck = checkpoints(run / 'checkpoints')
-        print(f"kill {i + 1:2d} during a {kind:4s} ({time.time() - t0:5.1f} s); newest checkpoint: {ck[0].name if ck else 'none yet'}", flush=True)
+        print(f"kill {i + 1:2d} during a {kind:4s} ({time.time() - t0:5.1f} s); newest checkpoint: "
+              f"{ck[0].name if ck else 'none yet'}", flush=True)
     last = f'epoch_{a.epochs - 1:03d}.safetensors'
     p = launch(run, a)
     if p.wait() != 0: sys.exit(f"FAIL: the resumed run exited {p.returncode}: {p.stderr.read()}")
