@@ -178,8 +178,11 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
     from safetensors import safe_open
     from affmae.data import read_plane, robust_range
     from affmae.learner import load_mae, latest_checkpoint, recon_figure
-    path = latest_checkpoint(ckpt)
+    _require(size >= 8, f"--size must be at least one 8-pixel patch, got {size}")
+    _require(not Path(out).is_dir(), f"--out {out} is a folder, expected a file name")
+    writable_dir(Path(out).parent)
     _require(Path(image).is_file(), f"{image}: no such image file")
+    path = latest_checkpoint(ckpt)
     model = load_mae(path).eval()
     a = read_plane(image).astype(np.float32)
     p = model.patch

@@ -349,3 +349,12 @@ def test_tensor_hyperparameters_round_trip(tmp_path):
     lr = st['opt']['param_groups'][0]['lr']
     assert torch.is_tensor(lr) and lr.item() == pytest.approx(1e-3)
     assert torch.equal(st['opt']['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
+
+
+def test_reconstruct_argument_errors(tmp_path, capsys):
+    _png(tmp_path / 'img.png', _em(0, 48))
+    for args, msg in ((['--size', 0], '--size must be at least'), (['--out', tmp_path], 'is a folder')):
+        rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', *args)
+        assert rc == 2 and msg in err, err
+    rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', '--out', tmp_path / 'r.png')
+    assert rc == 2 and 'no such checkpoint' in err, err
