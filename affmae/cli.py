@@ -4,12 +4,13 @@
 
 # %% ../nbs/09b_cli.ipynb #4fd839f0
 from __future__ import annotations
-import sys, importlib, importlib.util
+import os, re, sys, importlib, importlib.util
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser, store_true, Param
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'main', 'pretrain', 'reconstruct', 'demo']
+__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'check_device',
+           'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
@@ -25,6 +26,13 @@ def subcommand(f):
 
 def _require(ok: bool, msg: str):
     if not ok: raise UsageError(msg)
+
+def one_line(e: BaseException) -> str:
+    "The message of `e` on one line; for an error raised in a data-loading worker, the worker's own message."
+    msg = str(e).strip() or type(e).__name__
+    if 'Original Traceback' in msg: msg = re.sub(r'^[\w.]+: ', '', msg.splitlines()[-1])     # 'pkg.Error: message'
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in msg: msg = f"{e.filename}: {msg}"
+    return ' '.join(msg.split())
 
 def _command(name: str):
     "The subcommand `name`: registered, or the function `name` of its module in `LAZY_COMMANDS`; None if neither."
@@ -53,9 +61,44 @@ def main(argv=None) -> int:
     except SystemExit as e: return e.code or 0
     args.pop('pdb', None); args.pop('xtra', None)
     try: f(**args)
-    except (ValueError, FileNotFoundError) as e:     # UsageError, EMDataError, other modules' argument checks
-        print(f"affmae {name}: error: {e}", file=sys.stderr); return 2
+    except (ValueError, OSError) as e:     # UsageError, EMDataError, other checks, unreadable/unwritable files
+        print(f"affmae {name}: error: {one_line(e)}", file=sys.stderr); return 2
     return 0
+
+# %% ../nbs/09b_cli.ipynb #c7a3e101
+def mae_models() -> list[str]:
+    "The registered models that `pretrain` can train: the MAE ones (`affmae_*`, `vitmae_*`), not bare encoders."
+    from affmae.aff import list_models
+    return [n for n in list_models() if 'mae_' in n]
+
+def check_device(device: str | None = None) -> str:
+    "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."
+    import torch
+    if device in (None, '', 'auto'): return 'cuda' if torch.cuda.is_available() else 'cpu'
+    _require(re.fullmatch(r'cpu|cuda(:\d+)?', device) is not None,
+             f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith('cuda'):
+        _require(torch.cuda.is_available(), f"--device {device}: no CUDA GPU on this machine")
+        i = torch.device(device).index or 0
+        _require(i < torch.cuda.device_count(), f"--device {device}: there are {torch.cuda.device_count()} GPU(s)")
+    return device
+
+def writable_dir(out, what: str = '--out') -> Path:
+    "The output folder `out`, checked before any work: not a file, and writable (created later)."
+    out = Path(out)
+    _require(not out.exists() or out.is_dir(), f"{what} {out} is a file, expected a folder")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    _require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), f"{what} {out}: {parent} is not writable")
+    return out
+
+def run_dir(out, overwrite: bool = False, ours=(), hint: str = '') -> Path:
+    "`writable_dir(out)` for a run: refused if not empty unless `overwrite`, which deletes the files of globs `ours`."
+    out = writable_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        _require(overwrite, f"--out {out} is not empty (another run's outputs?): {hint}"
+                            "pass --overwrite to replace them, or choose a new folder")
+        for f in [f for pat in ours for f in out.glob(pat) if f.is_file()]: f.unlink()
+    return out
 
 # %% ../nbs/09b_cli.ipynb #479a1c66
 @subcommand
@@ -74,34 +117,58 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              wd: float = .05,           # weight decay
              out: str = 'runs/pretrain',# output folder (checkpoints/, figures/)
              resume: str = None,        # checkpoint (.safetensors) or checkpoint folder to resume from
+             overwrite: store_true = False, # replace the checkpoints and figures of an earlier run in --out
              precision: str = 'bf16',   # bf16, fp16 or none (mixed precision on CUDA only)
              n_synth: int = 256,        # number of synthetic images with --data synthetic
              epoch_len: int = None,     # crops per epoch (default: one per image)
+             valid_pct: float = .1,     # fraction of the images held out for validation, in [0, 1)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
              norm_pix: store_true = False, # MAE's per-patch normalised targets (default: raw pixels, see 07_mae)
-             seed: int = 0):            # random seed
+             no_capture: store_true = False, # eager steps instead of one replayed CUDA graph per step (GPU)
+             checkpoint: store_true = False, # activation checkpointing (affmae models): less memory, more compute
+             seed: int = 0):            # random seed (Python, NumPy, torch, data loaders)
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
-    from affmae.aff import list_models
+    from fastai.torch_core import set_seed
     from affmae.data import pretrain_dls, data_paths
     from affmae.mae import MASKERS
-    from affmae.learner import mae_learner
-    import torch
+    from affmae.learner import mae_learner, checkpoints, run_ids
     _require(0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
-    _require(arch in list_models(), f"--arch {arch!r} is not a model; choose from {', '.join(list_models())}")
+    _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
     _require(precision in ('bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
-    _require(min(epochs, bs, accum, img_size, ckpt_every) > 0, "--epochs, --bs, --accum, --img-size and --ckpt-every must be positive")
+    _require(min(epochs, bs, accum, ckpt_every, n_synth) > 0,
+             "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
+    _require(img_size >= 32 and img_size % 8 == 0,
+             f"--img-size must be a multiple of the 8-pixel patch, at least 32; got {img_size}")
+    _require(0 <= warmup < 1, f"--warmup must be in [0, 1), got {warmup}")
+    _require(0 <= valid_pct < 1, f"--valid-pct must be in [0, 1), got {valid_pct}")
+    _require(lr > 0 and wd >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
+    _require(workers >= 0, f"--workers must be >= 0, got {workers}")
+    _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
+    _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
     if isinstance(data, list) and len(data) == 1: data = data[0]
     for p in [] if data in (None, 'synthetic') else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")
-    torch.manual_seed(seed)
-    dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, seed=seed, num_workers=workers, epoch_len=epoch_len)
+    _require(resume is None or Path(resume).exists(), f"--resume {resume}: no such checkpoint file or folder")
+    _require(not (resume and overwrite), "--resume continues the run in --out; --overwrite replaces it: pass one")
     out = Path(out)
+    if not resume:
+        run_dir(out, overwrite, ('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
+    set_seed(seed)
+    dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
+                       num_workers=workers, epoch_len=epoch_len)
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision=None if precision == 'none' else precision,
-                        ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures')
+                        ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',
+                        capture=not no_capture, **(dict(checkpoint=True) if checkpoint else {}))
     start = learn.load_checkpoint(resume) if resume else 0
+    _require(start < epochs, f"--resume: the checkpoint ends epoch {start}; --epochs {epochs} leaves nothing to train")
+    if resume:
+        run = next(cb.run_id for cb in learn.cbs if hasattr(cb, 'run_id'))
+        others = run_ids(out / 'checkpoints') - {run}
+        _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): "
+                             "resume into the resumed run's folder")
     learn.fit_one_cycle(epochs, lr, pct_start=warmup, moms=(.9, .9, .9), start_epoch=start)
     return learn
 
@@ -118,8 +185,11 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
     from safetensors import safe_open
     from affmae.data import read_plane, robust_range
     from affmae.learner import load_mae, latest_checkpoint, recon_figure
-    path = latest_checkpoint(ckpt)
+    _require(size >= 8, f"--size must be at least one 8-pixel patch, got {size}")
+    _require(not Path(out).is_dir(), f"--out {out} is a folder, expected a file name")
+    writable_dir(Path(out).parent)
     _require(Path(image).is_file(), f"{image}: no such image file")
+    path = latest_checkpoint(ckpt)
     model = load_mae(path).eval()
     a = read_plane(image).astype(np.float32)
     p = model.patch
@@ -141,14 +211,15 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
 @call_parse
 def demo(out: str = 'runs/demo',  # output folder
          epochs: int = 10,        # epochs (40 steps each)
-         arch: str = 'affmae_tiny'):  # model
+         arch: str = 'affmae_tiny',  # model
+         overwrite: store_true = False):  # replace an earlier demo's outputs in --out
     "A short CPU pretraining run of a tiny model on the embedded podocyte TEM images, with figures, in a few minutes."
     import torch
     from affmae.data import data_tour
-    out = Path(out)
+    out = run_dir(out, overwrite, ours=('checkpoints/epoch_*', 'figures/recon_*.png', 'data/*_batch.png'))
     data_tour(out / 'data', size=128)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     learn = pretrain(arch=arch, img_size=128, bs=16, epoch_len=16 * 40, epochs=epochs, lr=1e-3, warmup=.1,
-                     precision='none', out=str(out), ckpt_every=epochs)
+                     precision='none', out=str(out), overwrite=True, ckpt_every=epochs)   # --out checked above
     print(f"figures in {out / 'figures'} and {out / 'data'}, checkpoint in {out / 'checkpoints'}")
     return learn

@@ -16,10 +16,10 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 
 # %% auto #0
-__all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'synth_em', 'EMDataError', 'image_files', 'image_info', 'read_plane',
-           'read_mask', 'find_pairs', 'EMFolder', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources', 'SynthEM',
-           'robust_range', 'norm_stats', 'EMCrops', 'dihedral', 'EMBatch', 'split_items', 'EMDataLoader',
-           'pretrain_dls', 'segment_dls', 'data_tour']
+__all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'synth_em', 'EMDataError', 'image_files', 'image_info', 'check_image',
+           'read_plane', 'read_mask', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir',
+           'data_paths', 'pretrain_files', 'EMSources', 'SynthEM', 'robust_range', 'norm_stats', 'EMCrops', 'dihedral',
+           'EMBatch', 'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #df5ce699
 EM_CLASSES = ('background', 'membrane', 'mitochondria', 'nucleus', 'vesicle')
@@ -184,6 +184,24 @@ def _file_dtype(fn):
         with Image.open(fn) as im: return np.dtype(np.uint8) if im.mode in ('L', 'P') else None
     except Exception: return None
 
+def check_image(fn):
+    "Find a truncated or corrupt image, decoding nothing: a PNG's checksums, a JPEG's end marker, a TIFF's extents."
+    fn = Path(fn)
+    try:
+        if fn.suffix.lower() in ('.tif', '.tiff'):
+            size = fn.stat().st_size
+            with tifffile.TiffFile(fn) as t:
+                for p in {0, len(t.pages) - 1}:
+                    ends = [o + c for o, c in zip(t.pages[p].dataoffsets, t.pages[p].databytecounts)]
+                    if ends and max(ends) > size: raise ValueError(f"page {p}'s data ends after the file's end")
+        elif fn.suffix.lower() == '.png':
+            with Image.open(fn) as im: im.verify()
+        else:
+            with open(fn, 'rb') as f:
+                f.seek(-2, 2)
+                if f.read(2) != b'\xff\xd9': raise ValueError("no JPEG end marker")
+    except Exception as e: raise EMDataError(f"{fn}: truncated or corrupt image ({type(e).__name__}: {e})") from e
+
 # %% ../nbs/00_data.ipynb #feb6be22
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -248,7 +266,13 @@ def read_mask(fn, k=0, n_img=1):
     try: planes = [_read_plane(fn, k*nc + c, n) for c in range(nc)]
     except Exception as e: raise EMDataError(f"{fn}: cannot read plane {k} ({type(e).__name__}: {e})") from e
     a = planes[0] if nc == 1 else np.stack(planes)
-    if a.ndim == 3 and nc == 1: a = np.moveaxis(a[..., :3] if a.shape[-1] == 4 else a, -1, 0)   # colour channels
+    if a.ndim == 3 and nc == 1:                                         # colour channels, without alpha
+        a = np.moveaxis(a[..., :3] if a.shape[-1] == 4 else a[..., :1] if a.shape[-1] == 2 else a, -1, 0)
+        several = (a > 0).sum(0) > 1
+        if several.any() and not all((a[0] == c).all() for c in a[1:]):
+            y, x = np.argwhere(several)[0]
+            raise EMDataError(f"{fn}: colour mask (pixel ({y}, {x}) is {tuple(a[:, y, x].tolist())}); a mask holds "
+                              "one class index per pixel (0 = background, 1, 2, ...): export labels, not colours")
     elif a.ndim == 4: raise EMDataError(f"{fn}: mask has both planes and colour channels")
     return _to_labels(a, fn)
 
@@ -292,10 +316,12 @@ class EMFolder:
         self.items, self.files, self.carrier, self._mm = [], [], np.uint8, {}   # 8-bit crops if all images are 8-bit
         for fi, (f, m) in enumerate(pairs):
             n, h, w, ns = image_info(f)
+            check_image(f)                                              # a broken file fails now, not mid-epoch
             if ns > 1 or _file_dtype(f) != np.uint8: self.carrier = np.float32
             if min(h, w) < min_size: raise EMDataError(f"{f}: image is {h}x{w}, smaller than the crop size {min_size}")
             if m is not None:
                 nm, hm, wm, _ = image_info(m)
+                check_image(m)
                 if (hm, wm) != (h, w): raise EMDataError(f"{m}: mask is {hm}x{wm} but its image {f.name} is {h}x{w}")
                 if nm % n: raise EMDataError(f"{m}: mask has {nm} planes but its image {f.name} has {n} slices")
             self.files.append((f, m, n, (h, w)))
@@ -321,6 +347,28 @@ class EMFolder:
         return f"{f}" + (f"[{k}]" if n > 1 else "")
     def file_of(self, i): return self.items[i][0]
     def __repr__(self): return f"EMFolder({str(self.path)!r}: {len(self.files)} files, {len(self)} slices)"
+
+# %% ../nbs/00_data.ipynb #b3c1a002
+def read_classes(folder):
+    "Class names from `folder/classes.txt` (one per line, class 0 first), or None if there is none."
+    f = Path(folder)/'classes.txt'
+    if not f.is_file(): return None
+    names = tuple(l.strip() for l in f.read_text().splitlines() if l.strip())
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise EMDataError(f"{f}: needs two or more distinct class names, one a line")
+    return names
+
+def mask_classes(src, codes=None):
+    "Check every mask of `EMFolder` `src` up front; the class names: `codes`, else `classes.txt`, else numbered."
+    given = tuple(codes) if codes else read_classes(src.path/'masks') or read_classes(src.path)
+    top = 0
+    for f, m, n, _ in src.files:
+        vals = sorted(set().union(*(np.unique(read_mask(m, k, n)).tolist() for k in range(n))))
+        bad = [v for v in vals if v >= (len(given) if given else 256)]
+        if bad: raise EMDataError(f"{m}: mask holds labels {bad[:10]} outside 0..{len(given) - 1 if given else 255}"
+                                  + (f" (classes {', '.join(given)})" if given else "; at most 256 classes"))
+        top = max(top, vals[-1])
+    return given or ('background', *[f'class_{i}' for i in range(1, max(top, 1) + 1)])
 
 # %% ../nbs/00_data.ipynb #ebc6067f
 def sample_dir():
@@ -400,13 +448,17 @@ def robust_range(a, pct=(0.5, 99.5), max_px=2**18):
 def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0):
     "Mean and std of percentile-clipped slices, over a sample of `n` of the items `idxs` of `src`."
     sample = random.Random(seed).sample(list(idxs), min(n, len(idxs)))
-    vals = []
+    vals, blank = [], []
     for i in sample:
         a = src.image(i); lo, hi = robust_range(a, pct)
         s = max(1, math.ceil(math.sqrt(a.size/2**16)))
-        vals.append(np.clip((a[::s, ::s].astype(np.float32) - lo)/(hi - lo), 0, 1).ravel())
+        v = np.clip((a[::s, ::s].astype(np.float32) - lo)/(hi - lo), 0, 1).ravel()
+        if v.min() == v.max(): blank.append(src.name(i)); continue      # a blank image says nothing about contrast
+        vals.append(v)
+    if not vals: raise EMDataError(f"every image sampled for the statistics is constant (blank), e.g. {blank[0]}")
+    if blank: warnings.warn(f"{len(blank)} constant (blank) image(s) left out of the statistics, e.g. {blank[0]}")
     v = np.concatenate(vals)
-    return float(v.mean()), float(v.std()) + 1e-6
+    return float(v.mean()), max(float(v.std()), 1e-2)                   # a floor: nearly blank data cannot blow up
 
 # %% ../nbs/00_data.ipynb #52a7952e
 class EMCrops(torch.utils.data.Dataset):
@@ -462,7 +514,8 @@ def split_items(src, valid_pct=0.1, seed=0):
     "Train and valid item indices of `src`, keeping the slices of one file together."
     n = len(src)
     if not valid_pct: return list(range(n)), []
-    if n < 2: raise EMDataError(f"{getattr(src, 'path', src)}: only {n} slice, cannot hold out {valid_pct:.0%} for validation (pass valid_pct=0)")
+    if n < 2: raise EMDataError(f"{getattr(src, 'path', src)}: only {n} slice, cannot hold out {valid_pct:.0%} for "
+                                "validation (pass valid_pct=0, or --valid-pct 0)")
     by_file = {}
     for i in range(n): by_file.setdefault(src.file_of(i), []).append(i)
     groups = list(by_file.values())
@@ -512,12 +565,14 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         codes = EM_CLASSES if masks else None
     else:
         src = EMFolder(path, masks=True, min_size=size) if masks else EMSources(path, min_size=size)
+        if masks: codes = mask_classes(src, codes)
         train, valid = split_items(src, valid_pct, seed)
     mean, std = stats or norm_stats(src, train, pct, seed=seed)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes)
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, True), **kw)]
     if valid: dls.append(EMDataLoader(EMCrops(src, valid, size, False, masks, pct, codes=codes), after_batch=EMBatch(mean, std, False), **kw))
+    else: dls.append(dls[0].new(n=0, shuffle=False, drop_last=False))     # an empty validation set: fastai needs one
     dls = DataLoaders(*dls, path=path if isinstance(path, (str, Path)) else '.', device=device)
     dls.src, dls.stats, dls.codes = src, (mean, std), codes
     return dls

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_pretrain.ipynb #8792096d
 from __future__ import annotations
-import json, random
+import hashlib, json, os, random, re, uuid
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
@@ -25,8 +25,8 @@ import affmae.vit_mae
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'FixedValidMasks', 'Accumulate', 'decay_split',
-           'adamw', 'recon_figure', 'ReconFigures', 'save_mae', 'load_mae', 'Checkpoint', 'latest_checkpoint',
-           'mae_learner']
+           'adamw', 'recon_figure', 'ReconFigures', 'config_hash', 'save_mae', 'load_mae', 'state_path', 'Checkpoint',
+           'checkpoints', 'latest_checkpoint', 'run_ids', 'mae_learner']
 
 # %% ../nbs/09_pretrain.ipynb #03431dbe
 def mae_loss(out: dict, *yb) -> torch.Tensor:
@@ -101,6 +101,21 @@ def _set_rng_state(s: dict, dls):
     if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
     for dl, st in zip(dls.loaders, s['dls']): dl.rng.setstate(st)
 
+def _py_state(s): return (s[0], tuple(s[1]), s[2])
+
+def _encode_rng(s: dict) -> tuple[dict, dict]:
+    "`_rng_state`'s dict as tensors (torch's generators) and JSON-able values (Python's and NumPy's), no pickle."
+    js = dict(python=list(s['python']), numpy=[s['numpy'][0], s['numpy'][1].tolist(), *s['numpy'][2:]],
+              dls=[list(d) for d in s['dls']])
+    return {'rng.torch': s['torch'], **{f'rng.cuda.{i}': t for i, t in enumerate(s['cuda'])}}, js
+
+def _decode_rng(ts: dict, js: dict) -> dict:
+    "Inverse of `_encode_rng`."
+    n, nc = js['numpy'], sum(k.startswith('rng.cuda.') for k in ts)
+    return dict(python=_py_state(js['python']), numpy=(n[0], np.array(n[1], dtype=np.uint32), *n[2:]),
+                torch=ts['rng.torch'], cuda=[ts[f'rng.cuda.{i}'] for i in range(nc)],
+                dls=[_py_state(d) for d in js['dls']])
+
 # %% ../nbs/09_pretrain.ipynb #406ae390
 def recon_figure(model: MAEBase, img: torch.Tensor, mask: torch.Tensor | None = None, generator=None,
                  title: str | None = None) -> plt.Figure:
@@ -143,26 +158,69 @@ class ReconFigures(Callback):
         plt.close(fig)
 
 # %% ../nbs/09_pretrain.ipynb #d0018103
+def _one_line(e: BaseException) -> str:
+    "`e`'s type and the last line of its message."
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+
+def _atomic_save(tensors: dict, path, metadata: dict):
+    "Write safetensors to a temporary file beside `path`, fsync it, then rename it over `path`: never half a file."
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)                # make the rename itself durable
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def _read_st(path, meta_only: bool = False) -> tuple[dict, dict]:
+    "Metadata and tensors of the safetensors file `path`; a one-line `ValueError` if it is not one."
+    path = Path(path)
+    if path.is_dir(): raise ValueError(f"{path} is a folder, expected a .safetensors file")
+    if not path.exists(): raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return f.metadata() or {}, {} if meta_only else {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e: raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from e
+
+def config_hash(arch: str, kw: dict) -> str:
+    "A short hash of a model's recipe (`model.arch`): checkpoints of one configuration share it."
+    return hashlib.sha256(json.dumps([arch, kw], sort_keys=True).encode()).hexdigest()[:16]
+
 def save_mae(model: nn.Module, path, **meta):
-    "Save `model`'s weights to safetensors at `path`, with its architecture (`model.arch`) and `meta` as metadata."
+    "Save `model`'s weights to safetensors at `path` (atomically), with `model.arch`, its hash and `meta` as metadata."
     arch, kw = getattr(model, 'arch', (None, {}))
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata=dict(arch=json.dumps(arch), model_kw=json.dumps(kw), **{k: json.dumps(v) for k, v in meta.items()}))
+    meta = dict(arch=arch, model_kw=kw, config_hash=config_hash(arch, kw), **meta)
+    _atomic_save(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+
+def _mae_meta(path) -> dict:
+    "The JSON metadata of a `save_mae` file, checked to name an architecture."
+    meta = _read_st(path, meta_only=True)[0]
+    try: meta = {k: json.loads(v) for k, v in meta.items()}
+    except ValueError: meta = {}
+    if meta.get('arch') is None: raise ValueError(f"{path} has no architecture in its metadata (not from save_mae?)")
+    return meta
 
 def load_mae(path, device='cpu') -> nn.Module:
     "Rebuild the model saved by `save_mae` (or a `Checkpoint`) at `path`, with its weights."
-    with safe_open(str(path), framework='pt', device=str(device)) as f:
-        meta = f.metadata() or {}
-        if not meta.get('arch') or json.loads(meta['arch']) is None: raise ValueError(f"{path} has no architecture in its metadata (not saved by save_mae?)")
-        model = create_model(json.loads(meta['arch']), **json.loads(meta['model_kw']))
-        model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    model.arch = (json.loads(meta['arch']), json.loads(meta['model_kw']))
+    meta, sd = _mae_meta(path), _read_st(path)[1]
+    model = create_model(meta['arch'], **meta['model_kw'])
+    model.load_state_dict(sd)
+    model.arch = (meta['arch'], meta['model_kw'])
     return model.to(device)
 
+def state_path(path) -> Path:
+    "The training-state file beside the checkpoint `path` (`epoch_NNN.safetensors` -> `epoch_NNN.state.safetensors`)."
+    return Path(path).with_suffix('.state.safetensors')
+
 class Checkpoint(Callback):
-    "Save model (safetensors) and training state (torch) to `path/epoch_{e:03d}.*` every `every` epochs and at the last."
+    "Save model and training state (safetensors, atomically) to `path/epoch_{e:03d}.*` every `every` epochs and last."
     order = 100                                     # after every other callback: the saved random state is the epoch's final one
-    def __init__(self, path, every: int = 1): self.path, self.every = Path(path), every
+    def __init__(self, path, every: int = 1):
+        self.path, self.every, self.run_id = Path(path), every, uuid.uuid4().hex[:12]
     def before_train(self): self.trained = True    # not called for epochs skipped on resume
     def after_epoch(self):
         if getattr(self, 'trained', False) and ((self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch):
@@ -170,12 +228,31 @@ class Checkpoint(Callback):
         self.trained = False
     def save(self, epoch: int):
         self.path.mkdir(parents=True, exist_ok=True)
-        stem = self.path / f'epoch_{epoch:03d}'
-        save_mae(self.model, stem.with_suffix('.safetensors'), epoch=epoch, stats=getattr(self.dls, 'stats', None))
+        for t in self.path.glob('.epoch_*.tmp'): t.unlink()               # left by a killed save
+        stem = self.path / f'epoch_{epoch:03d}.safetensors'
+        sd = self.opt.state_dict()
+        ts = {f'opt.{i}.{k}': v.detach().cpu().contiguous() for i, s in sd['state'].items() for k, v in s.items()}
+        ts.update({f'pg.{i}.{k}': v.detach().cpu() for i, g in enumerate(sd['param_groups']) for k, v in g.items()
+                   if torch.is_tensor(v)})                                # a capturable optimiser's tensor lr
+        pgs = [{k: v for k, v in g.items() if not torch.is_tensor(v)} for g in sd['param_groups']]
+        rts, rjs = _encode_rng(_rng_state(self.dls))
         scaler = getattr(self.learn, 'scaler', None)
-        torch.save(dict(epoch=epoch, n_epoch=self.n_epoch, opt=self.opt.state_dict(), rng=_rng_state(self.dls),
-                        scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None),
-                   stem.with_suffix('.pth'))
+        js = dict(epoch=epoch, n_epoch=self.n_epoch, rng=rjs, param_groups=pgs,
+                  scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None)
+        _atomic_save({**ts, **rts}, state_path(stem), dict(state=json.dumps(js), run_id=json.dumps(self.run_id)))
+        save_mae(self.model, stem, epoch=epoch, stats=getattr(self.dls, 'stats', None), run_id=self.run_id)   # done
+
+def _load_state(path) -> dict:
+    "The training state saved beside checkpoint `path` by `Checkpoint`, decoded (tensors and JSON only, no pickle)."
+    meta, ts = _read_st(state_path(path))
+    if 'state' not in meta: raise ValueError(f"{state_path(path)} holds no training state")
+    js = json.loads(meta['state'])
+    opt, pgs = {}, js['param_groups']
+    for k, v in ts.items():
+        if k.startswith('opt.'): _, i, name = k.split('.', 2); opt.setdefault(int(i), {})[name] = v
+        if k.startswith('pg.'): _, i, name = k.split('.', 2); pgs[int(i)][name] = v
+    return dict(epoch=js['epoch'], n_epoch=js['n_epoch'], scaler=js['scaler'], rng=_decode_rng(ts, js['rng']),
+                opt=dict(state=opt, param_groups=pgs), run_id=json.loads(meta.get('run_id', 'null')))
 
 class _Restore(Callback):
     "Put back the random state and loss scale of a checkpoint just before the first resumed epoch, then leave."
@@ -188,26 +265,57 @@ class _Restore(Callback):
             self.learn.scaler.load_state_dict(self.state['scaler'])
         self.learn.remove_cb(self)
 
+def checkpoints(path) -> list[Path]:
+    "The `epoch_NNN.safetensors` model checkpoints in the folder `path`, newest first."
+    ps = [p for p in Path(path).glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)]
+    return sorted(ps, reverse=True)
+
 def latest_checkpoint(path) -> Path:
-    "The newest `epoch_*.safetensors` in the folder `path`, or `path` itself if it is a file."
+    "`path` if it is a file, else the newest readable checkpoint in the folder `path`, all of them from one run."
     path = Path(path)
     if path.is_file(): return path
-    ckpts = sorted(path.glob('epoch_*.safetensors'))
-    if not ckpts: raise FileNotFoundError(f"no checkpoint (epoch_*.safetensors) in {path}")
-    return ckpts[-1]
+    if not path.is_dir(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    ok, bad = [], []
+    for p in checkpoints(path):
+        try: ok.append((p, _mae_meta(p)))
+        except ValueError as e: bad.append(str(e))
+    if not ok: raise FileNotFoundError(f"no readable checkpoint in {path}" + (f": {bad[0]}" if bad else ''))
+    runs = list(dict.fromkeys(m.get('run_id') for _, m in ok))
+    if len(runs) > 1: raise ValueError(f"{path} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))})")
+    if bad: print(f"skipped {len(bad)} unreadable checkpoint(s) ({bad[0]}); using {ok[0][0].name}")
+    return ok[0][0]
+
+def run_ids(path) -> set:
+    "The run ids of the readable checkpoints in the folder `path` (empty if there are none)."
+    ids = set()
+    for p in checkpoints(path) if Path(path).is_dir() else []:
+        try: ids.add(_mae_meta(p).get('run_id'))
+        except ValueError: pass
+    return ids - {None}
 
 @patch
 def load_checkpoint(self: Learner, path) -> int:
-    "Load model, optimiser and random state saved by `Checkpoint` at `path` (a `.safetensors` file or a folder: the newest); returns the epoch to resume at (`fit_one_cycle(..., start_epoch=...)`)."
-    path = latest_checkpoint(path)
-    state_path = path.with_suffix('.pth')
-    if not state_path.exists(): raise FileNotFoundError(f"training state {state_path} is missing beside {path}")
-    dev = next(self.model.parameters()).device
-    with safe_open(str(path), framework='pt', device=str(dev)) as f:
-        self.model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-    state = torch.load(state_path, map_location='cpu', weights_only=False)
+    "Load model, optimiser and random state of checkpoint `path` (a file, or a folder's newest loadable); next epoch."
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    errs = []
+    for p in [path] if path.is_file() else checkpoints(path):
+        try: meta, sd, state = _mae_meta(p), _read_st(p)[1], _load_state(p)
+        except (ValueError, FileNotFoundError, KeyError) as e: errs.append(f"{p.name}: {e}"); continue
+        break
+    else: raise ValueError(f"no loadable checkpoint in {path} ({errs[0] if errs else 'no epoch_*.safetensors'})")
+    arch = getattr(self.model, 'arch', None)
+    if arch is not None and config_hash(*arch) != meta.get('config_hash'):
+        raise ValueError(f"{p} is a checkpoint of {meta['arch']} {meta['model_kw']}, "
+                         f"but this run trains {arch[0]} {arch[1]}")
+    if errs: print(f"resume: {'; '.join(errs)}; resuming from {p.name} instead")
+    self.model.load_state_dict(sd)
     self.create_opt()
+    for g, now in zip(state['opt']['param_groups'], self.opt.param_groups):    # JSON made tuples (betas) lists
+        g.update({k: tuple(v) for k, v in g.items() if isinstance(now.get(k), tuple)})
     self.opt.load_state_dict(state['opt'])
+    for cb in self.cbs:
+        if isinstance(cb, Checkpoint) and state['run_id']: cb.run_id = state['run_id']   # the same run continues
     self.add_cb(_Restore(state, state['epoch'] + 1))
     return state['epoch'] + 1
 

@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_segment.ipynb #95d0f897
 from __future__ import annotations
-import json, math, random, time, warnings
+import json, math, os, random, time, warnings
+from collections import Counter
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -14,19 +15,22 @@ from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
 from fastai.callback.schedule import *
 from fastai.callback.fp16 import MixedPrecision
+from fastai.torch_core import set_seed
 import matplotlib.pyplot as plt
 import affmae
 from .data import EM_CLASSES, EMDataError, EMFolder, SynthEM, image_files, image_info, read_plane, read_mask, robust_range, segment_dls
 from .mae import grid_positions, sincos_embed
+from .learner import _one_line, _read_st, latest_checkpoint
+from .cli import _require, check_device, run_dir, writable_dir
 
 # %% auto #0
 __all__ = ['IGNORE', 'PALETTE', 'SEG_ARCHS', 'confusion', 'iou_dice', 'miou', 'SegScores', 'MIoU', 'ClassScore', 'seg_metrics',
            'CEDiceLoss', 'tile_starts', 'blend_window', 'sliding_window', 'check_mask', 'load_mask', 'to_uint8',
-           'overlay', 'save_labels', 'save_overlay', 'read_state', 'load_pretrained', 'save_seg', 'load_seg',
-           'register_seg', 'seg_model', 'backbone', 'conv_gn', 'UpHead', 'pad_to', 'FPNHead', 'ViTSeg', 'AFFSeg',
-           'LayerDecay', 'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid', 'grid_table',
-           'plot_grid', 'prep_plane', 'predict_plane', 'eval_source', 'evaluate_model', 'score_table', 'finetune',
-           'predict', 'evaluate']
+           'overlay', 'save_labels', 'save_overlay', 'read_state', 'check_pretrained', 'load_pretrained', 'save_seg',
+           'load_seg', 'register_seg', 'seg_model', 'backbone', 'conv_gn', 'UpHead', 'pad_to', 'FPNHead', 'ViTSeg',
+           'AFFSeg', 'LayerDecay', 'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid',
+           'grid_table', 'plot_grid', 'prep_plane', 'predict_plane', 'eval_source', 'evaluate_model', 'score_table',
+           'output_stems', 'finetune', 'predict', 'evaluate']
 
 # %% ../nbs/10_segment.ipynb #ba3a4160
 IGNORE = 255  # label of unannotated pixels: no loss, no score
@@ -213,19 +217,30 @@ def save_overlay(img, lbl, path, alpha=0.45):
 
 # %% ../nbs/10_segment.ipynb #61fc1456
 def read_state(ckpt):
-    "A state dict from a safetensors file, a torch file (a state dict, or one under 'model'), or a dict; 'module.'/'model.' prefixes removed."
+    "A state dict from a safetensors file, a torch weights file (tensors only: never unpickled objects), or a dict."
     if isinstance(ckpt, dict): sd = ckpt
     else:
         ckpt = Path(ckpt)
         if not ckpt.exists(): raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-        if ckpt.suffix == '.safetensors':
-            from safetensors.torch import load_file; sd = load_file(str(ckpt))
+        if ckpt.suffix == '.safetensors' or ckpt.is_dir(): sd = _read_st(ckpt)[1]
         else:
-            sd = torch.load(ckpt, map_location='cpu', weights_only=True)
+            try: sd = torch.load(ckpt, map_location='cpu', weights_only=True)
+            except Exception as e: raise ValueError(f"{ckpt}: not a readable weights file ({_one_line(e)})") from e
             if 'model' in sd and isinstance(sd['model'], dict): sd = sd['model']
     for pre in ('module.', 'model.'):
         if sd and all(k.startswith(pre) for k in sd): sd = {k[len(pre):]: v for k, v in sd.items()}
     return sd
+
+def check_pretrained(ckpt, arch):
+    "The file of pretraining checkpoint `ckpt` (a run's folder: its newest), checked to be of `arch` if it names one."
+    p = latest_checkpoint(ckpt)
+    if p.suffix != '.safetensors': return p
+    meta = _read_st(p, meta_only=True)[0]
+    try: ck = json.loads(meta.get('arch', 'null'))
+    except ValueError: ck = None                                    # not ours: the weights check below decides
+    if ck is not None and arch is not None and ck != arch:
+        raise ValueError(f"{p} is a checkpoint of {ck}, but the model is {arch}: pass --arch {ck}, or an {arch} one")
+    return p
 
 def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     "Load the `prefixes` (default `model.pretrained_prefixes` or encoder+decoder) weights of a pretraining checkpoint into `model`; returns a report of loaded/new/unused/mismatched keys."
@@ -233,13 +248,15 @@ def load_pretrained(model, ckpt, prefixes=None, verbose=True):
         name = getattr(model, 'arch', type(model).__name__)
         raise ValueError(f"{name} has no pretrained encoder: train it from scratch (no pretrained checkpoint)")
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
-    if not isinstance(ckpt, dict) and Path(ckpt).is_dir():           # a pretraining run's checkpoint folder: its newest
-        from affmae.learner import latest_checkpoint; ckpt = latest_checkpoint(ckpt)
+    if not isinstance(ckpt, dict): ckpt = check_pretrained(ckpt, getattr(model, 'arch', None))   # a folder: its newest
     sd, own = read_state(ckpt), model.state_dict()
     take = {k: v for k, v in sd.items() if k.startswith(prefixes) and k in own and v.shape == own[k].shape}
     rep = dict(loaded=sorted(take), new=sorted(k for k in own if k not in take),
                unused=sorted(k for k in sd if k not in own), mismatched=sorted(k for k in sd if k in own and sd[k].shape != own[k].shape))
     if not take: raise ValueError(f"checkpoint {ckpt if not isinstance(ckpt, dict) else '(dict)'} holds none of the model's {'/'.join(prefixes)} weights (another architecture or size?)")
+    short = [k for k in own if k.startswith(prefixes) and k not in take]
+    if short: raise ValueError(f"checkpoint {'(dict)' if isinstance(ckpt, dict) else ckpt} lacks {len(short)} of the "
+                               f"model's {'/'.join(prefixes)} weights or has other shapes (e.g. {short[0]})")
     model.load_state_dict(take, strict=False)
     if verbose:
         top = lambda ks: sorted({k.split('.')[0] for k in ks})
@@ -248,21 +265,22 @@ def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     return rep
 
 def save_seg(model, path, classes, tile, **meta):
-    "Save a segmentation model as safetensors with its recipe (arch, builder kwargs, classes, tile) in the metadata."
+    "Save a segmentation model as safetensors (atomically), its recipe (arch, kwargs, classes, tile) in the metadata."
     from safetensors.torch import save_model
     if not hasattr(model, 'arch'): raise ValueError("save_seg needs a model built by `seg_model` (it records the arch to rebuild it)")
     rec = dict(arch=model.arch, arch_kw=model.arch_kw, classes=list(classes), tile=int(tile), **meta)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path), metadata={'affmae_seg': json.dumps(rec)})
-    return Path(path)
+    path, tmp = Path(path), Path(path).with_name(f'.{Path(path).name}.tmp')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp), metadata={'affmae_seg': json.dumps(rec)})
+    os.replace(tmp, path)                                           # never half a file under the checkpoint's name
+    return path
 
 def load_seg(path, device='cpu'):
     "Rebuild and load a model saved by `save_seg`; returns `(model, recipe)`."
-    from safetensors import safe_open
     from safetensors.torch import load_model
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with safe_open(str(path), 'pt') as f: md = f.metadata() or {}
+    md = _read_st(path)[0]                                          # the whole file: a truncated one fails here
     if 'affmae_seg' not in md: raise ValueError(f"{path} is not a segmentation checkpoint (no 'affmae_seg' metadata; a pretraining checkpoint goes to `finetune --pretrained`)")
     rec = json.loads(md['affmae_seg'])
     model = seg_model(rec['arch'], n_classes=len(rec['classes']), **rec['arch_kw'])
@@ -583,7 +601,21 @@ def score_table(res):
     return '\n'.join(rows + [f"{'mIoU':<14}{f(res['miou']):>8}", f"{'fg mIoU':<14}{f(res['fg_miou']):>8}"])
 
 # %% ../nbs/10_segment.ipynb #9452c5cd
-def _device(device=None): return torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+def output_stems(inputs) -> list[tuple[Path, str]]:
+    "Each image under `inputs` (files or folders) and a unique output stem: its path under its folder, no extension."
+    items = {}
+    for p in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        root = Path(p)
+        for f in image_files(p): items.setdefault(f.resolve(), f.relative_to(root) if root.is_dir() else Path(f.name))
+    plain, ext = lambda r: str(r.with_suffix('')), lambda r: str(r.with_name(f'{r.stem}_{r.suffix[1:]}'))
+    n_plain, n_ext = Counter(map(plain, items.values())), Counter(map(ext, items.values()))
+    used, res = set(), []
+    for f, r in items.items():
+        s = ext(r) if n_plain[plain(r)] > 1 and n_ext[ext(r)] == 1 else plain(r)   # a.png, a.jpg -> a_png, a_jpg
+        s0, i = s, 1
+        while s in used: i += 1; s = f'{s0}_{i}'                       # one relative path under two folder arguments
+        used.add(s); res.append((f, s))
+    return res
 
 @call_parse
 def finetune(
@@ -597,53 +629,84 @@ def finetune(
     lr_decay:float=0.75,      # layer-wise lr decay (1 = off)
     label_frac:float=1.,      # fraction of the training images whose labels are used
     n_synth:int=64,           # synthetic training images (without --data)
-    valid_pct:float=0.1,      # held-out fraction
-    seed:int=0,               # seed for the split, the label subset and the run
+    valid_pct:float=0.1,      # held-out fraction, in (0, 1)
+    classes:str=None,         # class names, comma-separated, class 0 first (default: classes.txt, else numbered)
+    seed:int=0,               # seed for the split, the label subset and the run (Python, NumPy, torch)
     out:str='runs/finetune',  # output folder: seg.safetensors, history.json, results.png
+    overwrite:store_true=False, # replace an earlier run's outputs in --out
     num_workers:int=0,        # data-loading workers
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes the checkpoint, the history and a results figure."
-    if not 0 < label_frac <= 1: raise ValueError(f"--label-frac must be in (0, 1], got {label_frac}")
-    if pretrained and not Path(pretrained).exists(): raise FileNotFoundError(f"--pretrained {pretrained}: no such file")
-    torch.manual_seed(seed); random.seed(seed)
-    dls = segment_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed, num_workers=num_workers)
-    classes = tuple(dls.codes or EM_CLASSES)
+    names = tuple(c.strip() for c in classes.split(',')) if classes else None
+    _require(arch in SEG_ARCHS, f"--arch {arch!r} is not a segmentation arch; one of {', '.join(sorted(SEG_ARCHS))}")
+    _require(min(epochs, bs, n_synth) > 0, f"--epochs, --bs and --n-synth must be positive: {epochs}, {bs}, {n_synth}")
+    _require(img_size >= 32, f"--img-size must be at least 32 pixels, got {img_size}")
+    _require(0 < valid_pct < 1, f"--valid-pct must be in (0, 1): the scores need held-out images; got {valid_pct}")
+    _require(0 < label_frac <= 1, f"--label-frac must be in (0, 1], got {label_frac}")
+    _require(lr > 0 and 0 < lr_decay <= 1, f"--lr must be positive and --lr-decay in (0, 1], got {lr} and {lr_decay}")
+    _require(num_workers >= 0, f"--num-workers must be >= 0, got {num_workers}")
+    _require(names is None or (len(names) > 1 and all(names) and len(set(names)) == len(names)),
+             f"--classes needs two or more distinct names, comma-separated, class 0 first; got {classes!r}")
+    _require(data is not None or names is None or len(names) == len(EM_CLASSES),
+             f"--classes: the synthetic data has {len(EM_CLASSES)} classes ({', '.join(EM_CLASSES)})")
+    _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
+    _require(pretrained is None or Path(pretrained).exists(), f"--pretrained {pretrained}: no such file or folder")
+    out = run_dir(out, overwrite, ours=('seg.safetensors', 'history.json', 'results.png'))
+    if pretrained: check_pretrained(pretrained, arch)                # before any data is read
+    set_seed(seed)
+    dls = segment_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
+                      num_workers=num_workers, codes=names)
+    classes = names or tuple(dls.codes)
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, lr_decay=lr_decay if lr_decay < 1 else None)
     learn.fit_one_cycle(epochs, lr)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     path = save_seg(learn.model, out/'seg.safetensors', classes, img_size, stats=list(dls.stats), pretrained=str(pretrained or ''), label_frac=label_frac)
-    names = learn.recorder.metric_names[1:-1]
-    hist = [dict(zip(names, map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v), vals))) for vals in learn.recorder.values]
-    (out/'history.json').write_text(json.dumps(dict(arch=arch, pretrained=pretrained, label_frac=label_frac, epochs=epochs, history=hist), indent=1))
+    cols = learn.recorder.metric_names[1:-1]
+    num = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    hist = [dict(zip(cols, map(num, vals))) for vals in learn.recorder.values]
+    (out/'history.json').write_text(json.dumps(dict(arch=arch, pretrained=pretrained, label_frac=label_frac,
+                                                    epochs=epochs, classes=classes, history=hist), indent=1))
     learn.show_results(max_n=3).savefig(out/'results.png', dpi=80); plt.close('all')
     print(f"wrote {path}, {out/'history.json'}, {out/'results.png'}")
     return learn
+
+def _check_infer(tile, overlap, bs):
+    _require(tile is None or tile >= 32, f"--tile must be at least 32 pixels, got {tile}")
+    _require(0 <= overlap < 1, f"--overlap must be in [0, 1), got {overlap}")
+    _require(bs >= 1, f"--bs must be >= 1, got {bs}")
 
 @call_parse
 def predict(
     ckpt:str,                                                        # fine-tuned checkpoint (from `finetune`)
     images:Param("image files or folders (TIFF stacks: every plane)", str, nargs='+'),
-    out:str='predictions',                                           # output folder
+    out:str='predictions',                                           # output folder (keeps inputs' subfolders)
     tile:int=None,                                                   # tile size (default: the training crop)
     overlap:float=0.25,                                              # tile overlap fraction
     bs:int=4,                                                        # tiles per batch
-    device:str=None,                                                 # cuda / cpu (default: cuda if available)
+    device:str=None,                                                 # auto (default), cpu, cuda or cuda:N
+    overwrite:store_true=False,                                      # replace outputs of an earlier run in --out
 ):
     "Segment images: writes `<name>_labels.tif` (one plane per slice) and `<name>_overlay.png` per image into `out`."
-    dev = _device(device)
+    _check_infer(tile, overlap, bs)
+    dev = torch.device(check_device(device))
+    out = writable_dir(out)
     model, rec = load_seg(ckpt, dev)
-    files = [f for p in ([images] if isinstance(images, str) else images) for f in image_files(p)]   # bad paths fail here, before any output
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    todo = [(f, out/f'{s}_labels.tif', out/f'{s}_overlay.png') for f, s in output_stems(images)]   # bad paths fail now
+    old = [p for _, *ps in todo for p in ps if p.exists()]
+    _require(overwrite or not old, f"{old[0] if old else ''} exists (an earlier prediction?): "
+                                   "pass --overwrite to replace it, or another --out")
     written = []
-    for f in files:
+    for f, lp, op in todo:
         n = image_info(f)[0]
         planes = [read_plane(f, k, n) for k in range(n)]
         lbls = np.stack([predict_plane(model, a, rec, overlap, bs, dev, tile) for a in planes])
-        save_labels(lbls if n > 1 else lbls[0], out/f'{f.stem}_labels.tif')
-        save_overlay(planes[n//2], lbls[n//2], out/f'{f.stem}_overlay.png')
-        written += [out/f'{f.stem}_labels.tif', out/f'{f.stem}_overlay.png']
-        print(f"{f}: {n} plane(s) {planes[0].shape[0]}×{planes[0].shape[1]} -> {written[-2].name}, {written[-1].name}")
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        save_labels(lbls if n > 1 else lbls[0], lp)
+        save_overlay(planes[n//2], lbls[n//2], op)
+        written += [lp, op]
+        print(f"{f}: {n} plane(s) {planes[0].shape[0]}×{planes[0].shape[1]} -> {lp.relative_to(out)}, "
+              f"{op.relative_to(out)}")
     return written
 
 @call_parse
@@ -655,10 +718,15 @@ def evaluate(
     tile:int=None,      # tile size (default: the training crop)
     overlap:float=0.25, # tile overlap fraction
     bs:int=4,           # tiles per batch
-    device:str=None,    # cuda / cpu (default: cuda if available)
+    device:str=None,    # auto (default: cuda if available), cpu, cuda or cuda:N
 ):
     "Score a checkpoint on whole images: prints the per-class IoU/Dice table and the scores as JSON."
-    dev = _device(device)
+    _check_infer(tile, overlap, bs)
+    _require(n_synth >= 1, f"--n-synth must be >= 1, got {n_synth}")
+    _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
+    _require(json_out is None or not Path(json_out).is_dir(), f"--json-out {json_out} is a folder, expected a file")
+    if json_out: writable_dir(Path(json_out).parent, '--json-out')
+    dev = torch.device(check_device(device))
     model, rec = load_seg(ckpt, dev)
     res = evaluate_model(model, eval_source(data, n_synth, rec['tile']), rec, overlap, bs, dev, tile)
     res.update(ckpt=str(ckpt), data=str(data or f'synthetic (n={n_synth}, held-out seed)'))

@@ -114,7 +114,7 @@ def test_cli_errors(tmp_path, capsys):
     rc, err = _cli(['pretrain', '--data', str(tmp_path / 'small'), '--img-size', '64'], capsys)
     assert rc == 2 and 'smaller than the crop size 64' in err
     rc, err = _cli(['pretrain', '--arch', 'resnet50'], capsys)
-    assert rc == 2 and 'is not a model' in err
+    assert rc == 2 and 'is not a pretraining model' in err
     rc, err = _cli(['nope'], capsys)
     assert rc == 2 and 'unknown command' in err
 
