@@ -6,10 +6,18 @@ from pathlib import Path
 root = Path(__file__).resolve().parent.parent
 
 def render() -> str:
+    import nbformat
     from nbconvert import MarkdownExporter
+    from traitlets.config import Config
     from nbdev.serve import proc_nbs
     proc_nbs(file_glob='index.ipynb')  # runs nbdev's processors (hide, front matter) into _proc/
-    md, _ = MarkdownExporter(exclude_input_prompt=True, exclude_output_prompt=True).from_filename(str(root/'_proc/index.ipynb'))
+    nb = nbformat.read(root/'_proc/index.ipynb', as_version=4)
+    for c in nb.cells:                 # Quarto's `#| echo: false`: the output without its code
+        if c.cell_type == 'code' and re.search(r'^#\|\s*echo:\s*false', c.source, re.M):
+            c.metadata.setdefault('tags', []).append('remove_input')
+    cfg = Config(TagRemovePreprocessor=dict(enabled=True, remove_input_tags={'remove_input'}))
+    md, _ = MarkdownExporter(config=cfg, exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(nb)
+    md = re.sub(r'\n{3,}', '\n\n', md)
     fm = re.match(r'---\n(.*?)\n---\n', md, re.S)
     meta = dict(re.findall(r"^(\w+): '?(.*?)'?$", re.sub(r'\n\s+', ' ', fm.group(1)), re.M)) if fm else {}
     body = md[fm.end():] if fm else md
