@@ -4,3 +4,8 @@ def create_model(name, **kw):
     "Build a registered model (`aff_*`, `affmae_*`, `vitmae_*`, ...) by name; see `affmae.aff.create_model`."
     from .aff import create_model as _create
     return _create(name, **kw)
+
+def load(path, device=None):
+    "A pretraining or segmentation checkpoint (a file or run folder), ready on the best device; see `affmae.api.load`."
+    from .api import load as _load
+    return _load(path, device)

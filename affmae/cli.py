@@ -181,27 +181,15 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
                 size: int = 512,        # centre crop size in pixels (at most the image size)
                 seed: int = 0):         # seed of the mask
     "Reconstruct a masked EM image with a pretrained model and save the figure."
-    import json, numpy as np, torch, matplotlib.pyplot as plt
-    from safetensors import safe_open
-    from affmae.data import read_plane, robust_range
-    from affmae.learner import load_mae, latest_checkpoint, recon_figure
+    import matplotlib.pyplot as plt
+    from affmae.api import load
+    from affmae.data import read_plane
     _require(size >= 8, f"--size must be at least one 8-pixel patch, got {size}")
     _require(not Path(out).is_dir(), f"--out {out} is a folder, expected a file name")
     writable_dir(Path(out).parent)
     _require(Path(image).is_file(), f"{image}: no such image file")
-    path = latest_checkpoint(ckpt)
-    model = load_mae(path).eval()
-    a = read_plane(image).astype(np.float32)
-    p = model.patch
-    s = min(size, *a.shape) // p * p
-    _require(s > 0, f"{image}: image is {a.shape[0]}x{a.shape[1]}, smaller than one {p}x{p} patch")
-    y0, x0 = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
-    lo, hi = robust_range(a)
-    x = np.clip((a[y0:y0 + s, x0:x0 + s] - lo) / (hi - lo), 0, 1)
-    with safe_open(str(path), framework='pt') as f: stats = json.loads((f.metadata() or {}).get('stats', 'null'))
-    mean, std = stats or (float(x.mean()), float(x.std()) + 1e-6)
-    img = torch.from_numpy((x - mean) / std)[None, None].float()
-    fig = recon_figure(model, img, generator=torch.Generator().manual_seed(seed), title=f'{Path(image).name}: {path.name}')
+    m = load(ckpt)
+    fig = m.figure(read_plane(image), size, seed, title=f'{Path(image).name}: {m.path.name}')
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100); plt.close(fig)
     print(f"wrote {out}")

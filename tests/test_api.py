@@ -1,0 +1,80 @@
+"`affmae.load`: pretraining and segmentation checkpoints on the CPU, the `reconstruct` command on top of it, bad files."
+import subprocess, sys
+import numpy as np, pytest, torch
+import affmae
+from affmae.aff import create_model
+from affmae.data import synth_em
+from affmae.learner import save_mae
+from affmae.mae import patchify
+from affmae.segment import save_seg, seg_model
+
+
+@pytest.fixture
+def img(): return synth_em((70, 90), seed=1)[0].numpy() * 255
+
+
+def _mae(tmp_path, arch='affmae_tiny', stats=(0.5, 0.25)):
+    (tmp_path / 'run').mkdir(exist_ok=True)
+    m = create_model(arch); m.arch = (arch, {})
+    save_mae(m, tmp_path / 'run' / 'epoch_000.safetensors', stats=list(stats))
+    save_mae(m, tmp_path / 'run' / 'epoch_001.safetensors', stats=list(stats))
+    return m
+
+
+def test_import_stays_light():
+    code = "import sys, affmae; assert callable(affmae.load); assert 'fastai' not in sys.modules"
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_pretraining(tmp_path, img):
+    mae = _mae(tmp_path)
+    (tmp_path / 'run' / 'epoch_002.safetensors').write_bytes(b'torn')          # the newest is unreadable: skipped
+    m = affmae.load(tmp_path / 'run', 'cpu')
+    assert (m.kind, m.arch, m.path.name, m.stats) == ('pretraining', 'affmae_tiny', 'epoch_001.safetensors', [.5, .25])
+    assert not m.model.training
+    r = m.reconstruct(torch.from_numpy(img)[None])
+    assert r['img'].shape == (1, 1, 64, 88) and len(r['recons']) == len(mae.loss_weights)
+    vis = ~r['mask'].flatten(1)
+    assert torch.equal(patchify(r['recons'][-1], 8)[vis], patchify(r['img'], 8)[vis])
+    n = [int(t.valid.sum()) for t in m.tokens(img)]
+    assert len(n) == len(mae.encoder.dims) and n[0] == int(vis.sum()) and n == sorted(n, reverse=True)
+    with pytest.raises(ValueError, match='is a pretraining checkpoint of affmae_tiny: .segment needs a segmentation'):
+        m.segment(img)
+
+
+def test_segmentation(tmp_path, img):
+    save_seg(seg_model('affmae_tiny', n_classes=2), tmp_path / 'seg.safetensors', ['bg', 'cell'], tile=32,
+             stats=[0.5, 0.25])
+    s = affmae.load(tmp_path, 'cpu')                                              # a run folder: its seg.safetensors
+    lbl, pr = s.segment(img, probs=True)
+    assert s.classes == ['bg', 'cell'] and lbl.shape == (70, 90) and pr.shape == (2, 70, 90) and lbl.max() < 2
+    assert np.array_equal(s.segment(img), lbl)
+    with pytest.raises(ValueError, match='is a segmentation checkpoint'): s.reconstruct(img)
+
+
+def test_reconstruct_command(tmp_path, img):
+    from PIL import Image
+    from affmae.cli import main
+    _mae(tmp_path, 'vitmae_tiny')
+    Image.fromarray(img.astype(np.uint8)).save(tmp_path / 'img.png')
+    assert main(['reconstruct', str(tmp_path / 'run'), str(tmp_path / 'img.png'), '--out', str(tmp_path / 'r.png'),
+                 '--size', '48']) == 0
+    assert (tmp_path / 'r.png').stat().st_size > 1000
+    with pytest.raises(ValueError, match='vitmae_tiny has no AFF encoder'): affmae.load(tmp_path / 'run').tokens(img)
+
+
+def test_bad_paths_and_files(tmp_path):
+    from safetensors.torch import save_file
+    mae = _mae(tmp_path)
+    b = (tmp_path / 'run' / 'epoch_000.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(b[:len(b) // 2])
+    torch.save({'model': mae.state_dict(), 'epoch': 3}, tmp_path / 'old.pth')
+    save_file({'w': torch.zeros(2)}, tmp_path / 'bare.safetensors')
+    (tmp_path / 'empty').mkdir()
+    for p, exc, msg in ((tmp_path / 'nothing', FileNotFoundError, 'nothing: no such checkpoint file or folder'),
+                        (tmp_path / 'empty', FileNotFoundError, 'no readable checkpoint in .*empty'),
+                        (tmp_path / 'cut.safetensors', ValueError, 'cut.safetensors: not a readable safetensors file'),
+                        (tmp_path / 'old.pth', ValueError, r'old.pth: a \.pth file is not an affmae checkpoint'),
+                        (tmp_path / 'bare.safetensors', ValueError, 'bare.safetensors has no affmae metadata')):
+        with pytest.raises(exc, match=msg) as e: affmae.load(p)
+        assert '\n' not in str(e.value)
