@@ -18,7 +18,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.torch_core import set_seed
 import matplotlib.pyplot as plt
 import affmae
-from .data import EM_CLASSES, EMDataError, EMFolder, SynthEM, image_files, image_info, read_plane, read_mask, robust_range, segment_dls
+from .data import EM_CLASSES, EMDataError, read_classes, EMFolder, SynthEM, image_files, image_info, read_plane, read_mask, robust_range, segment_dls
 from .mae import grid_positions, sincos_embed
 from .learner import _one_line, _read_st, latest_checkpoint
 from .cli import _require, check_device, run_dir, writable_dir
@@ -728,6 +728,9 @@ def evaluate(
     if json_out: writable_dir(Path(json_out).parent, '--json-out')
     dev = torch.device(check_device(device))
     model, rec = load_seg(ckpt, dev)
+    named = data and (read_classes(Path(data)/'masks') or read_classes(data))
+    _require(not named or tuple(named) == tuple(rec['classes']), f"--data {data}: classes {', '.join(named or ())} "
+             f"do not match the checkpoint's ({', '.join(rec['classes'])})")
     res = evaluate_model(model, eval_source(data, n_synth, rec['tile']), rec, overlap, bs, dev, tile)
     res.update(ckpt=str(ckpt), data=str(data or f'synthetic (n={n_synth}, held-out seed)'))
     print(score_table(res)); print(json.dumps(res))

@@ -358,3 +358,11 @@ def test_reconstruct_argument_errors(tmp_path, capsys):
         assert rc == 2 and msg in err, err
     rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', '--out', tmp_path / 'r.png')
     assert rc == 2 and 'no such checkpoint' in err, err
+
+
+def test_evaluate_classes_must_match_checkpoint(tmp_path, seg_ckpt, capsys):
+    d = _seg_folder(tmp_path / 'data', [np.zeros((40, 40), np.uint8)] * 2)
+    (d / 'masks' / 'classes.txt').write_text('background\nmitochondria\n')
+    rc, err = cli(capsys, 'evaluate', seg_ckpt, '--data', d)
+    assert rc == 2 and "classes background, mitochondria do not match the checkpoint's" in err, err
+    assert len(err.strip().splitlines()) == 1
