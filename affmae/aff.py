@@ -85,6 +85,7 @@ class DropPath(nn.Module):
         keep = x.new_empty(x.shape[0], *[1] * (x.ndim - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
+# %% ../nbs/06_aff.ipynb #be4bbd4e
 class ClusterAttention(nn.Module):
     "Multi-head attention of every token over its cluster's neighbourhood."
     def __init__(self, dim: int, heads: int, impl: str = 'auto'):
@@ -99,6 +100,7 @@ class ClusterAttention(nn.Module):
         o = cluster_attention(q, k, v, nbhd, bias=bias, impl=self.impl, check_idx=False)   # nbhd from cluster_tokens: in range
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
+# %% ../nbs/06_aff.ipynb #3d65f2a5
 class AFFBlock(nn.Module):
     "Pre-norm block: cluster attention with relative-position bias, then an MLP (ratio `mlp_ratio`); drop-path on both."
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto'):
@@ -120,6 +122,7 @@ def run_block(blk: nn.Module, checkpoint: bool, *args):
     rng = any(isinstance(m, DropPath) and m.p > 0 for m in blk.modules())         # only random blocks replay the RNG
     return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False, preserve_rng_state=rng)
 
+# %% ../nbs/06_aff.ipynb #50d29b2a
 class AFFEncoder(nn.Module):
     "AutoFocusFormer over the visible patches of an image: per-stage tokens (features, pixel positions, valid)."
     def __init__(self, dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (1, 1, 2, 1),

@@ -69,6 +69,7 @@ def sincos_embed(pos: Tensor, dim: int, temperature: float = 10000.) -> Tensor:
 # %% ../nbs/07_mae.ipynb #406ec415
 MASKERS = dict(perlin=perlin_mask, random=random_mask)
 
+# %% ../nbs/07_mae.ipynb #1b003668
 class MAEBase(nn.Module):
     "Masking, targets, weighted per-head losses and reconstructions shared by the MAE models; subclasses implement `predict`."
     def __init__(self, patch: int = 8, in_chans: int = 1, mask: str = 'perlin', ratio: float = .5,
@@ -194,6 +195,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # query windows
         return x + self.mlp(self.norm_m(x))
 
+# %% ../nbs/07_mae.ipynb #c5162385
 class PointDecoder(nn.Module):
     "Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage first."
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
@@ -275,6 +277,7 @@ def _init_dec(m):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None: nn.init.zeros_(m.bias)
 
+# %% ../nbs/07_mae.ipynb #91f9f296
 def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
     "Split `kw` between the encoder (`AFFEncoder` arguments) and the MAE model, over the defaults."
     enc_keys = set(AFFEncoder.__init__.__code__.co_varnames[1:AFFEncoder.__init__.__code__.co_argcount])
