@@ -19,7 +19,9 @@ FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-
 # Runs in the page once MathJax is done; returns [[kind, detail], ...].
 FIND_PROBLEMS = r"""
 const out = [], clip = s => s.trim().split('\n')[0].slice(0, 100);
-document.querySelectorAll('.cell-output-stderr, .cell-output-error').forEach(e => out.push(['error output', clip(e.innerText)]));
+document.querySelectorAll('.cell-output-stderr, .cell-output-error').forEach(e => {
+  const m = e.innerText.match(/\w*(Error|Warning|Exception)\b.*/);
+  out.push(['error output', m ? clip(m[0]) : clip(e.innerText)]); });
 document.querySelectorAll('img').forEach(i => { if (!i.complete || i.naturalWidth === 0)
   out.push(['broken image', i.getAttribute('src').slice(0, 100)]); });
 document.querySelectorAll('mjx-merror').forEach(e => out.push(['math error', e.getAttribute('data-mjx-error') || clip(e.textContent)]));
@@ -63,7 +65,8 @@ def check_page(driver, base, site, page, screens):
     found += [['console', e['message'][:160]] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
     found += [['broken link', f] for f in sorted(set(files)) if not (site/urlsplit(f).path).is_file()]
     driver.save_screenshot(str(screens/f'{page.stem}.png'))
-    return [f'{page.name}: {kind}: {detail}' for kind, detail in found]
+    source = driver.execute_script("const m = document.querySelector('meta[name=source]'); return m && m.content;")
+    return [f'{page.name} ({source}): {kind}: {detail}' for kind, detail in found]
 
 def check(site, screens):
     pages = sorted(site.glob('*.html'))

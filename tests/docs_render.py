@@ -85,7 +85,7 @@ CELLS = r"""{%- extends 'classic/base.html.j2' -%}
 PAGE = jinja2.Template(r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ title | striptags }} – {{ site }}</title>
-<link rel="icon" href="data:,"><link rel="stylesheet" href="site.css"><link rel="stylesheet" href="styles.css">
+<meta name="source" content="nbs/{{ source }}"><link rel="icon" href="data:,"><link rel="stylesheet" href="site.css"><link rel="stylesheet" href="styles.css">
 <script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], processEscapes: true}};</script>
 <script src="mathjax/tex-chtml.js" defer></script></head>
 <body><header class="navbar"><a href="index.html">{{ site }}</a></header>
@@ -211,7 +211,7 @@ def render(proc, out, mathjax):
     for name, pg in pages.items():
         body, toc = pandoc_ids(pg['body'])
         errors += [f'{name}: links to {ref}, which is not in nbs/' for ref in copy_linked_files(body, proc, out)]
-        (out/pg['href']).write_text(PAGE.render(site=site, sidebar=sidebar, here=pg['href'], toc=toc, body=body,
+        (out/pg['href']).write_text(PAGE.render(site=site, source=name, sidebar=sidebar, here=pg['href'], toc=toc, body=body,
                                                 title=pg['title'], description=pg['description']))
     for e in errors: print(f'docs_render: {e}')
     print(f'docs_render: {len(pages)} pages in {out}')
