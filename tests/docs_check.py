@@ -1,7 +1,7 @@
 """Load every page of the rendered docs site in headless Chromium (Debian's chromium + chromium-driver) and fail, one
 line per problem, on: error output (stderr or tracebacks), JavaScript errors or failed loads in the console, raw
-`#|` directives, `$` math MathJax left untypeset or could not parse, Quarto markup left as text, broken images, and
-links to local files that do not exist. Saves a screenshot of each page's first screen.
+`#|` directives, `$` math MathJax left untypeset or could not parse, Quarto markup left as text, broken images, links to local
+files that do not exist, a missing title block, and content wider than the window. Saves a screenshot of each page's first screen.
 
     python tests/docs_check.py [--site _proc/_site] [--screens _proc/_screens]"""
 import argparse, functools, http.server, shutil, sys, tempfile, threading
@@ -25,6 +25,8 @@ document.querySelectorAll('.cell-output-stderr, .cell-output-error').forEach(e =
 document.querySelectorAll('img').forEach(i => { if (!i.complete || i.naturalWidth === 0)
   out.push(['broken image', i.getAttribute('src').slice(0, 100)]); });
 document.querySelectorAll('mjx-merror').forEach(e => out.push(['math error', e.getAttribute('data-mjx-error') || clip(e.textContent)]));
+const page = document.documentElement;
+if (page.scrollWidth > page.clientWidth) out.push(['too wide', `${page.scrollWidth}px content in a ${page.clientWidth}px window`]);
 if (!document.querySelector('h1.title') || !document.querySelector('h1.title').innerText.trim()) out.push(['no title', '']);
 const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
 for (let n = walk.nextNode(); n; n = walk.nextNode()) {

@@ -115,16 +115,16 @@ main { margin: 52px 260px 0 280px; padding: 1.5rem 2rem 4rem; max-width: 960px; 
 .title-block { margin-bottom: 1.5rem; } h1.title { font-size: 2.2rem; margin: .5rem 0 .2rem; }
 h2 { margin-top: 2rem; border-bottom: 1px solid #dee2e6; padding-bottom: .3rem; }
 pre { overflow-x: auto; font-size: .85rem; line-height: 1.45; }
-.cell-code pre { background: #f7f7f7; border-radius: 4px; padding: .6rem .8rem; margin: 0; }
+.highlight { border-radius: 4px; margin: .6rem 0; } .highlight pre { padding: .6rem .8rem; margin: 0; }
 .cell-output pre { padding: .4rem .8rem; }
+.output_text > pre { margin: 0 0 0 .8rem; border-left: 2px solid lightsalmon; }
 code { font-size: .9em; color: #9753b8; } pre code, .highlight code { color: inherit; }
 .cell-output img, .cell-markdown img { max-width: 100%; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; display: block; overflow-x: auto; max-width: 100%; }
 th, td { border-bottom: 1px solid #dee2e6; padding: .3rem .6rem; text-align: left; }
 blockquote { margin: .5rem 0; padding: .2rem 1rem; border-left: 3px solid #dee2e6; color: #6c757d; }
 mjx-container[display="true"] { overflow-x: auto; overflow-y: hidden; max-width: 100%; }
-.anchor-link { visibility: hidden; margin-left: .3rem; } :hover > mjx-container[display="true"] { overflow-x: auto; overflow-y: hidden; max-width: 100%; }
-.anchor-link { visibility: visible; }
+.anchor-link { visibility: hidden; margin-left: .3rem; } :hover > .anchor-link { visibility: visible; }
 .widget-note { font-style: italic; color: #6c757d; }
 """
 
