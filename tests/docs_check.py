@@ -1,7 +1,8 @@
 """Load every page of the rendered docs site in headless Chromium (Debian's chromium + chromium-driver) and fail, one
 line per problem, on: error output (stderr or tracebacks), JavaScript errors or failed loads in the console, raw
-`#|` directives, `$` math MathJax left untypeset or could not parse, Quarto markup left as text, broken images, links to local
-files that do not exist, a missing title block, and content wider than the window. Saves a screenshot of each page's first screen.
+`#|` directives, `$` math MathJax left untypeset or could not parse, Quarto markup left as text, broken images,
+links to local files that do not exist, a missing title block, and content wider than the window.
+Saves a screenshot of each page's first screen.
 
     python tests/docs_check.py [--site _proc/_site] [--screens _proc/_screens]"""
 import argparse, functools, http.server, shutil, sys, tempfile, threading
@@ -24,15 +25,20 @@ document.querySelectorAll('.cell-output-stderr, .cell-output-error').forEach(e =
   out.push(['error output', m ? clip(m[0]) : clip(e.innerText)]); });
 document.querySelectorAll('img').forEach(i => { if (!i.complete || i.naturalWidth === 0)
   out.push(['broken image', i.getAttribute('src').slice(0, 100)]); });
-document.querySelectorAll('mjx-merror').forEach(e => out.push(['math error', e.getAttribute('data-mjx-error') || clip(e.textContent)]));
+document.querySelectorAll('mjx-merror').forEach(e =>
+  out.push(['math error', e.getAttribute('data-mjx-error') || clip(e.textContent)]));
 const page = document.documentElement;
-if (page.scrollWidth > page.clientWidth) out.push(['too wide', `${page.scrollWidth}px content in a ${page.clientWidth}px window`]);
-if (!document.querySelector('h1.title') || !document.querySelector('h1.title').innerText.trim()) out.push(['no title', '']);
+if (page.scrollWidth > page.clientWidth)
+  out.push(['too wide', `${page.scrollWidth}px content in a ${page.clientWidth}px window`]);
+const title = document.querySelector('h1.title');
+if (!title || !title.innerText.trim()) out.push(['no title', '']);
 const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
 for (let n = walk.nextNode(); n; n = walk.nextNode()) {
   const t = n.textContent, p = n.parentElement, inCode = p.closest('pre, code, script, style, mjx-container');
-  if (/^\s*#\|/m.test(t) && !(p.closest('code') && !p.closest('pre'))) out.push(['raw directive', clip(t.match(/#\|.*/)[0])]);
-  if (/\{(target|style|\.[\w-]+|#[\w-]+)[=\s}]/.test(t) || /^:::/m.test(t)) out.push(['Quarto markup', clip(t)]);
+  const inlineCode = p.closest('code') && !p.closest('pre');
+  if (/^\s*#\|/m.test(t) && !inlineCode) out.push(['raw directive', clip(t.match(/#\|.*/)[0])]);
+  if (!inCode && (/\{(target|style|\.[\w-]+|#[\w-]+)[=\s}]/.test(t) || /^:::/m.test(t)))
+    out.push(['Quarto markup', clip(t)]);
   if (!inCode && /\$\$|\$[^$\s][^$]*\$/.test(t)) out.push(['raw math', clip(t.match(/\$\$?[^$]*\$?\$?/)[0])]);
 }
 const files = [...document.querySelectorAll('[href], [src]')].map(e => e.getAttribute('href') || e.getAttribute('src'))
@@ -78,7 +84,8 @@ def check(site, screens):
     srv, profile = serve(site), tempfile.mkdtemp(prefix='docs_check_')
     driver = browser(profile)
     driver.set_script_timeout(60)
-    try: return [p for page in pages for p in check_page(driver, f'http://127.0.0.1:{srv.server_port}', site, page, screens)]
+    base = f'http://127.0.0.1:{srv.server_port}'
+    try: return [p for page in pages for p in check_page(driver, base, site, page, screens)]
     finally:
         driver.quit()
         srv.shutdown()
