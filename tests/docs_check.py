@@ -1,11 +1,11 @@
 """Load every page of the rendered docs site in headless Chromium (Debian's chromium + chromium-driver) and fail, one
 line per problem, on: error output (stderr or tracebacks), JavaScript errors or failed loads in the console, raw
 `#|` directives, `$` math MathJax left untypeset or could not parse, Quarto markup left as text, broken images,
-links to local files that do not exist, a missing title block, and content wider than the window.
+links to local files or anchors that do not exist, a missing title block, and content wider than the window.
 Saves a screenshot of each page's first screen.
 
     python tests/docs_check.py [--site _proc/_site] [--screens _proc/_screens]"""
-import argparse, functools, http.server, shutil, sys, tempfile, threading
+import argparse, functools, http.server, re, shutil, sys, tempfile, threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,7 +42,7 @@ for (let n = walk.nextNode(); n; n = walk.nextNode()) {
   if (!inCode && /\$\$|\$[^$\s][^$]*\$/.test(t)) out.push(['raw math', clip(t.match(/\$\$?[^$]*\$?\$?/)[0])]);
 }
 const files = [...document.querySelectorAll('[href], [src]')].map(e => e.getAttribute('href') || e.getAttribute('src'))
-  .filter(u => !/^(#|[a-z]+:)/.test(u));
+  .filter(u => u !== '#' && !/^[a-z]+:/.test(u));
 return [out, files];
 """
 
@@ -61,6 +61,11 @@ def browser(profile):
     opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
+@functools.cache
+def ids_in(page):
+    "The element ids of a rendered page: the anchors its links may point to."
+    return set(re.findall(r'\sid="([^"]+)"', page.read_text()))
+
 def check_page(driver, base, site, page, screens):
     "Problems on one page, as 'page: kind: detail' lines; saves its screenshot."
     driver.get(f'{base}/{page.name}')
@@ -71,7 +76,12 @@ def check_page(driver, base, site, page, screens):
     found, files = driver.execute_script(FIND_PROBLEMS)
     if not typeset: found.append(['MathJax', 'did not load or failed'])
     found += [['console', e['message'][:160]] for e in driver.get_log('browser') if e['level'] == 'SEVERE']
-    found += [['broken link', f] for f in sorted(set(files)) if not (site/urlsplit(f).path).is_file()]
+    for link in sorted(set(files)):
+        url = urlsplit(link)
+        target = site/(url.path or page.name)
+        if not target.is_file(): found.append(['broken link', link])
+        elif url.fragment and target.suffix == '.html' and url.fragment not in ids_in(target):
+            found.append(['broken anchor', link])
     driver.save_screenshot(str(screens/f'{page.stem}.png'))
     source = driver.execute_script("const m = document.querySelector('meta[name=source]'); return m && m.content;")
     return [f'{page.name} ({source}): {kind}: {detail}' for kind, detail in found]

@@ -120,7 +120,7 @@ pre { overflow-x: auto; font-size: .85rem; line-height: 1.45; }
 .highlight { border-radius: 4px; margin: .6rem 0; } .highlight pre { padding: .6rem .8rem; margin: 0; }
 .cell-output pre { padding: .4rem .8rem; }
 .output_text > pre { margin: 0 0 0 .8rem; border-left: 2px solid lightsalmon; }
-code { font-size: .9em; color: #9753b8; } pre code, .highlight code { color: inherit; }
+code { font-size: .9em; color: #9753b8; } pre code, .highlight code, a code { color: inherit; }
 .cell-output img, .cell-markdown img { max-width: 100%; }
 table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
 table { display: block; overflow-x: auto; max-width: 100%; }

@@ -80,7 +80,7 @@ def test_render_needs_sidebar_entry(tmp_path, capsys):
 BAD_PAGE = """<!DOCTYPE html><html><head><meta name="source" content="nbs/00_bad.ipynb"></head><body>
 <h1 class="title"></h1><p>Energy $E = mc^2$ left raw.</p><p>[source](x.py){target="_blank"}</p>
 <pre>#| echo: false</pre><div class="cell-output cell-output-stderr"><pre>UserWarning: careful</pre></div>
-<img src="missing.png"><a href="gone.html">gone</a><div style="width: 5000px">wide</div>
+<img src="missing.png"><a href="gone.html">gone</a><a href="#nowhere">nowhere</a><div style="width: 5000px">wide</div>
 <script>undefinedFunction()</script></body></html>"""
 
 @pytest.mark.skipif(not shutil.which('chromedriver'),
@@ -92,6 +92,6 @@ def test_check_reports_each_problem(tmp_path):
     problems = docs_check.check(tmp_path/'site', tmp_path/'screens')
     kinds = {p.split(': ')[1] for p in problems}
     assert kinds == {'error output', 'broken image', 'no title', 'raw directive', 'Quarto markup', 'raw math',
-                     'MathJax', 'console', 'broken link', 'too wide'}, problems
+                     'MathJax', 'console', 'broken link', 'broken anchor', 'too wide'}, problems
     assert all(p.startswith('bad.html (nbs/00_bad.ipynb): ') for p in problems)
     assert (tmp_path/'screens/bad.png').stat().st_size > 0
