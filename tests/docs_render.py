@@ -11,6 +11,7 @@ import jinja2, nbformat, yaml
 from nbconvert import HTMLExporter
 from nbconvert.preprocessors import Preprocessor
 from pygments.formatters import HtmlFormatter
+from traitlets import List
 
 root = Path(__file__).resolve().parent.parent
 WIDGET = 'application/vnd.jupyter.widget-view+json'
@@ -53,6 +54,7 @@ class Directives(Preprocessor):
 class QuartoMarkdown(Preprocessor):
     """Turn Quarto-only markdown into what a plain renderer shows: `[text](url){attrs}` links become `<a>` tags,
     links into the published site or to the repo's raw images become local, and widgets (which need a CDN) a note."""
+    local_prefixes = List(help='URL prefixes to strip, making links into the site and repo relative')
     link = re.compile(r'\[([^\]]*)\]\(([^)\s]+)\)\{([^}]*)\}')
     def preprocess(self, nb, resources):
         for cell in nb.cells:
@@ -121,7 +123,7 @@ pre { overflow-x: auto; font-size: .85rem; line-height: 1.45; }
 .cell-output pre { padding: .4rem .8rem; }
 .output_text > pre { margin: 0 0 0 .8rem; border-left: 2px solid lightsalmon; }
 code { font-size: .9em; color: #9753b8; } pre code, .highlight code, a code { color: inherit; }
-.cell-output img, .cell-markdown img { max-width: 100%; }
+main img { max-width: 100%; }
 table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
 table { display: block; overflow-x: auto; max-width: 100%; }
 th, td { border-bottom: 1px solid #dee2e6; padding: .3rem .6rem; text-align: left; }
@@ -159,13 +161,13 @@ def sidebar_entries(sidebar_yml):
         else: groups.append((item['section'], list(item['contents'])))
     return groups
 
-def site_prefixes():
-    "URL prefixes that point into this repo's published docs or raw notebook folder; stripped to make links local."
+def site_settings():
+    "From settings.ini: the site's title, and the URL prefixes of its published pages and of the repo's raw notebooks."
     cfg = ConfigParser()
     cfg.read(root/'settings.ini')
     c = cfg['DEFAULT']
-    return [c['doc_host'].rstrip('/') + c['doc_baseurl'].rstrip('/') + '/',
-            f"https://raw.githubusercontent.com/{c['user']}/{c['repo']}/{c['branch']}/{c['nbs_path']}/"], c['title']
+    return c['title'], [c['doc_host'].rstrip('/') + c['doc_baseurl'].rstrip('/') + '/',
+                        f"https://raw.githubusercontent.com/{c['user']}/{c['repo']}/{c['branch']}/{c['nbs_path']}/"]
 
 def copy_mathjax(src, out):
     "The parts of npm's mathjax@3 a page needs: the TeX+CHTML bundle, its fonts and the TeX extensions it autoloads."
@@ -187,11 +189,11 @@ def copy_linked_files(body, proc, out):
     return missing
 
 def render(proc, out, mathjax):
-    prefixes, site = site_prefixes()
-    QuartoMarkdown.local_prefixes = prefixes
+    site, prefixes = site_settings()
     exporter = HTMLExporter(template_file='cells.html.j2', exclude_input_prompt=True, exclude_output_prompt=True,
                             extra_loaders=[jinja2.DictLoader({'cells.html.j2': CELLS})])
-    for p in (FrontMatter(), Directives(), QuartoMarkdown()): exporter.register_preprocessor(p, enabled=True)
+    for p in (FrontMatter(), Directives(), QuartoMarkdown(local_prefixes=prefixes)):
+        exporter.register_preprocessor(p, enabled=True)
     groups = sidebar_entries(proc/'sidebar.yml')
     listed = [nb for _, nbs in groups for nb in nbs]
     found = sorted(p.name for p in proc.glob('*.ipynb'))

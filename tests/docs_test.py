@@ -29,13 +29,12 @@ def test_front_matter():
     assert dr.inline_md(res['front']['title']) == 'A <code>page</code>'
 
 def test_quarto_markdown():
-    (site, raw), _ = dr.site_prefixes()
+    _, (site, raw) = dr.site_settings()
     md = (f'[source](https://x.org/a.py#L3){{target="_blank" style="float:right; font-size:smaller"}} '
           f'[`knn`]({site}clustering.html#knn) ![]({raw}images/a.png)')
     widget = new_output('display_data', data={dr.WIDGET: {'model_id': 'm'}, 'text/plain': 'interactive(...)'})
     nb = new_notebook(cells=[new_markdown_cell(md), new_code_cell('w', outputs=[widget])])
-    dr.QuartoMarkdown.local_prefixes = [site, raw]
-    nb, _ = run(dr.QuartoMarkdown(), nb)
+    nb, _ = run(dr.QuartoMarkdown(local_prefixes=[site, raw]), nb)
     assert nb.cells[0].source == ('<a href="https://x.org/a.py#L3" target="_blank" style="float:right; '
                                   'font-size:smaller">source</a> [`knn`](clustering.html#knn) ![](images/a.png)')
     assert list(nb.cells[1].outputs[0].data) == ['text/html']
