@@ -55,6 +55,9 @@ def serve(site):
     return srv
 
 def browser(profile):
+    "Debian's Chromium, headless, driven through its ChromeDriver, with a fresh profile and the console recorded."
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not Path(exe).exists(): sys.exit(f'docs_check: no {exe}: apt-get install chromium chromium-driver')
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for f in FLAGS + [f'--user-data-dir={profile}']: opts.add_argument(f)
@@ -94,6 +97,7 @@ def check(site, screens):
     srv, profile = serve(site), tempfile.mkdtemp(prefix='docs_check_')
     driver = browser(profile)
     driver.set_script_timeout(60)
+    driver.set_page_load_timeout(60)
     base = f'http://127.0.0.1:{srv.server_port}'
     try: return [p for page in pages for p in check_page(driver, base, site, page, screens)]
     finally:

@@ -26,5 +26,6 @@ rm -rf _proc
 python -c "from nbdev.serve import proc_nbs; proc_nbs()"
 npm install --no-save --no-audit --no-fund --loglevel=error --prefix _proc/_npm mathjax@3.2.2 >/dev/null
 python tests/docs_render.py --mathjax _proc/_npm/node_modules/mathjax
+# the site is _proc/_site (open index.html), one screenshot a page in _proc/_screens
 python tests/docs_check.py
 echo "ALL TESTS PASSED"
