@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: the library matches the notebooks, the notebooks' tests pass, pytest passes,
-# and every docs page renders.
+# and every docs page renders and reads cleanly in headless Chromium (screenshots in _proc/_screens).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=1 MPLBACKEND=Agg PYTHONWARNINGS=ignore::DeprecationWarning
@@ -20,11 +20,12 @@ nbdev_test --n_workers 2 --timing
 echo "== pytest"
 python -m pytest -q tests
 
-echo "== docs: nbdev_proc_nbs, then render every page to HTML"
+echo "== docs: nbdev_proc_nbs, every page rendered like the Quarto site, then checked in headless Chromium"
 rm -rf _proc
 # nbdev_proc_nbs's own processing, minus its first step (install Quarto, then pip-install this package unpinned)
 python -c "from nbdev.serve import proc_nbs; proc_nbs()"
-mkdir -p _proc/_html
-find _proc -name '*.ipynb' -print0 | xargs -0 -n1 jupyter nbconvert --to html --log-level ERROR --output-dir _proc/_html
-n=$(find _proc -name '*.ipynb' | wc -l); echo "rendered $n pages"
+npm install --no-save --no-audit --no-fund --loglevel=error --prefix _proc/_npm mathjax@3.2.2 >/dev/null
+python tests/docs_render.py --mathjax _proc/_npm/node_modules/mathjax
+# the site is _proc/_site (open index.html), one screenshot a page in _proc/_screens
+python tests/docs_check.py
 echo "ALL TESTS PASSED"
