@@ -163,3 +163,28 @@ def test_bench_tiny(tmp_path):
     for b in res['benchmarks']:
         assert set(b['ms']) == set(bench.PROVIDERS) and b['args']['B'] == bench.TINY_SHAPE['B']
         assert all(len(t) == len(b['x_vals']) and all(ms > 0 for ms in t) for t in b['ms'].values())
+
+
+def test_module_blank():
+    """`ClusterAttention(blank=True)` owns a (heads, head dim) blank key and value that get gradients, the same in
+    both impls; the encoder's `blank` option reaches every block; `blank=False` adds no parameter."""
+    from affmae.aff import AFFEncoder, ClusterAttention
+    g = torch.Generator().manual_seed(0)
+    att = ClusterAttention(32, 2, impl='triton', blank=True)
+    assert [tuple(p.shape) for p in (att.blank_k, att.blank_v)] == [(2, 16), (2, 16)]
+    assert att.blank_k.abs().max() < .1                                   # small at init, like the projections
+    x, nbhd = torch.randn(1, 16, 32, generator=g), torch.randint(-1, 16, (1, 2, 8), generator=g)
+    nbhd[0, 0] = -1                                                       # cluster 0 sees only the blank
+    att(x, nbhd).sum().backward()
+    assert att.blank_k.grad.abs().sum() > 0 and att.blank_v.grad.abs().sum() > 0
+    ref = ClusterAttention(32, 2, impl='torch', blank=True)
+    ref.load_state_dict(att.state_dict())
+    ref(x, nbhd).sum().backward()
+    for a, b in ((att.blank_k, ref.blank_k), (att.blank_v, ref.blank_v)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert 'blank_k' not in dict(ClusterAttention(32, 2).named_parameters())
+    enc = AFFEncoder(dims=(16, 32), depths=(1, 2), heads=(1, 2), blank=True)
+    blocks = [b for stage in enc.stages for b in stage]
+    assert len(blocks) == 3 and all(b.attn.blank_k is not None for b in blocks)
+    outs = enc(torch.randn(2, 1, 32, 32, generator=g))
+    assert all(torch.isfinite(t.x).all() for t in outs)
