@@ -8,7 +8,7 @@ from affmae.cluster_attention import cluster_attention, cluster_attention_ref
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2)}   # (forward, gradients) relative errors
 
 def rel(a, b):
-    "‖a−b‖/‖b‖, the denominator floored at an RMS of 1e-2 (exactly-zero references, e.g. dq of a one-key row)."
+    "‖a−b‖/‖b‖, the denominator floored at an RMS of 1e-2 (exactly-zero references, e.g. dq of one-key rows)."
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-2 * b.numel()**.5)).item()
 
 def random_case(g: torch.Generator, dtype, huge=False):
@@ -98,7 +98,8 @@ def test_strided_inputs():
     assert rel(test, cluster_attention_ref(*(t.double() for t in qkv), idx)) < 1e-4
 
 def test_errors():
-    q, k, v, idx = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16), torch.zeros(1, 2, 4, dtype=torch.long)
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    idx = torch.zeros(1, 2, 4, dtype=torch.long)
     f = lambda **kw: cluster_attention(**{**dict(q=q, k=k, v=v, nbhd_idx=idx, impl='triton'), **kw})
     for kw, err, msg in [(dict(k=torch.randn(1, 2, 10, 8)), ValueError, 'k and v must have the same shape'),
                          (dict(k=torch.randn(1, 3, 10, 16), v=torch.randn(1, 3, 10, 16)), ValueError, 'k/v must be'),
@@ -108,27 +109,29 @@ def test_errors():
                          (dict(nbhd_idx=torch.zeros(1, 2, 4)), TypeError, 'integer'),
                          (dict(nbhd_idx=torch.zeros(1, 2, 4, dtype=torch.bool)), TypeError, 'integer'),
                          (dict(bias=torch.randn(1, 2, 8, 5)), ValueError, 'bias must be (B, H, N, M)'),
-                         (dict(q=torch.randn(1, 2, 8, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)), ValueError, 'unsupported head dim'),
+                         (dict(q=torch.randn(1, 2, 8, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)),
+                          ValueError, 'unsupported head dim'),
                          (dict(q=q.double(), k=k.double(), v=v.double()), TypeError, 'unsupported dtype'),
                          (dict(v=v.half()), TypeError, 'share a dtype'),
                          (dict(impl='cuda'), ValueError, 'impl must be'),
                          (dict(blank=torch.randn(2, 16)), TypeError, 'blank must be a pair'),
-                         (dict(blank=(torch.randn(2, 16), torch.randn(3, 16))), ValueError, 'v_blank must be (H, D) = (2, 16)'),
-                         (dict(blank=(torch.randn(2, 8), torch.randn(2, 16))), ValueError, 'k_blank must be (H, D) = (2, 16)'),
+                         (dict(blank=(torch.randn(2, 16), torch.randn(3, 16))), ValueError, 'v_blank must be (H, D)'),
+                         (dict(blank=(torch.randn(2, 8), torch.randn(2, 16))), ValueError, 'k_blank must be (H, D)'),
                          (dict(blank=(torch.randn(2, 16), None)), TypeError, 'v_blank must be a torch.Tensor')]:
         with pytest.raises(err, match=None) as e: f(**kw)
         assert msg in str(e.value), (msg, str(e.value))
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
 def test_check_idx(impl):
-    "`check_idx=False` (the models' trusted indices) skips only the range check: same result in range, no error out of range."
+    "`check_idx=False` (the models' trusted indices) skips only the range check: same result in range."
     g = torch.Generator().manual_seed(11)
     q, k, v = torch.randn(3, 1, 2, 16, 16, generator=g).unbind(0)
     idx = torch.randint(-1, 16, (1, 4, 8), generator=g)
-    torch.testing.assert_close(cluster_attention(q, k, v, idx, impl=impl, check_idx=False), cluster_attention(q, k, v, idx, impl=impl), rtol=0, atol=0)
+    unchecked = cluster_attention(q, k, v, idx, impl=impl, check_idx=False)
+    torch.testing.assert_close(unchecked, cluster_attention(q, k, v, idx, impl=impl), rtol=0, atol=0)
     bad = idx.clone(); bad[0, 0, 0] = 99
     with pytest.raises(ValueError, match='out of range'): cluster_attention(q, k, v, bad, impl=impl)
-    if impl == 'torch':   # the reference gathers with clamped ids; Triton would read out of bounds, so it is not run unchecked
+    if impl == 'torch':   # the reference gathers clamped ids (Triton would read out of bounds: not run unchecked)
         with pytest.raises(RuntimeError): cluster_attention(q, k, v, bad, impl=impl, check_idx=False)
 
 
