@@ -3,8 +3,7 @@ PyTorch reference (and dense SDPA over all tokens, the cost cluster attention av
 token, at the AFF stage-1 shape (clusters of 8, neighbourhoods of 64, head dim 32, 4 heads, relative-position bias,
 bf16) over a sweep of token counts. The sweep is declared as `triton.testing.Benchmark`s wrapped by `perf_report`; the
 results (device, date, command, sizes, ms) go to a JSON file that nbs/03_cluster_attention.ipynb plots.
-Neighbourhoods are realistic: random visible cells ordered along a Morton curve, clusters of consecutive tokens, each
-cluster's nearest tokens.
+Neighbourhoods are the library's own (`affmae.clustering.cluster_tokens`) over random visible cells of a grid.
 GPU (GPU time: median of CUDA-graph replays):
     PYTHONPATH=. python kernels/bench_cluster_attention.py
 CPU smoke test (Triton's interpreter, tiny fp32 sizes, wall time: checks the script, measures nothing):
@@ -14,6 +13,7 @@ import torch, triton
 import torch.nn.functional as F
 from triton.testing import Benchmark, do_bench, do_bench_cudagraph, perf_report
 from affmae.cluster_attention import cluster_attention, cluster_attention_ref
+from affmae.clustering import cluster_tokens
 
 SCRIPT = 'kernels/bench_cluster_attention.py'
 OUT = pathlib.Path(__file__).parent / 'results' / 'bench_cluster_attention.json'
@@ -32,23 +32,12 @@ def benchmarks(tiny: bool) -> list[Benchmark]:
                       plot_name=f'cluster-attention-{mode}', args={**shape, 'mode': mode})
             for mode in ('fwd', 'fwd+bwd')]
 
-def morton(x, y, bits=16):
-    "Interleave the bits of integer coordinates: a Z-order curve."
-    code = torch.zeros_like(x)
-    for i in range(bits): code |= ((x >> i) & 1) << (2 * i) | ((y >> i) & 1) << (2 * i + 1)
-    return code
-
 def neighbourhoods(B, N, Q, M, device):
-    "nbhd_idx (B, N//Q, M): the M tokens nearest each cluster's centre, N of 2N grid cells visible, Morton order."
-    side, out = int((2 * N)**.5) + 1, []
-    for _ in range(B):
-        cells = torch.randperm(side * side, device=device)[:N]
-        x, y = cells % side, cells // side
-        o = torch.argsort(morton(x, y))
-        p = torch.stack([x[o], y[o]], 1).float()
-        cen = p.view(N // Q, Q, 2).mean(1)
-        out.append(torch.cat([torch.cdist(c, p).topk(M, largest=False).indices for c in cen.split(1024)]))
-    return torch.stack(out).int()
+    "nbhd_idx (B, N//Q, M) from `cluster_tokens`: N random cells of a grid of about 2N, as after a 50 % mask."
+    side = int((2 * N)**.5) + 1
+    cells = torch.stack([torch.randperm(side * side, device=device)[:N] for _ in range(B)])
+    pos = torch.stack([cells % side, cells // side], -1).float()
+    return cluster_tokens(pos, cluster_size=Q, nbhd_size=M).nbhd.int()
 
 def wall_ms(fn, reps):
     "Median wall time of `reps` calls after one warm-up (CPU)."
