@@ -191,3 +191,16 @@ def test_module_blank():
     assert len(blocks) == 3 and all(b.attn.blank_k is not None for b in blocks)
     outs = enc(torch.randn(2, 1, 32, 32, generator=g))
     assert all(torch.isfinite(t.x).all() for t in outs)
+
+
+def test_blank_cast():
+    "An fp32 blank with fp16 q/k/v (a model's parameters under autocast) is cast for the kernel; its grads stay fp32."
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).half() for _ in range(3))
+    blank = [torch.randn(2, 16, generator=g).requires_grad_() for _ in range(2)]
+    ref_blank = [t.detach().double().requires_grad_() for t in blank]
+    idx = torch.randint(-1, 16, (1, 2, 8), generator=g)
+    cluster_attention(q, k, v, idx, impl='triton', blank=tuple(blank)).float().sum().backward()
+    cluster_attention_ref(q.double(), k.double(), v.double(), idx, blank=tuple(ref_blank)).sum().backward()
+    for t, r in zip(blank, ref_blank):
+        assert t.grad.dtype == torch.float32 and rel(t.grad, r.grad) < TOL[torch.float16][1]
