@@ -87,25 +87,32 @@ class DropPath(nn.Module):
 
 # %% ../nbs/06_aff.ipynb #be4bbd4e
 class ClusterAttention(nn.Module):
-    "Multi-head attention of every token over its cluster's neighbourhood."
-    def __init__(self, dim: int, heads: int, impl: str = 'auto'):
+    "Multi-head attention of every token over its cluster's neighbourhood (and a learned blank token if `blank`)."
+    def __init__(self, dim: int, heads: int, impl: str = 'auto', blank: bool = False):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.impl = heads, impl
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.blank_k = self.blank_v = None
+        if blank:   # a key and value per head, small like the projections' outputs at init: attention "nowhere"
+            self.blank_k, self.blank_v = (nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, dim // heads), std=.02))
+                                          for _ in range(2))
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = cluster_attention(q, k, v, nbhd, bias=bias, impl=self.impl, check_idx=False)   # nbhd from cluster_tokens: in range
+        blank = None if self.blank_k is None else (self.blank_k, self.blank_v)
+        o = cluster_attention(q, k, v, nbhd, bias=bias, impl=self.impl, check_idx=False,   # nbhd from cluster_tokens
+                              blank=blank)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 # %% ../nbs/06_aff.ipynb #3d65f2a5
 class AFFBlock(nn.Module):
     "Pre-norm block: cluster attention with relative-position bias, then an MLP (ratio `mlp_ratio`); drop-path on both."
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto'):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto',
+                 blank: bool = False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), ClusterAttention(dim, heads, impl)
+        self.norm1, self.attn = nn.LayerNorm(dim), ClusterAttention(dim, heads, impl, blank)
         self.norm2 = nn.LayerNorm(dim)
         hid = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hid), nn.GELU(), nn.Linear(hid, dim))
@@ -128,7 +135,8 @@ class AFFEncoder(nn.Module):
     def __init__(self, dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (1, 1, 2, 1),
                  heads: Sequence[int] = (1, 2, 4, 6), patch: int = 8, in_chans: int = 1, nbhd: int = 64,
                  cluster: int = 8, ds: float | Sequence[float] = 0.4, mlp_ratio: float = 3., drop_path: float = 0.,
-                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool = False):
+                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool = False,
+                 blank: bool = False):
         super().__init__()
         S = len(dims)
         if not (len(depths) == len(heads) == S): raise ValueError(f"dims, depths and heads need one entry per stage, got {len(dims)}, {len(depths)}, {len(heads)}")
@@ -141,7 +149,8 @@ class AFFEncoder(nn.Module):
         self.stages, self.rpes, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in range(S):
             i0 = sum(depths[:s])
-            self.stages.append(nn.ModuleList(AFFBlock(dims[s], heads[s], mlp_ratio, dp[i0 + j], impl) for j in range(depths[s])))
+            self.stages.append(nn.ModuleList(AFFBlock(dims[s], heads[s], mlp_ratio, dp[i0 + j], impl, blank)
+                                             for j in range(depths[s])))
             self.rpes.append(RelPosBias(heads[s], rpe_hidden))
             self.norms.append(nn.LayerNorm(dims[s]))
         self.merges = nn.ModuleList(TokenMerging(dims[s], dims[s + 1], ds[s], merge_heads) for s in range(S - 1))

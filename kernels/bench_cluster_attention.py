@@ -1,90 +1,110 @@
-"""Benchmark of affmae.cluster_attention on the GPU: median forward and forward+backward time
-(triton.testing.do_bench) of the Triton kernels vs the PyTorch reference vs dense SDPA over the same tokens, at the
-AFF-Base stage shapes of 512², 1024², 2048² images (patch 8, 50 % mask, ds 0.4 per stage, cluster 8, neighbourhood 64,
-head dim 32, heads 4/8/16/24), bf16; extra memory and achieved GB/s, TFLOP/s against the card's measured peaks.
-Neighbourhoods are realistic: random visible points ordered along a Morton curve, clusters of 8 consecutive points,
-each cluster's 64 nearest points. Usage: PYTHONPATH=. python kernels/bench_cluster_attention.py"""
-import datetime, math, sys, torch, triton
+"""Benchmark of affmae.cluster_attention: median forward and forward+backward time of the Triton kernels against the
+PyTorch reference (and dense SDPA over all tokens, the cost cluster attention avoids), each with and without the blank
+token, at the AFF stage-1 shape (clusters of 8, neighbourhoods of 64, head dim 32, 4 heads, relative-position bias,
+bf16) over a sweep of token counts. The sweep is declared as `triton.testing.Benchmark`s wrapped by `perf_report`; the
+results (device, date, command, sizes, ms) go to a JSON file that nbs/03_cluster_attention.ipynb plots.
+Neighbourhoods are the library's own (`affmae.clustering.cluster_tokens`) over random visible cells of a grid.
+GPU (GPU time: median of CUDA-graph replays):
+    PYTHONPATH=. python kernels/bench_cluster_attention.py
+CPU smoke test (Triton's interpreter, tiny fp32 sizes, wall time: checks the script, measures nothing):
+    TRITON_INTERPRET=1 PYTHONPATH=. python kernels/bench_cluster_attention.py --tiny"""
+import argparse, datetime, json, os, pathlib, statistics, sys, time
+import torch, triton
 import torch.nn.functional as F
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import Benchmark, do_bench, do_bench_cudagraph, perf_report
 from affmae.cluster_attention import cluster_attention, cluster_attention_ref
+from affmae.clustering import cluster_tokens
 
-dev, dt = 'cuda', torch.bfloat16
+SCRIPT = 'kernels/bench_cluster_attention.py'
+OUT = pathlib.Path(__file__).parent / 'results' / 'bench_cluster_attention.json'
+PROVIDERS = {'triton': 'Triton', 'triton+blank': 'Triton + blank', 'torch': 'torch reference',
+             'torch+blank': 'torch reference + blank', 'sdpa': 'dense SDPA (all tokens)'}
+STYLES = [('tab:blue', '-'), ('tab:blue', '--'), ('tab:orange', '-'), ('tab:orange', '--'), ('tab:gray', ':')]
+GPU_SHAPE = dict(B=8, H=4, D=32, Q=8, M=64, dtype='bfloat16')
+TINY_SHAPE = dict(B=1, H=1, D=16, Q=8, M=16, dtype='float32')
+EAGER = []   # points whose CUDA-graph capture failed, timed eagerly instead
 
-def morton(x, y, bits=16):
-    code = torch.zeros_like(x)
-    for i in range(bits): code |= ((x >> i) & 1) << (2 * i) | ((y >> i) & 1) << (2 * i + 1)
-    return code
+def benchmarks(tiny: bool) -> list[Benchmark]:
+    "One Benchmark per mode ('fwd', 'fwd+bwd'): time against tokens per image N, one line per provider."
+    shape, ns = (TINY_SHAPE, [64, 128]) if tiny else (GPU_SHAPE, [2048 * 2**i for i in range(5)])
+    return [Benchmark(x_names=['N'], x_vals=ns, line_arg='provider', line_vals=list(PROVIDERS),
+                      line_names=list(PROVIDERS.values()), styles=STYLES, ylabel='ms', x_log=True, y_log=True,
+                      plot_name=f'cluster-attention-{mode}', args={**shape, 'mode': mode})
+            for mode in ('fwd', 'fwd+bwd')]
 
-def neighbourhoods(B, N, side, Q=8, M=64):
-    "nbhd_idx (B, N//Q, M): the M nearest tokens of each cluster's centre, tokens in Morton order."
-    out = []
-    for _ in range(B):
-        cells = torch.randperm(side * side, device=dev)[:N]
-        x, y = cells % side, cells // side
-        o = torch.argsort(morton(x, y)); p = torch.stack([x[o], y[o]], 1).float()
-        cen = p.view(N // Q, Q, 2).mean(1)
-        idx = torch.cat([torch.cdist(c, p).topk(M, largest=False).indices for c in cen.split(1024)])
-        out.append(idx)
-    return torch.stack(out).int()
+def neighbourhoods(B, N, Q, M, device):
+    "nbhd_idx (B, N//Q, M) from `cluster_tokens`: N random cells of a grid of about 2N, as after a 50 % mask."
+    side = int((2 * N)**.5) + 1
+    cells = torch.stack([torch.randperm(side * side, device=device)[:N] for _ in range(B)])
+    pos = torch.stack([cells % side, cells // side], -1).float()
+    return cluster_tokens(pos, cluster_size=Q, nbhd_size=M).nbhd.int()
 
-def peaks():
-    x = torch.empty(2**30, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
-    bw = 2 * x.numel() / do_bench(lambda: y.copy_(x), return_mode='median') / 1e6      # GB/s, read + write
-    a = torch.randn(8192, 8192, device=dev, dtype=dt); b = torch.randn_like(a)
-    fl = 2 * 8192**3 / do_bench(lambda: a @ b, return_mode='median') / 1e9             # TFLOP/s
-    return bw, fl
+def wall_ms(fn, reps):
+    "Median wall time of `reps` calls (CPU: the interpreter compiles nothing, so no warm-up)."
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
-def mem(fn):
-    torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-    fn(); torch.cuda.synchronize(); return (torch.cuda.max_memory_allocated() - base) / 2**20
+def bench(N, provider, B, H, D, Q, M, dtype, mode, reps=3):
+    "Milliseconds of one call (forward, or forward and backward) of `provider` at N tokens per image."
+    dev, dt = ('cuda' if torch.cuda.is_available() else 'cpu'), getattr(torch, dtype)
+    g = torch.Generator(dev).manual_seed(N)
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(B, H, N, M, device=dev, dtype=dt, generator=g, requires_grad=True)
+    blank = tuple(torch.randn(H, D, device=dev, dtype=dt, generator=g, requires_grad=True) for _ in range(2))
+    idx, do = neighbourhoods(B, N, Q, M, dev), torch.randn(B, H, N, D, device=dev, dtype=dt, generator=g)
+    opt = dict(blank=blank if provider.endswith('+blank') else None)
+    f = {'triton': lambda: cluster_attention(q, k, v, idx, bias, impl='triton', check_idx=False, **opt),
+         'torch': lambda: cluster_attention_ref(q, k, v, idx, bias, check_idx=False, **opt),
+         'sdpa': lambda: F.scaled_dot_product_attention(q, k, v)}[provider.split('+')[0]]
+    def fwd_bwd():
+        f().backward(do)
+        for t in (q, k, v, bias, *blank): t.grad = None
+    fn = f if mode == 'fwd' else fwd_bwd
+    if dev == 'cpu': return wall_ms(fn, reps)
+    fwd_bwd()                                   # compile and autotune outside the graph capture
+    torch.cuda.synchronize()
+    try: return do_bench_cudagraph(fn, return_mode='median')
+    except RuntimeError as e:                   # recorded in the JSON: this point includes launch overhead
+        EAGER.append(f'{provider} {mode} N={N}: {str(e).splitlines()[0][:200]}')
+        return do_bench(fn, return_mode='median')
 
-def bench_shape(B, N, H, D=32, Q=8, M=64, side=None, with_bias=False, ref=True):
-    idx = neighbourhoods(B, N, side)
-    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
-    bias = torch.randn(B, H, N, M, device=dev, dtype=dt, requires_grad=True) if with_bias else None
-    do = torch.randn(B, H, N, D, device=dev, dtype=dt)
-    res = {}
-    impls = [('triton', lambda: cluster_attention(q, k, v, idx, bias, impl='triton'))]
-    if ref: impls.append(('torch ref', lambda: cluster_attention_ref(q, k, v, idx, bias)))
-    impls.append(('dense SDPA', lambda: F.scaled_dot_product_attention(q, k, v)))
-    for name, f in impls:
-        def fb():
-            o = f(); o.backward(do)
-            for t in (q, k, v, bias):
-                if t is not None: t.grad = None
-        eager = do_bench(fb, return_mode='median')            # also autotunes before any graph capture
-        try: fwd, fwdbwd = (do_bench_cudagraph(g, return_mode='median') for g in (f, fb))
-        except Exception as e: print('graph capture failed:', name, repr(e)[:200]); fwd, fwdbwd = float('nan'), float('nan')
-        res[name] = (fwd, fwdbwd, eager, mem(fb))
-    return res, idx
+def run(report, reps) -> list[dict]:
+    "Evaluate every point of the report's Benchmarks (its `run` method would need pandas, absent on the GPU machine)."
+    results = []
+    for bm in report.benchmarks:
+        ms = {p: [report.fn(**{bm.x_names[0]: x, bm.line_arg: p, **bm.args}, reps=reps) for x in bm.x_vals]
+              for p in bm.line_vals}
+        for p, t in ms.items(): print(bm.plot_name, p, ' '.join(f'{v:.4g}' for v in t), 'ms', flush=True)
+        spec = {k: getattr(bm, k) for k in ('x_names', 'x_vals', 'line_arg', 'line_vals', 'line_names', 'styles',
+                                            'xlabel', 'ylabel', 'x_log', 'y_log', 'plot_name', 'args')}
+        results.append({**spec, 'ms': ms})
+    return results
 
-def main():
-    bw, fl = peaks()
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; measured peaks: copy {bw:,.0f} GB/s, bf16 matmul {fl:,.0f} TFLOP/s")
-    rows = []
-    # (image, stage, B, N visible tokens rounded to the cluster size, heads, grid side in patches)
-    for img, B in ((512, 32), (1024, 8), (2048, 2)):
-        side, n = img // 8, (img // 8)**2 // 2
-        for st, H in enumerate((4, 8, 16, 24)):
-            N = -(-n // 8) * 8
-            if st < 2 or img == 1024:
-                rows.append((img, st + 1, B, N, H, side, False))
-            n = round(n * 0.4)
-    rows.insert(2, (1024, 1, 8, 8192, 4, 128, True))
-    print('\n| image | stage | B | N | H | bias | impl | fwd ms | fwd+bwd ms | eager fwd+bwd ms | extra MiB (fwd+bwd) | fwd GB/s | fwd+bwd TFLOP/s |')
-    print('|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|')
-    for img, st, B, N, H, side, wb in rows:
-        D, M = 32, 64
-        res, idx = bench_shape(B, N, H, side=side, with_bias=wb, ref=N * B <= 8 * 8192)
-        fbytes = 4 * B * H * N * D * 2 + idx.numel() * 4 + B * H * N * 4 + (B * H * N * M * 2 if wb else 0)
-        flops = 2 * B * H * N * M * D
-        for name, (f, fb, ea, m) in res.items():
-            fl_ = 7 * flops if name != 'dense SDPA' else 7 * 2 * B * H * N * N * D   # fwd 2 dots + bwd 5 dots
-            gbs = fbytes / f / 1e6 if name == 'triton' else float('nan')
-            print(f"| {img}² | {st} | {B} | {N} | {H} | {'yes' if wb else 'no'} | {name} | {f:.3f} | {fb:.3f} | {ea:.3f} | {m:,.0f} | {gbs:,.0f} | {fl_ / fb / 1e9:.1f} |", flush=True)
-    print(f"\nfwd, fwd+bwd: GPU time, median of CUDA-graph replays (no launch overhead); eager: median of plain calls (launches, argument checks incl. the index-range sync).")
-    print(f"peaks: {bw:,.0f} GB/s copy, {fl:,.0f} TFLOP/s bf16; GB/s counts q,k,v,out,idx,lse(,bias) once; TFLOP/s counts useful FLOPs (14·B·H·N·M·D for cluster attention, 14·B·H·N²·D for SDPA).")
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--tiny', action='store_true', help='tiny fp32 sizes for a CPU run under TRITON_INTERPRET=1')
+    p.add_argument('--reps', type=int, default=3, help='timed calls per point on the CPU (the GPU uses CUDA graphs)')
+    p.add_argument('--out', type=pathlib.Path, default=OUT, help='JSON file to write')
+    a = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if not (gpu or a.tiny): raise SystemExit('no GPU: run with --tiny (and TRITON_INTERPRET=1) for a CPU smoke test')
+    if not gpu and os.environ.get('TRITON_INTERPRET') != '1': raise SystemExit('a CPU run needs TRITON_INTERPRET=1')
+    report = perf_report(benchmarks(a.tiny))(bench)
+    meta = {'device': torch.cuda.get_device_name() if gpu else 'CPU (Triton interpreter)',
+            'measurement': ('GPU time, median of CUDA-graph replays (triton.testing.do_bench_cudagraph)' if gpu else
+                            'wall time of the Triton interpreter at tiny sizes: a smoke test, not a performance '
+                            'measurement'),
+            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+            'command': ' '.join(['TRITON_INTERPRET=1'] * (not gpu) + ['PYTHONPATH=. python', SCRIPT] +
+                                (argv if argv is not None else sys.argv[1:])),
+            'torch': torch.__version__, 'triton': triton.__version__}
+    res = {**meta, 'benchmarks': run(report, a.reps), 'timed_eagerly': EAGER}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + '\n')
+    print('wrote', a.out)
 
 if __name__ == '__main__': main()

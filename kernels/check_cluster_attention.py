@@ -1,6 +1,7 @@
 """GPU correctness check of affmae.cluster_attention's Triton kernels against the float64 reference: forward and the
-gradients of q, k, v, bias on >= 200 random ragged cases at real sizes, in bf16, fp16 and fp32 (padding, duplicate
-indices, fully padded clusters, huge logits, strided q/k/v). Exit code 1 on any failure.
+gradients of q, k, v, bias and the blank key/value on >= 200 random ragged cases at real sizes, in bf16, fp16 and
+fp32 (padding, duplicate indices, fully padded clusters, huge logits, strided q/k/v, with and without a blank token).
+Exit code 1 on any failure.
 Usage: AFFMAE_AUTOTUNE=0 PYTHONPATH=. python kernels/check_cluster_attention.py [--n 240] [--start 0]
 (compiling the many kernel variants dominates; run seed ranges in parallel processes to use the CPU cores)."""
 import argparse, sys, time, torch
@@ -17,7 +18,8 @@ def case(g, dev):
     else: Q, M, D = [1, 5, 16, 40][r(0, 3)], [r(1, 16), r(65, 128), r(129, 200)][r(0, 2)], [16, 24, 64, 128][r(0, 3)]
     B, H, G = r(1, 3), r(1, 4), r(1, 2048 // Q)
     strided = r(0, 3) == 0                                           # q, k, v as views of one fused qkv tensor
-    N = G * Q; Nk = N if strided else r(1, 3000)
+    N = G * Q
+    Nk = N if strided else r(1, 3000)
     idx = torch.randint(0, Nk, (B, G, M), generator=g)
     idx[torch.rand(B, G, M, generator=g) < torch.rand((), generator=g) * 0.5] = -1
     idx[torch.rand(B, G, M, generator=g) < 0.1] = r(0, Nk - 1)
@@ -26,24 +28,29 @@ def case(g, dev):
     if strided: q, k, v = torch.randn(B, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)
     else: q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (N, Nk, Nk))
     bias = torch.randn(B, H, N, M, generator=g) if r(0, 1) else None
+    blank = [torch.randn(H, D, generator=g) for _ in range(2)] if r(0, 1) else None
     if huge:
         q, k = q * 30, k * 30
         if bias is not None: bias = bias * 3e3
+        if blank is not None: blank[0] = blank[0] * 30
     if r(0, 1): idx = idx.int()
     cvt = lambda t: t.to(dev, dtype)
-    return dtype, (cvt(q), cvt(k), cvt(v)), idx.to(dev), (cvt(bias) if bias is not None else None), huge, strided
+    blank = [cvt(t) for t in blank] if blank is not None else None
+    return dtype, (cvt(q), cvt(k), cvt(v)), idx.to(dev), (cvt(bias) if bias is not None else None), blank, huge, strided
 
 def run(seed, dev):
     g = torch.Generator().manual_seed(seed)
-    dtype, (q, k, v), idx, bias, huge, strided = case(g, dev)
-    ins = [q, k, v] + ([bias] if bias is not None else [])
+    dtype, (q, k, v), idx, bias, blank, huge, strided = case(g, dev)
+    ins = [q, k, v] + ([bias] if bias is not None else []) + (blank or [])
     xs = [t.detach().clone().requires_grad_() for t in ins]
     if strided:   # keep the fused-projection layout for the kernel
-        qkv = torch.stack([q, k, v]).detach().permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4).requires_grad_()
+        qkv = torch.stack([q, k, v]).detach().permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
+        qkv.requires_grad_()
         xs[:3] = qkv.unbind(0)
     rs = [t.detach().double().requires_grad_() for t in ins]
-    out = cluster_attention(*xs[:3], idx, xs[3] if bias is not None else None, impl='triton')
-    ref = cluster_attention_ref(*rs[:3], idx, rs[3] if bias is not None else None)
+    opt = lambda ts: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[-2:]) if blank else None)
+    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs))
+    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs))
     go = torch.randn(ref.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev, dtype=torch.float64)
     grads = torch.autograd.grad(out, xs, go.to(dtype))
     rgrads = torch.autograd.grad(ref, rs, go)
@@ -52,20 +59,28 @@ def run(seed, dev):
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
     finite = torch.isfinite(out).all().item() and all(torch.isfinite(x).all().item() for x in grads)
     ok = finite and errs[0] < tf and all(e < tg for e in errs[1:])
-    desc = f"B={q.shape[0]} H={q.shape[1]} N={q.shape[2]} G={idx.shape[1]} M={idx.shape[2]} Nk={k.shape[2]} D={q.shape[3]} {str(dtype)[6:]} bias={bias is not None} huge={huge} strided={strided} idx={str(idx.dtype)[6:]}"
+    desc = (f"B={q.shape[0]} H={q.shape[1]} N={q.shape[2]} G={idx.shape[1]} M={idx.shape[2]} Nk={k.shape[2]} "
+            f"D={q.shape[3]} {str(dtype)[6:]} bias={bias is not None} blank={blank is not None} huge={huge} "
+            f"strided={strided} idx={str(idx.dtype)[6:]}")
     return ok, errs, desc, dtype
 
 def main():
-    p = argparse.ArgumentParser(); p.add_argument('--n', type=int, default=240); p.add_argument('--start', type=int, default=0)
+    p = argparse.ArgumentParser()
+    p.add_argument('--n', type=int, default=240)
+    p.add_argument('--start', type=int, default=0)
     a = p.parse_args()
-    dev = 'cuda'; t0 = time.time(); worst = {}; fails = 0
+    dev, t0, worst, fails = 'cuda', time.time(), {}, 0
     for seed in range(a.start, a.start + a.n):
         ok, errs, desc, dtype = run(seed, dev)
         w = worst.setdefault(dtype, [0., 0., 0])
-        w[0] = max(w[0], errs[0]); w[1] = max(w[1], max(errs[1:])); w[2] += 1
+        w[:] = max(w[0], errs[0]), max(w[1], max(errs[1:])), w[2] + 1
         if seed % 40 == 39: print(f"{seed + 1} cases, {fails} failures, {time.time() - t0:.0f} s", flush=True)
-        if not ok: fails += 1; print(f"FAIL seed {seed}: {desc} errors (out, dq, dk, dv[, dbias]) = {[f'{e:.2e}' for e in errs]}")
-    print(f"\ncluster attention check on {torch.cuda.get_device_name()}: {a.n} random cases, {fails} failures, {time.time()-t0:.0f} s")
+        if not ok:
+            fails += 1
+            print(f"FAIL seed {seed}: {desc} errors (out, dq, dk, dv[, dbias][, dk_blank, dv_blank]) = "
+                  f"{[f'{e:.2e}' for e in errs]}")
+    print(f"\ncluster attention check on {torch.cuda.get_device_name()}: {a.n} random cases, {fails} failures, "
+          f"{time.time() - t0:.0f} s")
     print('| dtype | cases | worst rel. error out | worst rel. error grads |\n|---|---:|---:|---:|')
     for dt, (eo, eg, n) in worst.items(): print(f"| {str(dt)[6:]} | {n} | {eo:.2e} | {eg:.2e} |")
     sys.exit(1 if fails else 0)

@@ -8,11 +8,11 @@ from affmae.cluster_attention import cluster_attention, cluster_attention_ref
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2)}   # (forward, gradients) relative errors
 
 def rel(a, b):
-    "‖a−b‖/‖b‖, the denominator floored at an RMS of 1e-2 (exactly-zero references, e.g. dq of a one-key row)."
+    "‖a−b‖/‖b‖, the denominator floored at an RMS of 1e-2 (exactly-zero references, e.g. dq of one-key rows)."
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-2 * b.numel()**.5)).item()
 
 def random_case(g: torch.Generator, dtype, huge=False):
-    "Random ragged case: shapes, -1 padding, duplicate indices, fully padded clusters, optional huge logits."
+    "Random ragged case: shapes, -1 padding, duplicates, fully padded clusters, optional bias, blank, huge logits."
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
     B, H, G, Q, D = r(1, 2), r(1, 2), r(1, 4), [1, 2, 3, 8, 8, 16, 20][r(0, 6)], [16, 32, 24][r(0, 2)]
     N, Nk, M = G * Q, r(1, 40), r(1, 24)
@@ -22,19 +22,26 @@ def random_case(g: torch.Generator, dtype, huge=False):
     if r(0, 2) == 0: idx[r(0, B - 1), r(0, G - 1)] = -1                                 # a fully padded cluster
     q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (N, Nk, Nk))
     bias = torch.randn(B, H, N, M, generator=g) if r(0, 1) else None
+    blank = [torch.randn(H, D, generator=g) for _ in range(2)] if r(0, 1) else None
     if huge:   # logits of order 1e3..1e4
         q, k = q * 30, k * 30
         if bias is not None: bias = bias * 3e3
-    return [t.to(dtype) for t in (q, k, v)], idx, (bias.to(dtype) if bias is not None else None)
+        if blank is not None: blank[0] = blank[0] * 30
+    cast = lambda t: t.to(dtype) if t is not None else None
+    return [cast(t) for t in (q, k, v)], idx, cast(bias), (None if blank is None else [cast(t) for t in blank])
 
-def check(seed, dtype, impl='triton', huge=False):
+def check(seed, dtype, impl='triton', huge=False, blank=None):
+    "One random case against the float64 reference; `blank` forces the blank token on (True) or off (False)."
     g = torch.Generator().manual_seed(seed)
-    (q, k, v), idx, bias = random_case(g, dtype, huge)
-    ins = [q, k, v] + ([bias] if bias is not None else [])
+    (q, k, v), idx, bias, bl = random_case(g, dtype, huge)
+    if blank is False: bl = None
+    elif blank and bl is None: bl = [torch.randn(q.shape[1], q.shape[3], generator=g).to(dtype) for _ in range(2)]
+    ins = [q, k, v] + ([bias] if bias is not None else []) + (bl or [])
     xs = [t.clone().requires_grad_() for t in ins]
     rs = [t.double().requires_grad_() for t in ins]
-    out = cluster_attention(*xs[:3], idx, xs[3] if bias is not None else None, impl=impl)
-    ref = cluster_attention_ref(*rs[:3], idx, rs[3] if bias is not None else None)
+    opt = lambda ts: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[-2:]) if bl else None)
+    out = cluster_attention(*xs[:3], idx, impl=impl, **opt(xs))
+    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs))
     assert out.dtype == dtype and out.shape == ref.shape
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     out.backward(go.to(dtype)); ref.backward(go)
@@ -42,10 +49,12 @@ def check(seed, dtype, impl='triton', huge=False):
     if huge: tf, tg = 4 * tf, 4 * tg   # logits ~1e4 carry an absolute fp32 rounding of ~1e-3 into every exponent
     assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs)
     assert rel(out, ref) < tf, (seed, rel(out, ref))
-    for name, x, r in zip('q k v bias'.split(), xs, rs): assert rel(x.grad, r.grad) < tg, (seed, name, rel(x.grad, r.grad))
-    empty = (idx < 0).all(-1)   # fully padded clusters: zero output, zero dq
+    names = ['q', 'k', 'v'] + (['bias'] if bias is not None else []) + (['k_blank', 'v_blank'] if bl else [])
+    for name, x, r in zip(names, xs, rs): assert rel(x.grad, r.grad) < tg, (seed, name, rel(x.grad, r.grad))
+    empty = (idx < 0).all(-1)   # fully padded clusters: the blank's value (zeros without a blank), zero dq without
     rows = empty.repeat_interleave(q.shape[2] // idx.shape[1], 1)[:, None].expand(out.shape[:3])
-    assert (out.detach()[rows] == 0).all() and (xs[0].grad[rows] == 0).all()
+    if bl is None: assert (out.detach()[rows] == 0).all() and (xs[0].grad[rows] == 0).all()
+    else: assert torch.allclose(out.detach().float()[rows], ref.detach().float()[rows], atol=tf * 10)
 
 @pytest.mark.parametrize('seed', range(24))
 def test_triton_fp32(seed): check(seed, torch.float32)
@@ -60,6 +69,25 @@ def test_triton_huge_logits(seed, dtype): check(seed, dtype, huge=True)
 @pytest.mark.parametrize('seed', range(300, 304))
 def test_torch_path(seed): check(seed, torch.float32, impl='torch')
 
+@pytest.mark.parametrize('seed', range(400, 410))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_triton_blank(seed, dtype): check(seed, dtype, blank=True)
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+def test_blank_only(impl):
+    "A fully padded cluster with a blank token returns the blank's value; a huge blank score hides the neighbours."
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, 1, 2, 16, 16, generator=g).unbind(0)
+    kb, vb = torch.randn(2, 2, 16, generator=g).unbind(0)
+    idx = torch.randint(0, 16, (1, 2, 8), generator=g)
+    idx[0, 0] = -1
+    out = cluster_attention(q, k, v, idx, impl=impl, blank=(kb, vb))
+    torch.testing.assert_close(out[0, :, :8], vb[:, None].expand(2, 8, 16))
+    u = torch.randn(2, 16, generator=g)
+    q[0, :, 8:] = u[:, None]                                              # cluster 1: one query repeated ...
+    big = cluster_attention(q, k, v, idx, impl=impl, blank=(10 * u, vb))   # ... scoring 10|u|²/4 on the blank
+    torch.testing.assert_close(big[0, :, 8:], vb[:, None].expand(2, 8, 16), rtol=1e-4, atol=1e-4)
+
 def test_strided_inputs():
     "q, k, v as views of one fused (B, N, 3, H, D) projection, as an attention layer makes them."
     g = torch.Generator().manual_seed(7)
@@ -70,7 +98,8 @@ def test_strided_inputs():
     assert rel(test, cluster_attention_ref(*(t.double() for t in qkv), idx)) < 1e-4
 
 def test_errors():
-    q, k, v, idx = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16), torch.zeros(1, 2, 4, dtype=torch.long)
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    idx = torch.zeros(1, 2, 4, dtype=torch.long)
     f = lambda **kw: cluster_attention(**{**dict(q=q, k=k, v=v, nbhd_idx=idx, impl='triton'), **kw})
     for kw, err, msg in [(dict(k=torch.randn(1, 2, 10, 8)), ValueError, 'k and v must have the same shape'),
                          (dict(k=torch.randn(1, 3, 10, 16), v=torch.randn(1, 3, 10, 16)), ValueError, 'k/v must be'),
@@ -80,23 +109,29 @@ def test_errors():
                          (dict(nbhd_idx=torch.zeros(1, 2, 4)), TypeError, 'integer'),
                          (dict(nbhd_idx=torch.zeros(1, 2, 4, dtype=torch.bool)), TypeError, 'integer'),
                          (dict(bias=torch.randn(1, 2, 8, 5)), ValueError, 'bias must be (B, H, N, M)'),
-                         (dict(q=torch.randn(1, 2, 8, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)), ValueError, 'unsupported head dim'),
+                         (dict(q=torch.randn(1, 2, 8, 8), k=torch.randn(1, 2, 10, 8), v=torch.randn(1, 2, 10, 8)),
+                          ValueError, 'unsupported head dim'),
                          (dict(q=q.double(), k=k.double(), v=v.double()), TypeError, 'unsupported dtype'),
                          (dict(v=v.half()), TypeError, 'share a dtype'),
-                         (dict(impl='cuda'), ValueError, 'impl must be')]:
+                         (dict(impl='cuda'), ValueError, 'impl must be'),
+                         (dict(blank=torch.randn(2, 16)), TypeError, 'blank must be a pair'),
+                         (dict(blank=(torch.randn(2, 16), torch.randn(3, 16))), ValueError, 'v_blank must be (H, D)'),
+                         (dict(blank=(torch.randn(2, 8), torch.randn(2, 16))), ValueError, 'k_blank must be (H, D)'),
+                         (dict(blank=(torch.randn(2, 16), None)), TypeError, 'v_blank must be a torch.Tensor')]:
         with pytest.raises(err, match=None) as e: f(**kw)
         assert msg in str(e.value), (msg, str(e.value))
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
 def test_check_idx(impl):
-    "`check_idx=False` (the models' trusted indices) skips only the range check: same result in range, no error out of range."
+    "`check_idx=False` (the models' trusted indices) skips only the range check: same result in range."
     g = torch.Generator().manual_seed(11)
     q, k, v = torch.randn(3, 1, 2, 16, 16, generator=g).unbind(0)
     idx = torch.randint(-1, 16, (1, 4, 8), generator=g)
-    torch.testing.assert_close(cluster_attention(q, k, v, idx, impl=impl, check_idx=False), cluster_attention(q, k, v, idx, impl=impl), rtol=0, atol=0)
+    unchecked = cluster_attention(q, k, v, idx, impl=impl, check_idx=False)
+    torch.testing.assert_close(unchecked, cluster_attention(q, k, v, idx, impl=impl), rtol=0, atol=0)
     bad = idx.clone(); bad[0, 0, 0] = 99
     with pytest.raises(ValueError, match='out of range'): cluster_attention(q, k, v, bad, impl=impl)
-    if impl == 'torch':   # the reference gathers with clamped ids; Triton would read out of bounds, so it is not run unchecked
+    if impl == 'torch':   # the reference gathers clamped ids (Triton would read out of bounds: not run unchecked)
         with pytest.raises(RuntimeError): cluster_attention(q, k, v, bad, impl=impl, check_idx=False)
 
 
@@ -115,3 +150,57 @@ def test_batch_broadcast_bias(impl):
         o.backward(go)
         outs.append([o.detach()] + [t.grad.clone() for t in (q, k, v, b1)])
     for a, b in zip(*outs): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_tiny(tmp_path):
+    "The benchmark script's CPU mode writes every point of its Benchmarks, with the run's metadata, to JSON."
+    import importlib.util, json, pathlib
+    path = pathlib.Path(__file__).parents[1] / 'kernels' / 'bench_cluster_attention.py'
+    spec = importlib.util.spec_from_file_location('bench_cluster_attention', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(['--tiny', '--reps', '1', '--out', str(tmp_path / 'b.json')])
+    res = json.loads((tmp_path / 'b.json').read_text())
+    assert res['device'] == 'CPU (Triton interpreter)' and '--tiny' in res['command'] and res['date']
+    assert [b['args']['mode'] for b in res['benchmarks']] == ['fwd', 'fwd+bwd']
+    for b in res['benchmarks']:
+        assert set(b['ms']) == set(bench.PROVIDERS) and b['args']['B'] == bench.TINY_SHAPE['B']
+        assert all(len(t) == len(b['x_vals']) and all(ms > 0 for ms in t) for t in b['ms'].values())
+
+
+def test_module_blank():
+    """`ClusterAttention(blank=True)` owns a (heads, head dim) blank key and value that get gradients, the same in
+    both impls; the encoder's `blank` option reaches every block; `blank=False` adds no parameter."""
+    from affmae.aff import AFFEncoder, ClusterAttention
+    g = torch.Generator().manual_seed(0)
+    att = ClusterAttention(32, 2, impl='triton', blank=True)
+    assert [tuple(p.shape) for p in (att.blank_k, att.blank_v)] == [(2, 16), (2, 16)]
+    assert att.blank_k.abs().max() < .1                                   # small at init, like the projections
+    x, nbhd = torch.randn(1, 16, 32, generator=g), torch.randint(-1, 16, (1, 2, 8), generator=g)
+    nbhd[0, 0] = -1                                                       # cluster 0 sees only the blank
+    att(x, nbhd).sum().backward()
+    assert att.blank_k.grad.abs().sum() > 0 and att.blank_v.grad.abs().sum() > 0
+    ref = ClusterAttention(32, 2, impl='torch', blank=True)
+    ref.load_state_dict(att.state_dict())
+    ref(x, nbhd).sum().backward()
+    for a, b in ((att.blank_k, ref.blank_k), (att.blank_v, ref.blank_v)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert 'blank_k' not in dict(ClusterAttention(32, 2).named_parameters())
+    enc = AFFEncoder(dims=(16, 32), depths=(1, 2), heads=(1, 2), blank=True)
+    blocks = [b for stage in enc.stages for b in stage]
+    assert len(blocks) == 3 and all(b.attn.blank_k is not None for b in blocks)
+    outs = enc(torch.randn(2, 1, 32, 32, generator=g))
+    assert all(torch.isfinite(t.x).all() for t in outs)
+
+
+def test_blank_cast():
+    "An fp32 blank with fp16 q/k/v (a model's parameters under autocast) is cast for the kernel; its grads stay fp32."
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).half() for _ in range(3))
+    blank = [torch.randn(2, 16, generator=g).requires_grad_() for _ in range(2)]
+    ref_blank = [t.detach().double().requires_grad_() for t in blank]
+    idx = torch.randint(-1, 16, (1, 2, 8), generator=g)
+    cluster_attention(q, k, v, idx, impl='triton', blank=tuple(blank)).float().sum().backward()
+    cluster_attention_ref(q.double(), k.double(), v.double(), idx, blank=tuple(ref_blank)).sum().backward()
+    for t, r in zip(blank, ref_blank):
+        assert t.grad.dtype == torch.float32 and rel(t.grad, r.grad) < TOL[torch.float16][1]
