@@ -144,7 +144,8 @@ def perlin_quarters_mask(n: int, size, ratio: float, *, lattices=PAPER_LATTICES,
     if not lattices or not all(isinstance(l, int) and l > 0 for l in lattices):
         raise ValueError(f"lattices must be a non-empty sequence of positive ints, got {lattices!r}")
     if not (isinstance(ref, int) and ref > 0): raise ValueError(f"ref must be a positive int, got {ref!r}")
-    if not (isinstance(octaves, int) and octaves >= 1): raise ValueError(f"octaves must be an int >= 1, got {octaves!r}")
+    if not (isinstance(octaves, int) and octaves >= 1):
+        raise ValueError(f"octaves must be an int >= 1, got {octaves!r}")
     if not (persistence > 0 and lacunarity > 0):
         raise ValueError(f"persistence and lacunarity must be > 0, got {persistence!r}, {lacunarity!r}")
     dev, q = _device(generator, device), len(lattices)
