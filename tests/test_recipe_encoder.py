@@ -83,7 +83,8 @@ def test_quarters_seeded():
 @pytest.mark.parametrize('kw,msg', [(dict(n=0), 'n must be'), (dict(ratio=1.), 'ratio must be in (0, 1)'),
                                     (dict(lattices=()), 'lattices must be'), (dict(lattices=(8, 2.5)), 'lattices must'),
                                     (dict(ref=0), 'ref must be'), (dict(octaves=0), 'octaves must be'),
-                                    (dict(lacunarity=0.), 'persistence and lacunarity'), (dict(size=(0, 4)), 'size must')])
+                                    (dict(lacunarity=0.), 'persistence and lacunarity'),
+                                    (dict(size=(0, 4)), 'size must')])
 def test_quarters_bad_args(kw, msg):
     args = dict(n=4, size=16, ratio=.5) | kw
     with pytest.raises(ValueError) as e: perlin_quarters_mask(**args)
