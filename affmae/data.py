@@ -502,7 +502,7 @@ class EMCrops(torch.utils.data.Dataset):
     def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
                  clahe=None, resize=None):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
-        self.clahe, self.resize = clahe, resize
+        self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
         if resize is not None and resize < size:
             raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
         self.n, self.codes, self._range = epoch_len or len(self.idxs), codes, {}
@@ -513,10 +513,17 @@ class EMCrops(torch.utils.data.Dataset):
         "Image `a` equalised (`clahe`) and resized (`resize`) as configured."
         if self.clahe is not None: a = clahe(a, self.clahe)
         return a if self.resize is None else resize_whole(a, self.resize)
+    def image(self, j):
+        "Item `j` after `prep`, and its stored shape; kept (up to 1 GiB) when there is preprocessing to save."
+        if j in self._prepped: return self._prepped[j]
+        a0 = self.src.image(j)
+        out = self.prep(a0), a0.shape
+        if (self.clahe, self.resize) != (None, None) and self._prepped_bytes + out[0].nbytes <= 2**30:
+            self._prepped[j] = out; self._prepped_bytes += out[0].nbytes
+        return out
     def __getitem__(self, i):
         j, s = self.idxs[i % len(self.idxs)], self.size
-        a0 = self.src.image(j)
-        a = self.prep(a0)
+        a, shape0 = self.image(j)
         h, w = a.shape
         if min(h, w) < s: raise EMDataError(f"{self.src.name(j)}: image is {h}x{w}, smaller than the crop size {s}")
         if j not in self._range:
@@ -525,8 +532,8 @@ class EMCrops(torch.utils.data.Dataset):
         img = torch.from_numpy(np.array(a[y0:y0+s, x0:x0+s], dtype=self.carrier))[None]
         if not self.masks: return img, self._range[j]
         m = self.src.mask(j)
-        if m.shape != a0.shape:
-            (mh, mw), (ih, iw) = m.shape, a0.shape
+        if m.shape != shape0:
+            (mh, mw), (ih, iw) = m.shape, shape0
             raise EMDataError(f"{self.src.name(j)}: mask is {mh}x{mw} but the image is {ih}x{iw}")
         if self.resize is not None: m = resize_whole(m, self.resize, labels=True)
         mx = int(m.max())
