@@ -80,6 +80,13 @@ def test_quarters_seeded():
     assert torch.equal(m(5), m(5)) and not torch.equal(m(5), m(6))
 
 
+def test_quarters_fbm_option():
+    "fBM (off in the recipe): octaves on lattices `lacunarity` times finer roughen the blobs; the count stays exact."
+    g = lambda: torch.Generator().manual_seed(2)
+    one, three = (perlin_quarters_mask(16, 64, .5, lattices=(8,), octaves=o, generator=g()) for o in (1, 3))
+    assert (three.flatten(1).sum(1) == 2048).all() and coherence(three).mean() < coherence(one).mean() - .02
+
+
 @pytest.mark.parametrize('kw,msg', [(dict(n=0), 'n must be'), (dict(ratio=1.), 'ratio must be in (0, 1)'),
                                     (dict(lattices=()), 'lattices must be'), (dict(lattices=(8, 2.5)), 'lattices must'),
                                     (dict(ref=0), 'ref must be'), (dict(octaves=0), 'octaves must be'),
