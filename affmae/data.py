@@ -612,7 +612,7 @@ class EMDataLoader(DataLoader):
         return fig
 
 def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks, pct, epoch_len,
-            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None):
+            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True):
     if norm is not None and stats is not None: raise EMDataError("pass norm or stats, not both")
     if resize is not None and resize < size: raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
     if norm is not None: pct, stats = None, tuple(norm)                    # fixed: the type's full range, then norm
@@ -631,7 +631,7 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
     tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes, **prep)
     mean, std = stats or norm_stats(src, train, pct, seed=seed, prep=tds.prep)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
-    dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, True), **kw)]
+    dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
     if valid:
         vds = EMCrops(src, valid, size, False, masks, pct, codes=codes, **prep)
         dls.append(EMDataLoader(vds, after_batch=EMBatch(mean, std, False), **kw))
@@ -642,22 +642,22 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
 
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                  pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
-                 clahe=None, resize=None, norm=None):
+                 clahe=None, resize=None, norm=None, augment=True):
     """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
     The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
-    `norm` (mean, std) of pixels over their type's full range."""
+    `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published)."""
     path = sample_dir() if path is None else None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, False, pct, epoch_len,
-                   synth_size, synth_kw, None, stats, clahe, resize, norm)
+                   synth_size, synth_kw, None, stats, clahe, resize, norm, augment)
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                 codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
-                clahe=None, resize=None, norm=None):
+                clahe=None, resize=None, norm=None, augment=True):
     """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
-    `clahe`, `resize` (masks by nearest neighbour) and `norm` as in `pretrain_dls`."""
+    `clahe`, `resize` (masks by nearest neighbour), `norm` and `augment` as in `pretrain_dls`."""
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
-                   synth_size, synth_kw, codes, stats, clahe, resize, norm)
+                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment)
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):

@@ -37,6 +37,7 @@ def test_our_defaults_unchanged():
     assert (enc.stem, enc.rpe, enc.global_last) == ('linear', 'stage', False) and type(enc.embed) is PatchEmbed
     assert [default(pretrain_dls, k) for k in ('clahe', 'resize', 'norm')] == [None] * 3
     assert [default(segment_dls, k) for k in ('clahe', 'resize', 'norm')] == [None] * 3
+    assert default(pretrain_dls, 'augment') is True and default(segment_dls, 'augment') is True
 
 
 # ---- Perlin quarter-lattice masks ----
@@ -279,3 +280,13 @@ def test_dls_option_errors():
         pretrain_dls('synthetic', size=64, resize=32, device='cpu')
     with pytest.raises(ValueError, match='norm or stats'):
         pretrain_dls('synthetic', size=32, norm=(0, 1), stats=(0, 1), device='cpu')
+
+
+def test_pretrain_dls_without_augmentation():
+    "The published pretraining does not augment: with augment=False every image arrives unflipped."
+    dls = pretrain_dls('synthetic', size=32, bs=4, n_synth=4, synth_size=48, valid_pct=0, device='cpu', augment=False,
+                       **{**PAPER_PREP, 'resize': 32})
+    ds = dls.train_ds
+    imgs = [(torch.from_numpy(ds.image(j)[0]).float() / 255 - PAPER_STATS[0]) / PAPER_STATS[1] for j in ds.idxs]
+    for _ in range(3):
+        assert all(any(torch.allclose(x[0], im, atol=1e-5) for im in imgs) for x in dls.one_batch()[0])
