@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_aff.ipynb #722ba08a
 from __future__ import annotations
-import importlib, math
+import importlib, itertools, math
 from typing import NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.utils.checkpoint
@@ -14,9 +14,10 @@ from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention
 
 # %% auto #0
-__all__ = ['Tokens', 'visible_ids', 'patch_positions', 'PatchEmbed', 'RelPosBias', 'DropPath', 'ClusterAttention', 'AFFBlock',
-           'run_block', 'AFFEncoder', 'register_model', 'list_models', 'create_model', 'aff_mini', 'aff_small',
-           'aff_base', 'show_stages']
+__all__ = ['MAX_REL_OFFSET', 'Tokens', 'visible_ids', 'patch_positions', 'PatchEmbed', 'ConvStem', 'RelPosBias',
+           'rel_pos_features', 'RelPosLinear', 'DropPath', 'ClusterAttention', 'global_nbhd', 'GlobalAttention',
+           'AFFBlock', 'run_block', 'AFFEncoder', 'register_model', 'list_models', 'create_model', 'aff_mini',
+           'aff_small', 'aff_base', 'show_stages']
 
 # %% ../nbs/06_aff.ipynb #f99825e4
 class Tokens(NamedTuple):
@@ -65,6 +66,50 @@ class PatchEmbed(nn.Module):
         x = self.norm(self.proj(gather_rows(patches, ids))) * valid[..., None]
         return Tokens(x, patch_positions(ids, w, P), valid)
 
+# %% ../nbs/06_aff.ipynb #9a4b65bd
+def _visible_grid(img: Tensor, mask: Tensor | None, n_visible: int | None, patch: int, in_chans: int):
+    "Check `img` and `mask` as `PatchEmbed` does; the grid `(h, w)` and `visible_ids` (every cell if `mask` is None)."
+    if img.ndim != 4 or img.shape[1] != in_chans:
+        raise ValueError(f"img must have shape (B, {in_chans}, H, W), got {tuple(img.shape)}")
+    B, _, H, W = img.shape
+    if H % patch or W % patch: raise ValueError(f"image size {H}×{W} is not a multiple of the patch size {patch}")
+    h, w = H // patch, W // patch
+    if mask is None:
+        ids = torch.arange(h * w, device=img.device).expand(B, -1)
+        return h, w, ids, torch.ones(B, h * w, dtype=torch.bool, device=img.device)
+    if mask.shape != (B, h, w) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape {(B, h, w)} (True = masked), got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    return h, w, *visible_ids(mask, n_visible)
+
+class ConvStem(nn.Module):
+    """The published stem: `log2(patch)` 3×3 stride-2 convolutions (LayerNorm + GELU between, widths dim/2 … dim),
+    masked patches zeroed in the input and after every convolution; the visible cells gathered and layer-normalised."""
+    def __init__(self, dim: int, patch: int = 8, in_chans: int = 1):
+        super().__init__()
+        if patch < 2 or patch & (patch - 1):
+            raise ValueError(f"the conv stem needs a power-of-2 patch size >= 2, got {patch}")
+        self.patch, self.in_chans = patch, in_chans
+        chans = [in_chans] + [dim // 2] * (patch.bit_length() - 2) + [dim]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(chans, chans[1:]))
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in chans[1:-1])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None) -> Tokens:
+        "Tokens of the patches of `img` not hidden by `mask`; `n_visible`: visible patches per image, if known."
+        h, w, ids, valid = _visible_grid(img, mask, n_visible, self.patch, self.in_chans)
+        keep = None if mask is None else (~mask)[:, None].to(img.dtype)                # (B, 1, h, w)
+        def remask(x):                                                          # zero masked patches at x's scale
+            if keep is None: return x
+            s = x.shape[-1] // w
+            return x * keep.repeat_interleave(s, 2).repeat_interleave(s, 3)
+        x = remask(img)
+        for i, conv in enumerate(self.convs):
+            x = remask(conv(x))
+            if i < len(self.norms): x = F.gelu(self.norms[i](x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.norm(gather_rows(x.flatten(2).transpose(1, 2), ids)) * valid[..., None]
+        return Tokens(x, patch_positions(ids, w, self.patch), valid)
+
 # %% ../nbs/06_aff.ipynb #dd078f71
 class RelPosBias(nn.Module):
     "Per-stage MLP from normalised query→neighbour offsets to a `(B, heads, N, M)` attention bias."
@@ -75,6 +120,25 @@ class RelPosBias(nn.Module):
     def forward(self, pos: Tensor, nbhd: Tensor, spacing: float) -> Tensor:
         d = neighbour_offsets(pos, nbhd) / spacing
         return self.mlp(d.to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2).contiguous()
+
+# %% ../nbs/06_aff.ipynb #02b13bbc
+MAX_REL_OFFSET = 255   # the published table's reach in patches: 2048-pixel images at patch 8
+
+def rel_pos_features(pos: Tensor, nbhd: Tensor, patch: int, max_offset: int = MAX_REL_OFFSET) -> Tensor:
+    """`(B, N, M, 5)` features `(dx, dy, |d|, dy/|d|, dx/|d|)` of the query→neighbour offsets in patches, rounded to
+    integers and clamped to ±`max_offset` (all 0 at d = 0); `pos` (B, N, 2) in curve order, `nbhd` (B, G, M)."""
+    d = (neighbour_offsets(pos, nbhd) / patch).round().clamp(-max_offset, max_offset)
+    r = d.norm(dim=-1, keepdim=True)
+    return torch.cat([d, r, (d / r.clamp_min(1)).flip(-1)], -1)    # integer d != 0 has |d| >= 1
+
+class RelPosLinear(nn.Module):
+    "One block's published position bias: `Linear(5 → heads)` of `rel_pos_features`, as `(B, heads, N, M)`."
+    def __init__(self, heads: int):
+        super().__init__()
+        self.proj = nn.Linear(5, heads)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj(feats.to(self.proj.weight.dtype)).permute(0, 3, 1, 2).contiguous()
 
 # %% ../nbs/06_aff.ipynb #6a530699
 class DropPath(nn.Module):
@@ -106,13 +170,34 @@ class ClusterAttention(nn.Module):
                               blank=blank)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
+# %% ../nbs/06_aff.ipynb #67fd20a7
+def global_nbhd(valid: Tensor) -> Tensor:
+    "The neighbourhood `(B, 1, N)` of global attention: every token of the image, -1 for the padding of `valid` (B, N)."
+    ids = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    return ids.masked_fill(~valid, -1)[:, None]
+
+class GlobalAttention(ClusterAttention):
+    "`ClusterAttention`'s weights over every token of the image: `nbhd` = `global_nbhd(valid)` (B, 1, N)."
+    def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = (nbhd[:, :1] >= 0)[:, None]                                            # (B, 1, 1, N)
+        mask = keys if bias is None else bias.to(q.dtype).masked_fill(~keys, float('-inf'))
+        if self.blank_k is not None:                                  # the blank: one more key, always seen, no bias
+            bk, bv = (t.to(q.dtype)[None, :, None].expand(B, -1, -1, -1) for t in (self.blank_k, self.blank_v))
+            k, v = torch.cat([k, bk], 2), torch.cat([v, bv], 2)
+            mask = F.pad(mask.expand(B, -1, N, -1), (0, 1), value=True if mask.dtype == torch.bool else 0.)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
 # %% ../nbs/06_aff.ipynb #3d65f2a5
 class AFFBlock(nn.Module):
     "Pre-norm block: cluster attention with relative-position bias, then an MLP (ratio `mlp_ratio`); drop-path on both."
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto',
-                 blank: bool = False):
+                 global_attn: bool = False, blank: bool = False):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), ClusterAttention(dim, heads, impl, blank)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = (GlobalAttention if global_attn else ClusterAttention)(dim, heads, impl, blank)
         self.norm2 = nn.LayerNorm(dim)
         hid = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hid), nn.GELU(), nn.Linear(hid, dim))
@@ -136,22 +221,27 @@ class AFFEncoder(nn.Module):
                  heads: Sequence[int] = (1, 2, 4, 6), patch: int = 8, in_chans: int = 1, nbhd: int = 64,
                  cluster: int = 8, ds: float | Sequence[float] = 0.4, mlp_ratio: float = 3., drop_path: float = 0.,
                  merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool = False,
-                 blank: bool = False):
+                 stem: str = 'linear', rpe: str = 'stage', global_last: bool = False, blank: bool = False):
         super().__init__()
         S = len(dims)
         if not (len(depths) == len(heads) == S): raise ValueError(f"dims, depths and heads need one entry per stage, got {len(dims)}, {len(depths)}, {len(heads)}")
         ds = [ds] * (S - 1) if isinstance(ds, (int, float)) else list(ds)
         if len(ds) != S - 1: raise ValueError(f"ds needs one rate per merge ({S - 1}), got {len(ds)}")
+        if stem not in ('linear', 'conv'): raise ValueError(f"stem must be 'linear' or 'conv', got {stem!r}")
+        if rpe not in ('stage', 'block'): raise ValueError(f"rpe must be 'stage' or 'block', got {rpe!r}")
+        self.stem, self.rpe, self.global_last = stem, rpe, global_last
         self.dims, self.depths, self.heads, self.ds = tuple(dims), tuple(depths), tuple(heads), tuple(ds)
         self.patch, self.in_chans, self.nbhd, self.cluster, self.checkpoint = patch, in_chans, nbhd, cluster, checkpoint
-        self.embed = PatchEmbed(dims[0], patch, in_chans)
+        self.embed = (ConvStem if stem == 'conv' else PatchEmbed)(dims[0], patch, in_chans)
         dp = [drop_path * i / max(1, sum(depths) - 1) for i in range(sum(depths))]   # linear stochastic-depth schedule
         self.stages, self.rpes, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in range(S):
             i0 = sum(depths[:s])
-            self.stages.append(nn.ModuleList(AFFBlock(dims[s], heads[s], mlp_ratio, dp[i0 + j], impl, blank)
+            glob = global_last and s == S - 1
+            self.stages.append(nn.ModuleList(AFFBlock(dims[s], heads[s], mlp_ratio, dp[i0 + j], impl, glob, blank)
                                              for j in range(depths[s])))
-            self.rpes.append(RelPosBias(heads[s], rpe_hidden))
+            self.rpes.append(RelPosBias(heads[s], rpe_hidden) if rpe == 'stage'
+                             else nn.ModuleList(RelPosLinear(heads[s]) for _ in range(depths[s])))
             self.norms.append(nn.LayerNorm(dims[s]))
         self.merges = nn.ModuleList(TokenMerging(dims[s], dims[s + 1], ds[s], merge_heads) for s in range(S - 1))
         self.apply(self._init)
@@ -165,6 +255,12 @@ class AFFEncoder(nn.Module):
     def spacing(self, s: int) -> float:
         "Typical distance between stage `s`'s tokens, in pixels (all patches visible)."
         return self.patch / math.sqrt(math.prod(self.ds[:s]))
+
+    def block_biases(self, s: int, pos: Tensor, nbhd: Tensor):
+        "Stage `s`'s position bias for each of its blocks: one shared tensor (`rpe='stage'`) or one per block."
+        if self.rpe == 'stage': return itertools.repeat(self.rpes[s](pos, nbhd, self.spacing(s)))
+        feats = rel_pos_features(pos, nbhd, self.patch)
+        return (r(feats) for r in self.rpes[s])
 
     def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None,
                 clusters: list | None = None) -> list[Tokens]:
@@ -185,8 +281,9 @@ class AFFEncoder(nn.Module):
                 n_max = None if n_max is None else n_keep(n_max, self.ds[s - 1])
             cl = cluster_tokens(pos, valid, self.cluster, self.nbhd)
             x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
-            bias = self.rpes[s](pos, cl.nbhd, self.spacing(s))
-            for blk in blocks: x = run_block(blk, self.checkpoint, x, cl.nbhd, bias)
+            nbhd = global_nbhd(valid) if self.global_last and s == len(self.stages) - 1 else cl.nbhd
+            for blk, bias in zip(blocks, self.block_biases(s, pos, nbhd)):
+                x = run_block(blk, self.checkpoint, x, nbhd, bias)
             outs.append(Tokens(self.norms[s](x) * valid[..., None], pos, valid))
             if clusters is not None: clusters.append(cl)
         return outs

@@ -16,9 +16,10 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 
 # %% auto #0
-__all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'synth_em', 'EMDataError', 'image_files', 'image_info', 'check_image',
-           'read_plane', 'read_mask', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir',
-           'data_paths', 'pretrain_files', 'EMSources', 'SynthEM', 'robust_range', 'norm_stats', 'EMCrops', 'dihedral',
+__all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'CLAHE_CLIP', 'CLAHE_TILES', 'PAPER_STATS', 'PAPER_PREP', 'synth_em',
+           'EMDataError', 'image_files', 'image_info', 'check_image', 'read_plane', 'read_mask', 'find_pairs',
+           'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources',
+           'SynthEM', 'robust_range', 'norm_stats', 'clahe', 'resize_whole', 'full_range', 'EMCrops', 'dihedral',
            'EMBatch', 'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #df5ce699
@@ -445,12 +446,13 @@ def robust_range(a, pct=(0.5, 99.5), max_px=2**18):
     else: lo, hi = np.percentile(sub, pct)
     return float(lo), float(hi) if hi > lo else float(lo) + 1.
 
-def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0):
-    "Mean and std of percentile-clipped slices, over a sample of `n` of the items `idxs` of `src`."
+def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0, prep=None):
+    "Mean and std of percentile-clipped slices (after `prep`, if given), over a sample of `n` of the items `idxs`."
     sample = random.Random(seed).sample(list(idxs), min(n, len(idxs)))
     vals, blank = [], []
     for i in sample:
-        a = src.image(i); lo, hi = robust_range(a, pct)
+        a = src.image(i) if prep is None else prep(src.image(i))
+        lo, hi = robust_range(a, pct)
         s = max(1, math.ceil(math.sqrt(a.size/2**16)))
         v = np.clip((a[::s, ::s].astype(np.float32) - lo)/(hi - lo), 0, 1).ravel()
         if v.min() == v.max(): blank.append(src.name(i)); continue      # a blank image says nothing about contrast
@@ -460,26 +462,80 @@ def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0):
     v = np.concatenate(vals)
     return float(v.mean()), max(float(v.std()), 1e-2)                   # a floor: nearly blank data cannot blow up
 
+# %% ../nbs/00_data.ipynb #b1e0d6fd
+CLAHE_CLIP, CLAHE_TILES = 4., 8           # published CLAHE: clip limit 4 on 8 × 8 tiles
+PAPER_STATS = (0.5562, 0.2396)            # published mean and std of CLAHE-equalised pixels / 255
+PAPER_PREP = dict(clahe=CLAHE_CLIP, resize=512, norm=PAPER_STATS)
+
+def clahe(a, clip=CLAHE_CLIP, tiles=CLAHE_TILES):
+    """OpenCV's CLAHE of the 2-D image `a` (clip limit `clip`, `tiles`×`tiles` tiles): 8- and 16-bit images keep
+    their type, others are mapped by `robust_range` to 16 bits first."""
+    import cv2
+    a = np.asarray(a)
+    if a.ndim != 2: raise EMDataError(f"clahe needs a 2-D image, got shape {a.shape}")
+    if not clip > 0 or not (isinstance(tiles, int) and tiles >= 1):
+        raise EMDataError(f"clahe needs clip > 0 and tiles a positive int, got clip={clip!r}, tiles={tiles!r}")
+    if a.dtype not in (np.uint8, np.uint16):
+        lo, hi = robust_range(a)
+        a = np.round(np.clip((a.astype(np.float32) - lo)/(hi - lo), 0, 1)*65535).astype(np.uint16)
+    return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(tiles, tiles)).apply(np.ascontiguousarray(a))
+
+def resize_whole(a, size, labels=False):
+    "The 2-D image `a` resized whole to `size`² in its own type: bilinear with antialiasing, or nearest for `labels`."
+    t = torch.from_numpy(np.asarray(a, dtype=np.float32))[None, None]
+    mode = dict(mode='nearest') if labels else dict(mode='bilinear', antialias=True, align_corners=False)
+    t = F.interpolate(t, size=(size, size), **mode)[0, 0]
+    if np.issubdtype(a.dtype, np.integer): t = t.round().clamp(np.iinfo(a.dtype).min, np.iinfo(a.dtype).max)
+    return t.numpy().astype(a.dtype)
+
+def full_range(a):
+    "The range `(lo, hi)` for fixed normalisation: `(0, max)` of unsigned integer types, else `a`'s min and max."
+    if a.dtype.kind == 'u': return 0., float(np.iinfo(a.dtype).max)
+    lo, hi = float(a.min()), float(a.max())
+    return lo, hi if hi > lo else lo + 1.
+
 # %% ../nbs/00_data.ipynb #52a7952e
 class EMCrops(torch.utils.data.Dataset):
-    "Square crops of `size` from items `idxs` of `src`, as `(img (1,S,S), range (2,))` (+ `mask (S,S)` uint8 if `masks`)."
-    def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None):
+    """Square crops of `size` from items `idxs` of `src`, as `(img (1,S,S), range (2,))` (+ `mask (S,S)` uint8 if
+    `masks`); each image first `clahe`-equalised (clip limit `clahe`) and resized whole to `resize`², if given.
+    `range` is the image's percentiles `pct`, or the `full_range` of its type if `pct` is None."""
+    def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
+                 clahe=None, resize=None):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
+        self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
+        if resize is not None and resize < size:
+            raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
         self.n, self.codes, self._range = epoch_len or len(self.idxs), codes, {}
         self.carrier = getattr(src, 'carrier', np.float32)
         if not self.idxs: raise EMDataError(f"{getattr(src, 'path', src)}: no slices to draw crops from")
     def __len__(self): return self.n
+    def prep(self, a):
+        "Image `a` equalised (`clahe`) and resized (`resize`) as configured."
+        if self.clahe is not None: a = clahe(a, self.clahe)
+        return a if self.resize is None else resize_whole(a, self.resize)
+    def image(self, j):
+        "Item `j` after `prep`, and its stored shape; kept (up to 1 GiB) when there is preprocessing to save."
+        if j in self._prepped: return self._prepped[j]
+        a0 = self.src.image(j)
+        out = self.prep(a0), a0.shape
+        if (self.clahe, self.resize) != (None, None) and self._prepped_bytes + out[0].nbytes <= 2**30:
+            self._prepped[j] = out; self._prepped_bytes += out[0].nbytes
+        return out
     def __getitem__(self, i):
         j, s = self.idxs[i % len(self.idxs)], self.size
-        a = self.src.image(j)
+        a, shape0 = self.image(j)
         h, w = a.shape
         if min(h, w) < s: raise EMDataError(f"{self.src.name(j)}: image is {h}x{w}, smaller than the crop size {s}")
-        if j not in self._range: self._range[j] = torch.tensor(robust_range(a, self.pct))
+        if j not in self._range:
+            self._range[j] = torch.tensor(full_range(a) if self.pct is None else robust_range(a, self.pct))
         y0, x0 = (random.randint(0, h-s), random.randint(0, w-s)) if self.train else ((h-s)//2, (w-s)//2)
         img = torch.from_numpy(np.array(a[y0:y0+s, x0:x0+s], dtype=self.carrier))[None]
         if not self.masks: return img, self._range[j]
         m = self.src.mask(j)
-        if m.shape != (h, w): raise EMDataError(f"{self.src.name(j)}: mask is {m.shape[0]}x{m.shape[1]} but the image is {h}x{w}")
+        if m.shape != shape0:
+            (mh, mw), (ih, iw) = m.shape, shape0
+            raise EMDataError(f"{self.src.name(j)}: mask is {mh}x{mw} but the image is {ih}x{iw}")
+        if self.resize is not None: m = resize_whole(m, self.resize, labels=True)
         mx = int(m.max())
         if self.codes is not None and mx >= len(self.codes):
             raise EMDataError(f"{self.src.name(j)}: mask has label {mx} but there are only {len(self.codes)} classes {tuple(self.codes)}")
@@ -556,7 +612,10 @@ class EMDataLoader(DataLoader):
         return fig
 
 def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks, pct, epoch_len,
-            synth_size, synth_kw, codes, stats):
+            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True):
+    if norm is not None and stats is not None: raise EMDataError("pass norm or stats, not both")
+    if resize is not None and resize < size: raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
+    if norm is not None: pct, stats = None, tuple(norm)                    # fixed: the type's full range, then norm
     device = default_device() if device is None else torch.device(device)
     if path is None:
         nv = max(1, round(n_synth*valid_pct)) if valid_pct else 0
@@ -564,32 +623,41 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         train, valid = list(range(n_synth)), list(range(n_synth, n_synth + nv))
         codes = EM_CLASSES if masks else None
     else:
-        src = EMFolder(path, masks=True, min_size=size) if masks else EMSources(path, min_size=size)
+        min_size = size if resize is None else 0                              # resized whole: any size will do
+        src = EMFolder(path, masks=True, min_size=min_size) if masks else EMSources(path, min_size=min_size)
         if masks: codes = mask_classes(src, codes)
         train, valid = split_items(src, valid_pct, seed)
-    mean, std = stats or norm_stats(src, train, pct, seed=seed)
+    prep = dict(clahe=clahe, resize=resize)
+    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes, **prep)
+    mean, std = stats or norm_stats(src, train, pct, seed=seed, prep=tds.prep)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
-    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes)
-    dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, True), **kw)]
-    if valid: dls.append(EMDataLoader(EMCrops(src, valid, size, False, masks, pct, codes=codes), after_batch=EMBatch(mean, std, False), **kw))
+    dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
+    if valid:
+        vds = EMCrops(src, valid, size, False, masks, pct, codes=codes, **prep)
+        dls.append(EMDataLoader(vds, after_batch=EMBatch(mean, std, False), **kw))
     else: dls.append(dls[0].new(n=0, shuffle=False, drop_last=False))     # an empty validation set: fastai needs one
     dls = DataLoaders(*dls, path=path if isinstance(path, (str, Path)) else '.', device=device)
     dls.src, dls.stats, dls.codes = src, (mean, std), codes
     return dls
 
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
-                 pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None):
-    "`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'."
+                 pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
+                 clahe=None, resize=None, norm=None, augment=True):
+    """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
+    The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
+    `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published)."""
     path = sample_dir() if path is None else None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, False, pct, epoch_len,
-                   synth_size, synth_kw, None, stats)
+                   synth_size, synth_kw, None, stats, clahe, resize, norm, augment)
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
-                codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None):
-    "fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`."
+                codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
+                clahe=None, resize=None, norm=None, augment=True):
+    """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
+    `clahe`, `resize` (masks by nearest neighbour), `norm` and `augment` as in `pretrain_dls`."""
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
-                   synth_size, synth_kw, codes, stats)
+                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment)
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .masking import perlin_mask, random_mask
+from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
@@ -67,7 +67,7 @@ def sincos_embed(pos: Tensor, dim: int, temperature: float = 10000.) -> Tensor:
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], -1)
 
 # %% ../nbs/07_mae.ipynb #406ec415
-MASKERS = dict(perlin=perlin_mask, random=random_mask)
+MASKERS = dict(perlin=perlin_mask, random=random_mask, perlin_quarters=perlin_quarters_mask)
 
 # %% ../nbs/07_mae.ipynb #1b003668
 class MAEBase(nn.Module):

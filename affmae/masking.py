@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['FADES', 'mask_from_noise', 'random_mask', 'fade_cubic', 'fade_quintic', 'gradient_noise', 'perlin_noise',
-           'perlin_mask', 'coherence', 'mask_to_ids']
+__all__ = ['FADES', 'PAPER_LATTICES', 'mask_from_noise', 'random_mask', 'fade_cubic', 'fade_quintic', 'gradient_noise',
+           'perlin_noise', 'perlin_mask', 'coherence', 'lattice_cells', 'perlin_quarters_mask', 'mask_to_ids']
 
 # %% ../nbs/01_masking.ipynb #31f5e855
 def _grid(size) -> tuple[int, int]:
@@ -114,6 +114,45 @@ def coherence(mask: Tensor) -> Tensor:
     eq_h = (mask[:, :, 1:] == mask[:, :, :-1]).flatten(1)
     eq_v = (mask[:, 1:] == mask[:, :-1]).flatten(1)
     return torch.cat([eq_h, eq_v], 1).float().mean(1)
+
+# %% ../nbs/01_masking.ipynb #d050f072
+PAPER_LATTICES = (8, 16, 32, 64)   # lattice cells across the 64-patch grid, one per quarter of the batch
+
+def lattice_cells(lattice: int, grid: int, ref: int = 64) -> int:
+    "Cells across a grid `grid` patches wide of a lattice with `lattice` cells across the `ref`-patch reference grid."
+    return max(1, round(lattice * grid / ref))
+
+def _lattice_noise(n, h, w, lattice, ref, octaves, persistence, lacunarity, generator, dev) -> Tensor:
+    "Perlin (fBM if `octaves` > 1) noise `(n, h, w)` on a `lattice` scaled from the `ref` grid, at cell centres."
+    out, amp, total = torch.zeros(n, h, w, device=dev), 1., 0.
+    for o in range(octaves):
+        cy, cx = (lattice_cells(lattice * lacunarity ** o, s, ref) for s in (h, w))
+        angles = _rand(generator, dev, n, cy + 1, cx + 1) * (2 * math.pi)
+        y = ((torch.arange(h, device=dev) + .5) * (cy / h)).expand(n, h)
+        x = ((torch.arange(w, device=dev) + .5) * (cx / w)).expand(n, w)
+        out += amp * gradient_noise(y, x, angles, 'cubic')
+        total += amp; amp *= persistence
+    return out / total
+
+def perlin_quarters_mask(n: int, size, ratio: float, *, lattices=PAPER_LATTICES, ref: int = 64, octaves: int = 1,
+                         persistence: float = .5, lacunarity: float = 2., generator: torch.Generator | None = None,
+                         device=None) -> Tensor:
+    """The published Perlin masks: bool `(n, h, w)`, `True` = masked, exactly `round(ratio*h*w)` per sample; sample
+    `i` uses lattice `lattices[len(lattices)*i//n]` (the first for every sample if `n < len(lattices)`)."""
+    h, w = _grid(size); _check(n, ratio)
+    lattices = tuple(lattices)
+    if not lattices or not all(isinstance(l, int) and l > 0 for l in lattices):
+        raise ValueError(f"lattices must be a non-empty sequence of positive ints, got {lattices!r}")
+    if not (isinstance(ref, int) and ref > 0): raise ValueError(f"ref must be a positive int, got {ref!r}")
+    if not (isinstance(octaves, int) and octaves >= 1):
+        raise ValueError(f"octaves must be an int >= 1, got {octaves!r}")
+    if not (persistence > 0 and lacunarity > 0):
+        raise ValueError(f"persistence and lacunarity must be > 0, got {persistence!r}, {lacunarity!r}")
+    dev, q = _device(generator, device), len(lattices)
+    group = [q * i // n if n >= q else 0 for i in range(n)]
+    noise = [_lattice_noise(group.count(k), h, w, lattices[k], ref, octaves, persistence, lacunarity, generator, dev)
+             for k in range(q) if k in group]
+    return mask_from_noise(torch.cat(noise), ratio)
 
 # %% ../nbs/01_masking.ipynb #8491c116
 def mask_to_ids(mask: Tensor, n_visible: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
