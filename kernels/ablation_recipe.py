@@ -11,8 +11,17 @@ Variants: `ours` (defaults), `paper` (the preset: `affmae_base_paper`, `recipe='
 quarter-lattice Perlin masks), and `ours` with one published choice each: deep-supervision weights, mask family, conv
 stem, deformable decoder.
 
+The published preprocessing is CLAHE (OpenCV) before the fixed normalisation. The GPU machine has no OpenCV, so the
+`paper` variant reads `--paper-data`, a copy of `--data` equalised here by `kernels/prep_data_em.py --clahe` (same
+files, CLAHE on the 512² crops), and applies the fixed normalisation itself; without `--paper-data` it applies CLAHE
+while loading (`clahe=4`).
+
 Writes `ablation_recipe.json` (rewritten after every variant) and `ablation_recipe.png` to `--out`.
-  PYTHONPATH=.:$PYTHONPATH python kernels/ablation_recipe.py --data data_em --out $OUT --budget 300
+  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl --limit 40 --skip unlabelled,test,validation
+  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl_clahe --limit 40 \
+      --skip unlabelled,test,validation --clahe
+  PYTHONPATH=.:$PYTHONPATH python kernels/ablation_recipe.py --data data_em_abl --paper-data data_em_abl_clahe \
+      --out $OUT --budget 300
   PYTHONPATH=. python kernels/ablation_recipe.py --data ../shared/data --out /tmp/ablation --tiny   # CPU check
 """
 import argparse, json, tempfile, time, warnings
@@ -23,6 +32,7 @@ warnings.filterwarnings('ignore')
 p = argparse.ArgumentParser()
 p.add_argument('--data', default='data_em', help='root holding drosophila-vnc/, kidney-gbm/, sbem-mito/, podocyte-tem/')
 p.add_argument('--out', default='runs/ablation_recipe')
+p.add_argument('--paper-data', default=None, help='a CLAHE-equalised copy of --data for the paper variant')
 p.add_argument('--budget', type=float, default=300., help='seconds; variants that would not fit are skipped')
 p.add_argument('--variants', default='ours,paper,ds_paper,mask_quarters,conv_stem,deformable')
 p.add_argument('--pre-steps', type=int, default=200)
@@ -45,7 +55,8 @@ from affmae.data import pretrain_dls, segment_dls, EMFolder, read_classes
 from affmae.learner import mae_learner
 from affmae.segment import seg_learner, evaluate_model
 
-PAPER_DATA = dict(clahe=4.0, norm=(0.5562, 0.2396))
+from affmae.data import PAPER_STATS, CLAHE_CLIP
+PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)
 VARIANTS = {   # name: (arch, model options, learner options, data options)
     'ours': (f'affmae_{SIZE}', {}, {}, {}),
     'paper': (f'affmae_{SIZE}_paper', {}, dict(recipe='paper', mask='perlin_quarters'), PAPER_DATA),
@@ -65,26 +76,31 @@ res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torc
 def save(): (out / 'ablation_recipe.json').write_text(json.dumps(res, indent=1))
 
 # ---- data: pretraining images (nothing held out), drosophila-vnc split by section index (links in a work folder) ----
-root = Path(a.data)
 work = Path(tempfile.mkdtemp(prefix='ablation_'))
-dros = root / 'drosophila-vnc'
-pairs = [(f, m) for f, m, _, _ in EMFolder(dros, masks=True).files]
-split = dict(train=pairs[:-4], test=pairs[-4:])
-if a.tiny: split = dict(train=pairs[:3], test=pairs[-1:])
-for part, ps in split.items():
-    for sub in ('images', 'masks'): (work / part / sub).mkdir(parents=True)
-    for f, m in ps:
-        (work / part / 'images' / f.name).symlink_to(f.resolve())
-        (work / part / 'masks' / m.name).symlink_to(m.resolve())
-    (work / part / 'classes.txt').symlink_to((dros / 'classes.txt').resolve())
-classes = read_classes(work / 'train')
-pre_paths = [work / 'train' / 'images'] + [d for d in (root / 'kidney-gbm' / 'train', root / 'sbem-mito' / 'training',
-                                                        root / 'podocyte-tem') if d.is_dir()]
-res['pretrain_data'] = [str(d) for d in pre_paths]
 
-def finetune(state, data_kw):
+def prepare(root: Path, tag: str) -> dict:
+    "Links to `root`'s drosophila-vnc split by section (train, test); the pretraining folders (its train split too)."
+    dros = root / 'drosophila-vnc'
+    pairs = [(f, m) for f, m, _, _ in EMFolder(dros, masks=True).files]
+    split = dict(train=pairs[:3], test=pairs[-1:]) if a.tiny else dict(train=pairs[:-4], test=pairs[-4:])
+    for part, ps in split.items():
+        for sub in ('images', 'masks'): (work / tag / part / sub).mkdir(parents=True)
+        for f, m in ps:
+            (work / tag / part / 'images' / f.name).symlink_to(f.resolve())
+            (work / tag / part / 'masks' / m.name).symlink_to(m.resolve())
+        (work / tag / part / 'classes.txt').symlink_to((dros / 'classes.txt').resolve())
+    others = (root / 'kidney-gbm' / 'train', root / 'sbem-mito' / 'training', root / 'podocyte-tem')
+    pre = [work / tag / 'train' / 'images'] + [d for d in others if d.is_dir()]
+    return dict(train=work / tag / 'train', test=work / tag / 'test', pretrain=pre)
+
+DATA = dict(plain=prepare(Path(a.data), 'plain'))
+if a.paper_data: DATA['paper'] = prepare(Path(a.paper_data), 'paper')
+classes = read_classes(DATA['plain']['train'])
+res['pretrain_data'] = {k: [str(d) for d in v['pretrain']] for k, v in DATA.items()}
+
+def finetune(state, data, data_kw):
     "Fine-tune the segmentation model of affmae_base from `state` (a pretrained MAE state dict); held-out scores."
-    dls = segment_dls(work / 'train', size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=classes,
+    dls = segment_dls(data['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=classes,
                       epoch_len=B * FT, **data_kw)
     torch.manual_seed(a.seed)
     learn = seg_learner(dls, f'affmae_{SIZE}', pretrained=state, classes=classes, lr_decay=.75, per_class=False)
@@ -92,7 +108,7 @@ def finetune(state, data_kw):
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
     train_s = time.time() - t
     rec = dict(classes=classes, stats=dls.stats, tile=S)
-    sc = evaluate_model(learn.model.eval(), EMFolder(work / 'test', masks=True), rec, overlap=.25, bs=16, device=dev)
+    sc = evaluate_model(learn.model.eval(), EMFolder(data['test'], masks=True), rec, overlap=.25, bs=16, device=dev)
     return dict(miou=sc['miou'], fg_iou=sc['fg_miou'], train_s=round(train_s, 1))
 
 per_variant = None
@@ -103,7 +119,8 @@ for name in names:
     tv = time.time()
     arch, model_kw, learn_kw, data_kw = VARIANTS[name]
     torch.manual_seed(a.seed)
-    dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=.05, seed=a.seed, device=dev, epoch_len=PB * PRE // 2,
+    data = DATA['paper' if name == 'paper' and a.paper_data else 'plain']
+    dls = pretrain_dls(data['pretrain'], size=S, bs=PB, valid_pct=.05, seed=a.seed, device=dev, epoch_len=PB * PRE // 2,
                        **data_kw)
     with torch.no_grad(): trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
     lkw = dict(lr=a.lr, precision='bf16' if dev == 'cuda' else None) | learn_kw
@@ -123,7 +140,7 @@ for name in names:
     state = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
     del learn, dls
     if dev == 'cuda': torch.cuda.empty_cache()
-    row |= finetune(state, data_kw)
+    row |= finetune(state, data, data_kw)
     res['variants'][name] = row; save()
     per_variant = time.time() - tv
     log(f"{name}: finest head {row['finest_rel']:.3f} of trivial, {row['step_ms']} ms/step, peak {row['peak_gib']} GiB,"

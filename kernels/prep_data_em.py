@@ -1,9 +1,12 @@
 """Copy the real EM sets into a folder small enough to carry to the GPU machine (64 MiB a call, repository included).
 
 Keeps the layout of `../shared/data` (folders, file names, classes.txt, licences); cuts every image and its mask to the
-centre `--max`² pixels (lossless PNG); `--skip` leaves out folders by name (default: the unlabelled stacks).
+centre `--max`² pixels (lossless PNG); `--skip` leaves out folders by name (default: the unlabelled stacks);
+`--limit N` keeps the first N images (and their masks) of each folder; `--clahe` equalises the images (not the masks)
+with `affmae.data.clahe` (the published preprocessing; OpenCV, which the GPU machine lacks, so it runs here).
 
     python kernels/prep_data_em.py ../shared/data data_em --max 512
+    PYTHONPATH=. python kernels/prep_data_em.py data_em data_abl_clahe --limit 50 --clahe   # the ablation's copy
 """
 import argparse, shutil
 from pathlib import Path
@@ -14,6 +17,8 @@ p = argparse.ArgumentParser()
 p.add_argument('src'); p.add_argument('dst')
 p.add_argument('--max', type=int, default=512, help='largest side kept (centre crop)')
 p.add_argument('--skip', default='unlabelled', help='comma-separated folder names to leave out')
+p.add_argument('--limit', type=int, default=None, help='first N images of each folder')
+p.add_argument('--clahe', action='store_true', help='CLAHE (clip 4, 8x8 tiles) on the images, not on the masks')
 a = p.parse_args()
 src, dst, skip = Path(a.src), Path(a.dst), set(a.skip.split(','))
 
@@ -31,7 +36,12 @@ for f in sorted(src.rglob('*')):
     out = dst / rel
     out.parent.mkdir(parents=True, exist_ok=True)
     if f.suffix.lower() in ('.png', '.tif', '.tiff'):
-        Image.fromarray(crop(np.asarray(Image.open(f)))).save(out.with_suffix('.png'), optimize=True)
+        if a.limit is not None and sorted(f.parent.iterdir()).index(f) >= a.limit: continue
+        im = crop(np.asarray(Image.open(f)))
+        if a.clahe and 'masks' not in rel.parts:
+            from affmae.data import clahe
+            im = clahe(im)
+        Image.fromarray(im).save(out.with_suffix('.png'), optimize=True)
         n += 1
     else: shutil.copy(f, out)
 size = sum(g.stat().st_size for g in dst.rglob('*') if g.is_file())
