@@ -1,5 +1,10 @@
 __version__ = "0.1.0"
 
+import warnings
+# fastai's import calls `torch.jit.script`, deprecated in recent torch; silence exactly that message, from torch.jit
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
+                        module=r'torch\.jit\._script')
+
 def create_model(name, **kw):
     "Build a registered model (`aff_*`, `affmae_*`, `vitmae_*`, ...) by name; see `affmae.aff.create_model`."
     from .aff import create_model as _create

@@ -118,6 +118,7 @@ class RelPosBias(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))  # a bias would cancel in the softmax
 
     def forward(self, pos: Tensor, nbhd: Tensor, spacing: float) -> Tensor:
+        "Bias `(B, heads, N, M)` from the offsets of each token's cluster neighbours `nbhd`, in units of `spacing`."
         d = neighbour_offsets(pos, nbhd) / spacing
         return self.mlp(d.to(self.mlp[0].weight.dtype)).permute(0, 3, 1, 2).contiguous()
 
@@ -145,6 +146,7 @@ class DropPath(nn.Module):
     "Stochastic depth: drop the whole residual branch of a sample with probability `p` (training only)."
     def __init__(self, p: float = 0.): super().__init__(); self.p = p
     def forward(self, x):
+        "`x` with whole samples zeroed with probability `p` and the rest scaled by 1/(1-p) (training only)."
         if not self.training or self.p == 0: return x
         keep = x.new_empty(x.shape[0], *[1] * (x.ndim - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
@@ -163,6 +165,7 @@ class ClusterAttention(nn.Module):
                                           for _ in range(2))
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
+        "Each token of `x` (B, N, C) attends to its cluster's neighbours `nbhd`, plus the attention `bias` if given."
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         blank = None if self.blank_k is None else (self.blank_k, self.blank_v)
@@ -204,6 +207,7 @@ class AFFBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
+        "Pre-norm residual block: cluster attention over `nbhd` (with `bias`), then the MLP."
         x = x + self.drop_path(self.attn(self.norm1(x), nbhd, bias))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

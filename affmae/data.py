@@ -16,11 +16,15 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 
 # %% auto #0
-__all__ = ['EM_CLASSES', 'EM_COLORS', 'IMG_EXTS', 'CLAHE_CLIP', 'CLAHE_TILES', 'PAPER_STATS', 'PAPER_PREP', 'synth_em',
-           'EMDataError', 'image_files', 'image_info', 'check_image', 'read_plane', 'read_mask', 'find_pairs',
-           'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources',
-           'SynthEM', 'robust_range', 'norm_stats', 'clahe', 'resize_whole', 'full_range', 'EMCrops', 'dihedral',
-           'EMBatch', 'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
+__all__ = ['EM_CLASSES', 'EM_COLORS', 'WALL_BEND', 'WALL_BEND_DIV', 'SEED_JITTER', 'SEED_PAD', 'NUCLEUS_RADIUS',
+           'NUCLEUS_ELONGATION', 'MITO_SPACING', 'MITO_WIDTH', 'MITO_CLEARANCE', 'CRISTAE_PERIOD', 'CRISTAE_SLANT',
+           'CRISTAE_WIDTH', 'CRISTAE_REACH', 'CRISTAE_INSET', 'VESICLE_SPACING', 'VESICLE_RADIUS', 'VESICLE_MARGIN',
+           'VESICLE_CLUSTERING', 'VESICLE_CLEARANCE', 'STAIN', 'STAIN_SIZE', 'CHROMATIN_RIM', 'LABEL_REACH', 'LINES',
+           'OUTSIDE', 'IMG_EXTS', 'CLAHE_CLIP', 'CLAHE_TILES', 'PAPER_STATS', 'PAPER_PREP', 'synth_em', 'EMDataError',
+           'image_files', 'image_info', 'check_image', 'read_plane', 'read_mask', 'find_pairs', 'EMFolder',
+           'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources', 'SynthEM',
+           'robust_range', 'norm_stats', 'clahe', 'resize_whole', 'full_range', 'EMCrops', 'dihedral', 'EMBatch',
+           'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #df5ce699
 EM_CLASSES = ('background', 'membrane', 'mitochondria', 'nucleus', 'vesicle')
@@ -55,26 +59,67 @@ def _square(y, x, cell, nx):
     "Index of the `cell`-px grid square holding each point."
     return (y/cell).floor().long().clamp(min=0)*nx + (x/cell).floor().long().clamp(0, nx-1)
 
-# %% ../nbs/00_data.ipynb #f640a872
-def synth_em(size=512, seed=0, *, cell=160., mito=(16., 40.), p_mito=0.6, p_vesicle=0.25, p_nucleus=0.4,
-             membrane=1.8, blur=1.0, dose=40., illum=0.15, zoom=1.0, step=2, device=None):
-    "A synthetic TEM-like image `(H,W)` float32 in [0,1] and its labels `(H,W)` int64 indexing `EM_CLASSES`."
-    h, w = _hw(size)
-    if h < 1 or w < 1: raise ValueError(f"synth_em: size must be positive, got {size}")
-    g, dev = torch.Generator().manual_seed(seed), torch.device(device or 'cpu')
-    def rnd(*s): return torch.rand(*s, generator=g).to(dev)      # all draws on the CPU: the same numbers on any device
-    z, f = zoom, step
-    hh, ww = math.ceil(h/f), math.ceil(w/f)
-    # geometry on a coarse grid (pixel centres every `step` px), upsampled at the end
-    y = ((torch.arange(hh, dtype=torch.float32, device=dev) + 0.5)*f - 0.5)[:, None].expand(hh, ww)
-    x = ((torch.arange(ww, dtype=torch.float32, device=dev) + 0.5)*f - 0.5)[None].expand(hh, ww)
-    c = cell*z
-    # cells: Voronoi regions of jittered seeds, in coordinates warped by smooth noise so that walls bend
-    warp = _noise(hh, ww, c/1.5/f, g, 2, device=dev)*(0.11*c)
-    qy, qx = y + warp[0], x + warp[1]
-    pad = 2; ny, nx = math.ceil(h/c) + 2*pad, math.ceil(w/c) + 2*pad
-    sy = ((torch.arange(ny, device=dev)[:, None] - pad + 0.5 + 0.8*(rnd(ny, nx) - 0.5))*c).flatten()
-    sx = ((torch.arange(nx, device=dev)[None] - pad + 0.5 + 0.8*(rnd(ny, nx) - 0.5))*c).flatten()
+# %% ../nbs/00_data.ipynb #5b825581
+# synth_em's tissue and microscope. Lengths are in pixels at zoom 1; stain values are optical densities.
+WALL_BEND, WALL_BEND_DIV = 0.11, 1.5      # cell walls bend by this fraction of the cell size, over cell/DIV px
+SEED_JITTER = 0.8                          # cell seeds move by up to ±half this fraction of their spacing
+SEED_PAD = 2                               # rows/columns of seeds beyond the image, so edge cells are whole
+NUCLEUS_RADIUS = (0.7, 0.2)                # nucleus radius: (base, random) fraction of half the nearest-seed distance
+NUCLEUS_ELONGATION = 0.3                   # nucleus aspect ratio: 1 + U·this
+MITO_SPACING = 2.2                         # one candidate mitochondrion per square of this × its longest half-length
+MITO_WIDTH = (10., 7.)                     # mitochondrion half-width: base + U·random (at most its half-length)
+MITO_CLEARANCE = 4.                        # free gap around a mitochondrion (to walls and nuclei)
+CRISTAE_PERIOD, CRISTAE_SLANT, CRISTAE_WIDTH = 7., 0.3, 0.9  # cristae: spacing, tilt of the stripes, line width
+CRISTAE_REACH = (0.35, 0.6)                # a crista spans |across|/half-width < base + U·random of the matrix
+CRISTAE_INSET = 3.                         # cristae stay this far inside the inner membrane
+VESICLE_SPACING, VESICLE_RADIUS, VESICLE_MARGIN = 22., (3.5, 8.), 2.  # one candidate per square; radius range
+VESICLE_CLUSTERING = 100.                  # feature size of the density field that clusters vesicles
+VESICLE_CLEARANCE = dict(membrane=3., nucleus=5., mito=4.)
+STAIN = dict(cytoplasm=0.35, cytoplasm_var=0.07, texture=0.055, vesicle=0.22, mito=0.6, mito_texture=0.07,
+             nucleus=0.5, nucleus_texture=0.07, heterochromatin=0.5, rim_chromatin=0.45)
+STAIN_SIZE = dict(texture=5., cytoplasm=40.)  # feature sizes of the stain's fine texture and slow variation
+CHROMATIN_RIM = (7., 1.5)                  # rim of chromatin under the nuclear envelope: depth, softness
+LABEL_REACH = dict(vesicle=1., mitochondria=0.5, nucleus=1.5)  # label pixels this close outside an organelle too
+# thin dark lines, each a Gaussian profile across a distance field: (field, offset inward, width, darkness);
+# the cell membrane's width is synth_em's `membrane` argument
+LINES = (('membrane', 0., None, 1.3), ('vesicle', 0., 0.8, 1.1),   # cell membrane, vesicle wall
+         ('mito', 1., 0.8, 1.2), ('mito', 2.8, 0.7, 0.9),         # outer, inner mitochondrial membrane
+         ('nucleus', 0., 1., 1.0), ('nucleus', 3., 1., 0.8))      # double nuclear envelope
+
+# %% ../nbs/00_data.ipynb #33a7a5d6
+OUTSIDE = 99.   # distance given to pixels far from any object of a kind
+
+class _Canvas:
+    "The coarse grid the geometry is drawn on: pixel centres `y`, `x` every `step` px of an `h`×`w` image."
+    def __init__(self, h, w, step, g, device):
+        hh, ww = math.ceil(h/step), math.ceil(w/step)
+        self.y = ((torch.arange(hh, dtype=torch.float32, device=device) + 0.5)*step - 0.5)[:, None].expand(hh, ww)
+        self.x = ((torch.arange(ww, dtype=torch.float32, device=device) + 0.5)*step - 0.5)[None].expand(hh, ww)
+        self.h, self.w, self.step, self.g, self.device = h, w, step, g, device
+
+    def rand(self, *shape):
+        "Uniform numbers, drawn on the CPU (the same numbers on any device)."
+        return torch.rand(*shape, generator=self.g).to(self.device)
+
+    def noise(self, scale, n=1):
+        "`_noise` on this grid, with feature size `scale` in full-resolution pixels."
+        return _noise(*self.y.shape, scale/self.step, self.g, n, device=self.device)
+
+    def at(self, m, py, px):
+        "Values of the coarse map `m` at full-resolution points `py`, `px`."
+        hh, ww = m.shape
+        return m[(py/self.step).long().clamp(0, hh-1), (px/self.step).long().clamp(0, ww-1)]
+
+# %% ../nbs/00_data.ipynb #400e6967
+def _cells(cv, c, p_nucleus):
+    """Cells as a Voronoi diagram of jittered seeds every `c` px, in coordinates bent by smooth noise: the distance to
+    the nearest wall `dmem`, and to the ellipse of the nucleus that some cells hold, `dnuc` (negative inside)."""
+    dev, pad = cv.device, SEED_PAD
+    warp = cv.noise(c/WALL_BEND_DIV, 2)*(WALL_BEND*c)
+    qy, qx = cv.y + warp[0], cv.x + warp[1]
+    ny, nx = math.ceil(cv.h/c) + 2*pad, math.ceil(cv.w/c) + 2*pad
+    sy = ((torch.arange(ny, device=dev)[:, None] - pad + 0.5 + SEED_JITTER*(cv.rand(ny, nx) - 0.5))*c).flatten()
+    sx = ((torch.arange(nx, device=dev)[None] - pad + 0.5 + SEED_JITTER*(cv.rand(ny, nx) - 0.5))*c).flatten()
     iy = (qy/c).floor().long().clamp(1-pad, ny-pad-2) + pad
     ix = (qx/c).floor().long().clamp(1-pad, nx-pad-2) + pad
     ids = torch.stack([(iy+dy)*nx + ix+dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)])  # 9 candidate seeds per pixel
@@ -83,67 +128,114 @@ def synth_em(size=512, seed=0, *, cell=160., mito=(16., 40.), p_mito=0.6, p_vesi
     dmem = (dd[1] - dd[0]) / (2*((sy[i1] - sy[i2])**2 + (sx[i1] - sx[i2])**2).sqrt())
     # nuclei: ellipses on some seeds, inside the circle inscribed in their cell (radius: half the nearest-seed distance)
     n, j = ny*nx, torch.arange(ny*nx, device=dev)
-    nn = torch.stack([(sy - sy[(j+o).clamp(0, n-1)])**2 + (sx - sx[(j+o).clamp(0, n-1)])**2
-                      for o in (1, -1, nx, -nx, nx+1, nx-1, 1-nx, -1-nx)]).min(0).values.sqrt()
-    rn = 0.5*nn*(0.7 + 0.2*rnd(n))
-    has = rnd(n) < p_nucleus
-    asp, ang = 1 + 0.3*rnd(n), math.pi*rnd(n)
+    nearest = torch.stack([(sy - sy[(j+o).clamp(0, n-1)])**2 + (sx - sx[(j+o).clamp(0, n-1)])**2
+                           for o in (1, -1, nx, -nx, nx+1, nx-1, 1-nx, -1-nx)]).min(0).values.sqrt()
+    rn = 0.5*nearest*(NUCLEUS_RADIUS[0] + NUCLEUS_RADIUS[1]*cv.rand(n))
+    has = cv.rand(n) < p_nucleus
+    asp, ang = 1 + NUCLEUS_ELONGATION*cv.rand(n), math.pi*cv.rand(n)
     u, v, ca, sa, a_ = qy - sy[i1], qx - sx[i1], ang[i1].cos(), ang[i1].sin(), asp[i1]
-    dnuc = torch.where(has[i1], ((u*ca + v*sa)**2*a_ + (v*ca - u*sa)**2/a_).sqrt() - rn[i1], 99.)
-    def at(m, py, px): return m[(py/f).long().clamp(0, hh-1), (px/f).long().clamp(0, ww-1)]
-    # mitochondria: one candidate ellipse per grid square, kept where it lies in cytoplasm
-    gm = 2.2*mito[1]*z
-    a, cy, cx, mnx = _scatter(h, w, gm, g, mito[0]*z, mito[1]*z, 4*z, device=dev)
-    b = torch.minimum((10 + 7*rnd(len(a)))*z, a)
-    th, ph = math.pi*rnd(len(a)), 10*rnd(len(a))
-    keep = (rnd(len(a)) < p_mito) & (at(dmem, cy, cx) > a + 4*z) & (at(dnuc, cy, cx) > a + 4*z)
+    dnuc = torch.where(has[i1], ((u*ca + v*sa)**2*a_ + (v*ca - u*sa)**2/a_).sqrt() - rn[i1], OUTSIDE)
+    return dmem, dnuc
+
+# %% ../nbs/00_data.ipynb #a4864aae
+def _mitochondria(cv, dmem, dnuc, mito, p_mito, z):
+    """Mitochondria: one candidate ellipse (half-length in `mito`) per grid square, kept where it lies in cytoplasm.
+    Returns the distance to the outline `dmit`, and each pixel's stripe coordinate and relative distance across the
+    axis, for the cristae."""
+    y, x = cv.y, cv.x
+    gm = MITO_SPACING*mito[1]*z
+    a, cy, cx, mnx = _scatter(cv.h, cv.w, gm, cv.g, mito[0]*z, mito[1]*z, MITO_CLEARANCE*z, device=cv.device)
+    b = torch.minimum((MITO_WIDTH[0] + MITO_WIDTH[1]*cv.rand(len(a)))*z, a)
+    th, ph = math.pi*cv.rand(len(a)), 10*cv.rand(len(a))
+    free = MITO_CLEARANCE*z
+    keep = (cv.rand(len(a)) < p_mito) & (cv.at(dmem, cy, cx) > a + free) & (cv.at(dnuc, cy, cx) > a + free)
     m = _square(y, x, gm, mnx)
     du, dv, a_, b_, ct, st = y - cy[m], x - cx[m], a[m], b[m], th[m].cos(), th[m].sin()
     mu, mv = du*ct + dv*st, dv*ct - du*st                          # along / across the long axis
     rho = ((mu/a_)**2 + (mv/b_)**2).sqrt()
     dmit = (rho - 1)*rho / ((mu/a_**2)**2 + (mv/b_**2)**2).sqrt().clamp(min=1e-6)  # first-order distance to the ellipse
-    dmit = torch.where(keep[m], dmit, 99.)
-    per = 7*z                                                       # cristae period
-    cri_t = (mu + 0.3*mv)/per + 50*m + ph[m]                        # stripe coordinate, offset per mitochondrion
-    cri_q = mv.abs()/b_
-    # vesicles: small rings, clustered by a smooth density field
-    rv, vy, vx, vnx = _scatter(h, w, 22*z, g, 3.5*z, 8*z, 2*z, device=dev)
-    pv = 2*p_vesicle*torch.sigmoid(4*at(_noise(hh, ww, 100*z/f, g, device=dev)[0], vy, vx) - 1.5)
-    vkeep = ((rnd(len(rv)) < pv) & (at(dmem, vy, vx) > rv + 3*z)
-             & (at(dnuc, vy, vx) > rv + 5*z) & (at(dmit, vy, vx) > rv + 4*z))
-    q = _square(y, x, 22*z, vnx)
-    dves = torch.where(vkeep[q], ((y - vy[q])**2 + (x - vx[q])**2).sqrt() - rv[q], 99.)
-    # stain density of each compartment, with texture
-    tex = _noise(hh, ww, 5*z/f, g, 3, device=dev)
-    fill = 0.35 + 0.07*_noise(hh, ww, 40*z/f, g, device=dev)[0] + 0.055*tex[0]
-    fill = torch.where(dves < 0, 0.22, fill)
-    fill = torch.where(dmit < 0, 0.6 + 0.07*tex[1], fill)
-    chrom = 0.5*(tex[2] > 0.75) + 0.45*torch.sigmoid(-(dnuc + 7*z)/(1.5*z))*(tex[1] > -0.2)  # heterochromatin
-    fill = torch.where(dnuc < 0, 0.5 + 0.07*tex[0] + chrom, fill)
-    # to full resolution in one bilinear upsampling
-    up = F.interpolate(torch.stack([dmem, dnuc, dmit, dves, cri_t, cri_q, fill])[None], scale_factor=f,
-                       mode='bilinear', align_corners=False)[0, :, :h, :w]
-    dmem, dnuc, dmit, dves, cri_t, cri_q, fill = up
-    lbl = torch.zeros(h, w, dtype=torch.int64, device=dev)
-    lbl[dmem < membrane*z] = 1
-    lbl[dves < z] = 4
-    lbl[dmit < 0.5*z] = 2
-    lbl[dnuc < 1.5*z] = 3
-    # thin dark lines: cell membranes, vesicle walls, double mitochondrial membrane, cristae, double nuclear envelope
+    dmit = torch.where(keep[m], dmit, OUTSIDE)
+    cri_t = (mu + CRISTAE_SLANT*mv)/(CRISTAE_PERIOD*z) + 50*m + ph[m]   # stripe coordinate, offset per mitochondrion
+    return dmit, cri_t, mv.abs()/b_
+
+# %% ../nbs/00_data.ipynb #da72fde0
+def _vesicles(cv, dmem, dnuc, dmit, p_vesicle, z):
+    "Vesicles: small rings, clustered by a smooth density field, clear of walls and organelles; distance `dves`."
+    y, x = cv.y, cv.x
+    rv, vy, vx, vnx = _scatter(cv.h, cv.w, VESICLE_SPACING*z, cv.g, VESICLE_RADIUS[0]*z, VESICLE_RADIUS[1]*z,
+                               VESICLE_MARGIN*z, device=cv.device)
+    pv = 2*p_vesicle*torch.sigmoid(4*cv.at(cv.noise(VESICLE_CLUSTERING*z)[0], vy, vx) - 1.5)
+    gap = VESICLE_CLEARANCE
+    vkeep = ((cv.rand(len(rv)) < pv) & (cv.at(dmem, vy, vx) > rv + gap['membrane']*z)
+             & (cv.at(dnuc, vy, vx) > rv + gap['nucleus']*z) & (cv.at(dmit, vy, vx) > rv + gap['mito']*z))
+    q = _square(y, x, VESICLE_SPACING*z, vnx)
+    return torch.where(vkeep[q], ((y - vy[q])**2 + (x - vx[q])**2).sqrt() - rv[q], OUTSIDE)
+
+# %% ../nbs/00_data.ipynb #52c8ab7b
+def _stain(cv, dnuc, dmit, dves, z):
+    "The stain density of each compartment (cytoplasm, vesicle, mitochondrion, nucleus with chromatin), textured."
+    s = STAIN
+    tex = cv.noise(STAIN_SIZE['texture']*z, 3)
+    fill = s['cytoplasm'] + s['cytoplasm_var']*cv.noise(STAIN_SIZE['cytoplasm']*z)[0] + s['texture']*tex[0]
+    fill = torch.where(dves < 0, s['vesicle'], fill)
+    fill = torch.where(dmit < 0, s['mito'] + s['mito_texture']*tex[1], fill)
+    chrom = (s['heterochromatin']*(tex[2] > 0.75)                                 # clumps, and a rim under the envelope
+             + s['rim_chromatin']*torch.sigmoid(-(dnuc + CHROMATIN_RIM[0]*z)/(CHROMATIN_RIM[1]*z))*(tex[1] > -0.2))
+    return torch.where(dnuc < 0, s['nucleus'] + s['nucleus_texture']*tex[0] + chrom, fill)
+
+# %% ../nbs/00_data.ipynb #9e0133b0
+def _labels(d, membrane, z):
+    "Label map from the full-resolution distance fields `d`; later classes win where they overlap."
+    lbl = torch.zeros(d['membrane'].shape, dtype=torch.int64, device=d['membrane'].device)
+    lbl[d['membrane'] < membrane*z] = EM_CLASSES.index('membrane')
+    for cls, field in (('vesicle', 'vesicle'), ('mitochondria', 'mito'), ('nucleus', 'nucleus')):
+        lbl[d[field] < LABEL_REACH[cls]*z] = EM_CLASSES.index(cls)
+    return lbl
+
+def _density(fill, d, cri_t, cri_q, membrane, z):
+    "Optical density: the stain `fill` plus thin dark lines (membranes, vesicle walls, cristae, nuclear envelope)."
     kk = cri_t.floor()
-    cri = torch.exp(-((cri_t - kk - 0.5)*(per/(0.9*z)))**2) * (cri_q < 0.35 + 0.6*_hash(kk)) * (dmit < -3*z)
-    D = torch.stack([dmem/(membrane*z), dves/(0.8*z), (dmit + z)/(0.8*z), (dmit + 2.8*z)/(0.7*z), dnuc/z, (dnuc + 3*z)/z])
-    wts = torch.tensor([1.3, 1.1, 1.2, 0.9, 1.0, 0.8], device=dev)
-    img = torch.exp(-(fill + 1.0*cri + torch.einsum('c,chw->hw', wts, D.square_().neg_().exp_())))
-    # the microscope: Gaussian PSF (separable), uneven illumination, shot noise at `dose` electrons per pixel
+    reach = CRISTAE_REACH[0] + CRISTAE_REACH[1]*_hash(kk)
+    cri = (torch.exp(-((cri_t - kk - 0.5)*(CRISTAE_PERIOD*z/(CRISTAE_WIDTH*z)))**2) * (cri_q < reach)
+           * (d['mito'] < -CRISTAE_INSET*z))
+    D = torch.stack([(d[f] + off*z)/((width or membrane)*z) for f, off, width, _ in LINES])
+    dark = torch.tensor([k for *_, k in LINES], device=cri.device)
+    return fill + cri + torch.einsum('c,chw->hw', dark, D.square_().neg_().exp_())
+
+# %% ../nbs/00_data.ipynb #4123bcae
+def _microscope(img, blur, illum, dose, g, seed, z):
+    "Image `img` through the microscope: Gaussian PSF (separable), uneven illumination, shot noise at `dose` e⁻/px."
+    (h, w), dev = img.shape, img.device
     if blur > 0:
-        r = math.ceil(3*blur*z); k1 = torch.exp(-0.5*(torch.arange(-r, r+1, device=dev)/(blur*z))**2); k1 = k1/k1.sum()
+        r = math.ceil(3*blur*z)
+        k1 = torch.exp(-0.5*(torch.arange(-r, r+1, device=dev)/(blur*z))**2)
+        k1 = k1/k1.sum()
         img = F.pad(img[None, None], (r, r, r, r), mode='replicate')
         img = F.conv2d(F.conv2d(img, k1.view(1, 1, -1, 1)), k1.view(1, 1, 1, -1))[0, 0]
-    ill = F.interpolate(torch.randn(1, 1, 4, 4, generator=g).to(dev), size=(h, w), mode='bicubic', align_corners=True)[0, 0]
-    img = img*(1 + illum*ill.clamp(-2, 2))
-    if dose: img = torch.poisson(img*dose, generator=g if dev.type == 'cpu' else torch.Generator(dev).manual_seed(seed))/dose
-    return img.clamp_(0, 1), lbl
+    ill = F.interpolate(torch.randn(1, 1, 4, 4, generator=g).to(dev), size=(h, w), mode='bicubic', align_corners=True)
+    img = img*(1 + illum*ill[0, 0].clamp(-2, 2))
+    if dose:
+        gen = g if dev.type == 'cpu' else torch.Generator(dev).manual_seed(seed)
+        img = torch.poisson(img*dose, generator=gen)/dose
+    return img.clamp_(0, 1)
+
+# %% ../nbs/00_data.ipynb #f640a872
+def synth_em(size=512, seed=0, *, cell=160., mito=(16., 40.), p_mito=0.6, p_vesicle=0.25, p_nucleus=0.4,
+             membrane=1.8, blur=1.0, dose=40., illum=0.15, zoom=1.0, step=2, device=None):
+    "A synthetic TEM-like image `(H,W)` float32 in [0,1] and its labels `(H,W)` int64 indexing `EM_CLASSES`."
+    h, w = _hw(size)
+    if h < 1 or w < 1: raise ValueError(f"synth_em: size must be positive, got {size}")
+    z = zoom
+    cv = _Canvas(h, w, step, torch.Generator().manual_seed(seed), torch.device(device or 'cpu'))
+    dmem, dnuc = _cells(cv, cell*z, p_nucleus)                    # geometry on the coarse grid
+    dmit, cri_t, cri_q = _mitochondria(cv, dmem, dnuc, mito, p_mito, z)
+    dves = _vesicles(cv, dmem, dnuc, dmit, p_vesicle, z)
+    fill = _stain(cv, dnuc, dmit, dves, z)
+    up = F.interpolate(torch.stack([dmem, dnuc, dmit, dves, cri_t, cri_q, fill])[None], scale_factor=step,
+                       mode='bilinear', align_corners=False)[0, :, :h, :w]   # to full resolution in one upsampling
+    d = dict(zip(('membrane', 'nucleus', 'mito', 'vesicle'), up[:4]))
+    img = torch.exp(-_density(up[6], d, up[4], up[5], membrane, z))     # transmitted fraction (Beer-Lambert)
+    return _microscope(img, blur, illum, dose, cv.g, seed, z), _labels(d, membrane, z)
 
 # %% ../nbs/00_data.ipynb #d2212d83
 IMG_EXTS = ('.tif', '.tiff', '.png', '.jpg', '.jpeg')

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 import torch, torch.nn as nn
+from fastcore.basics import patch
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
 
@@ -30,36 +31,61 @@ class Merged(NamedTuple):
     weights: Tensor  # (B, K, M) mean merge weight of each neighbour of cl.nbhd[kept // cluster_size]
 
 class TokenMerging(nn.Module):
-    "Keep the top ceil(`ds`·n) tokens by a learned score; each merges its cluster neighbourhood with `heads` learned weightings."
+    """Keep the top ceil(`ds`·n) tokens by a learned score; each merges its cluster neighbourhood with `heads`
+    learned weightings."""
     def __init__(self, dim: int, out_dim: int, ds: float = 0.4, heads: int = 16, hidden: int = 32):
         super().__init__()
         n_keep(1, ds)
         self.ds, self.heads = ds, heads
         self.score = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
-        self.weight = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))  # a bias would cancel in the softmax
+        # no bias in the last layer: it would cancel in the softmax
+        self.weight = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))
         self.norm = nn.LayerNorm(heads * dim)
         self.proj = nn.Linear(heads * dim, out_dim)
 
-    def forward(self, x: Tensor, cl: Clusters, spacing: float = 1., score: Tensor | None = None, n_max: int | None = None) -> Merged:
-        "Merge `x` (B, N, C), in the curve order of `cl`; `spacing`: typical distance between tokens; `score` overrides the learned score; `n_max`: the most valid tokens of any image, if known on the host (saves a host sync)."
-        B, N, C = x.shape
-        if cl.order.shape != (B, N): raise ValueError(f"x has {N} tokens but the clusters hold {cl.order.shape[1]}")
-        if score is None:
-            with torch.autocast(x.device.type, enabled=False): score = self.score(x.to(self.proj.weight.dtype)).squeeze(-1)
-        k = n_keep(cl.valid.sum(1), self.ds)
-        K = n_keep(n_max, self.ds) if n_max is not None else int(k.max())
-        kept = score.masked_fill(~cl.valid, float('-inf')).topk(K, dim=1).indices       # (B, K)
-        valid = torch.arange(K, device=x.device) < k[:, None]
-        nb = gather_rows(cl.nbhd, kept // cl.cluster_size)                               # (B, K, M)
-        ok = (nb >= 0) & valid[..., None]
-        pn = gather_rows(cl.pos, nb)                                                     # (B, K, M, 2)
-        d = (pn - gather_rows(cl.pos, kept)[:, :, None]) / spacing
-        a = self.weight(d.to(self.proj.weight.dtype))
-        a = (a.float() if a.element_size() < 4 else a) - d.square().sum(-1, keepdim=True) / 2 + gather_rows(score, nb)[..., None]
-        w = a.masked_fill(~ok[..., None], -1e9).softmax(2) * ok[..., None]               # (B, K, M, h)
-        if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
-        m = torch.einsum('bkmh,bkmc->bkhc', w.to(x.dtype), gather_rows(x, nb, zero=False)).reshape(B, K, -1)  # w = 0 on missing
-        out = self.proj(self.norm(m)) * torch.sigmoid(gather_rows(score, kept))[..., None]
-        wbar = w.mean(-1).detach()
-        pos = (wbar[..., None] * pn).sum(2)
-        return Merged(out * valid[..., None], pos, valid, kept, wbar)
+# %% ../nbs/05_merging.ipynb #3731313a
+@patch
+def select(self: TokenMerging, x: Tensor, cl: Clusters, score: Tensor | None = None, n_max: int | None = None):
+    """`(score, kept, valid)`: the tokens' scores (learned unless `score` is given), the curve positions `kept`
+    (B, K) of each image's top ceil(ds·n) real tokens, and which of the K slots are real."""
+    B, N, C = x.shape
+    if cl.order.shape != (B, N): raise ValueError(f"x has {N} tokens but the clusters hold {cl.order.shape[1]}")
+    if score is None:
+        with torch.autocast(x.device.type, enabled=False):
+            score = self.score(x.to(self.proj.weight.dtype)).squeeze(-1)
+    k = n_keep(cl.valid.sum(1), self.ds)
+    K = n_keep(n_max, self.ds) if n_max is not None else int(k.max())
+    kept = score.masked_fill(~cl.valid, float('-inf')).topk(K, dim=1).indices       # (B, K)
+    valid = torch.arange(K, device=x.device) < k[:, None]
+    return score, kept, valid
+
+# %% ../nbs/05_merging.ipynb #4e5b6c42
+@patch
+def merge_weights(self: TokenMerging, cl: Clusters, score: Tensor, kept: Tensor, valid: Tensor, spacing: float):
+    """`(w, nb, pn)`: weights `w` (B, K, M, heads) of each kept token's neighbours `nb` (B, K, M), curve positions
+    in `cl` (-1: missing), at pixel positions `pn` (B, K, M, 2)."""
+    nb = gather_rows(cl.nbhd, kept // cl.cluster_size)                               # (B, K, M)
+    ok = (nb >= 0) & valid[..., None]
+    pn = gather_rows(cl.pos, nb)                                                     # (B, K, M, 2)
+    d = (pn - gather_rows(cl.pos, kept)[:, :, None]) / spacing
+    a = self.weight(d.to(self.proj.weight.dtype))
+    a = (a.float() if a.element_size() < 4 else a) - d.square().sum(-1, keepdim=True) / 2
+    a = a + gather_rows(score, nb)[..., None]
+    w = a.masked_fill(~ok[..., None], -1e9).softmax(2) * ok[..., None]               # (B, K, M, h)
+    return w, nb, pn
+
+# %% ../nbs/05_merging.ipynb #b95b9a53
+@patch
+def forward(self: TokenMerging, x: Tensor, cl: Clusters, spacing: float = 1., score: Tensor | None = None,
+            n_max: int | None = None) -> Merged:
+    """Merge `x` (B, N, C), in the curve order of `cl`; `spacing`: typical distance between tokens; `score`
+    overrides the learned score; `n_max`: the most valid tokens of any image, if known on the host (no host sync)."""
+    score, kept, valid = self.select(x, cl, score, n_max)
+    w, nb, pn = self.merge_weights(cl, score, kept, valid, spacing)
+    B, K = kept.shape
+    if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
+    m = torch.einsum('bkmh,bkmc->bkhc', w.to(x.dtype), gather_rows(x, nb, zero=False))    # w = 0 on missing
+    out = self.proj(self.norm(m.reshape(B, K, -1))) * torch.sigmoid(gather_rows(score, kept))[..., None]
+    wbar = w.mean(-1).detach()
+    pos = (wbar[..., None] * pn).sum(2)
+    return Merged(out * valid[..., None], pos, valid, kept, wbar)

@@ -326,6 +326,7 @@ class UpHead(nn.Module):
         self.cls = nn.Conv2d(ws[-1], n_classes, 1)
 
     def forward(self, feats, img):
+        "Class logits at full resolution from `feats` (stride `stride`), with skips from `img` at each scale."
         x = self.proj(feats)
         s = self.stride
         for skip, up in zip(self.skips, self.ups):
@@ -352,6 +353,7 @@ class FPNHead(nn.Module):
         self.fuse = conv_gn(width*len(dims), width)
 
     def forward(self, maps):
+        "Fuse the pyramid `maps` (finest first) top-down into one map at the finest stride."
         xs = [l(m) for l, m in zip(self.lat, maps)]
         for i in range(len(xs)-1, 0, -1):
             xs[i-1] = xs[i-1] + F.interpolate(xs[i], size=xs[i-1].shape[-2:], mode='bilinear', align_corners=False)
@@ -387,6 +389,7 @@ class ViTSeg(nn.Module):
         return [outs[t].transpose(1, 2).reshape(B, self.dim, h, w) for t in self.taps]
 
     def forward(self, img):
+        "Class logits `(B, n_classes, H, W)` of `img` (any size: padded to the patch, cropped back)."
         H, W = img.shape[-2:]
         x = pad_to(img, self.patch)
         maps = [f(m) for f, m in zip(self.pyramid, self.features(x))]
@@ -425,6 +428,7 @@ class AFFSeg(nn.Module):
         return f.transpose(1, 2).reshape(B, -1, h, w)
 
     def forward(self, img):
+        "Class logits `(B, n_classes, H, W)` of `img` (any size: padded to the patch, cropped back)."
         H, W = img.shape[-2:]
         x = pad_to(img, self.patch)
         return self.head(self.features(x), x)[..., :H, :W]

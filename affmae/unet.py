@@ -28,6 +28,7 @@ class UNet(nn.Module):
         self.cls = nn.Conv2d(ws[0], n_classes, 1)
 
     def forward(self, x):
+        "Class logits of `x` (any size: padded to a multiple of 2**depth, cropped back)."
         H, W = x.shape[-2:]
         ph, pw = -H % 2**self.depth, -W % 2**self.depth
         if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='reflect' if ph < H and pw < W else 'replicate')
