@@ -1,4 +1,4 @@
-"The published pretraining recipe (decoder, deep supervision, optimisation): one test per fact, then CPU tests of the options."
+"The published pretraining recipe (decoder, deep supervision, optimisation): a test per fact, then CPU tests."
 import math
 import pytest, torch
 from affmae.aff import create_model
@@ -19,7 +19,8 @@ def base():
 # decoder and deep supervision
 def test_decoder_is_deformable(base): assert all(isinstance(l, DeformableLayer) for l in base.decoder.layers)
 def test_decoder_width_384(base): assert base.decoder.dim == 384 and base.decoder.mask_token.shape == (384,)
-def test_decoder_6_heads(base): assert all(l.cross_attn.heads == 6 and l.self_attn.heads == 6 for l in base.decoder.layers)
+def test_decoder_6_heads(base):
+    assert all(l.cross_attn.heads == 6 and l.self_attn.heads == 6 for l in base.decoder.layers)
 def test_decoder_one_block_per_stage(base): assert len(base.decoder.layers) == len(base.encoder.dims) == 4
 def test_decoder_coarsest_first(base):
     assert [p.in_features for p in base.decoder.proj] == list(reversed(base.encoder.dims)) == [768, 512, 256, 128]
