@@ -143,7 +143,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
     _require(img_size >= 32 and img_size % 8 == 0,
              f"--img-size must be a multiple of the 8-pixel patch, at least 32; got {img_size}")
-    _require(warmup is None or warmup >= 0, f"--warmup must be >= 0, got {warmup}")
+    _require(warmup is None or 0 <= warmup < 1 or (warmup >= 1 and float(warmup).is_integer()),
+             f"--warmup must be in [0, 1) (a fraction of training) or a whole number of optimiser steps, got {warmup}")
     _require(0 <= valid_pct < 1, f"--valid-pct must be in [0, 1), got {valid_pct}")
     _require((lr or 1) > 0 and (wd or 0) >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")

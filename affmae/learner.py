@@ -352,7 +352,8 @@ def resolve_recipe(recipe: str, arch: str | None = None, bs: int = 1, **override
 def warmup_fraction(warmup: float, steps: int, ref_steps: int | None = None) -> float:
     """The warm-up of a run of `steps` optimiser steps as a fraction of it: `warmup` itself if below 1, else
     `warmup` steps, scaled by `steps / ref_steps` when the run is shorter than the `ref_steps` they were set for."""
-    if warmup < 0: raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if warmup < 0 or (warmup >= 1 and not float(warmup).is_integer()):
+        raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
     if warmup < 1: return float(warmup)
     if ref_steps and steps < ref_steps: warmup = warmup * steps / ref_steps
     return min(1., warmup / max(1, steps))
