@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from fastcore.basics import patch
 from .masking import perlin_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
@@ -298,42 +299,46 @@ class PointDecoder(nn.Module):
                                    for _ in self.head_at)
         self._dense = {}
 
-    def queries(self, mask: Tensor | None, h: int, w: int, B: int, device, n: int | None = None):
-        "`query_clusters` of the masked patches of `mask` (of every patch if None: computed once per grid and device)."
-        if mask is not None: return query_clusters(*patch_ids(mask, h, w, n), w, self.group, self.window)
-        key = (h, w, str(device))
-        if key not in self._dense:
-            ids, valid = patch_ids(None, h, w)
-            self._dense[key] = query_clusters(ids.to(device), valid.to(device), w, self.group, self.window)
-        cl, rows = self._dense[key]
-        return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
+# %% ../nbs/07_mae.ipynb #69bc0f4d
+@patch
+def queries(self: PointDecoder, mask: Tensor | None, h: int, w: int, B: int, device, n: int | None = None):
+    "`query_clusters` of the masked patches of `mask` (of every patch if None: computed once per grid and device)."
+    if mask is not None: return query_clusters(*patch_ids(mask, h, w, n), w, self.group, self.window)
+    key = (h, w, str(device))
+    if key not in self._dense:
+        ids, valid = patch_ids(None, h, w)
+        self._dense[key] = query_clusters(ids.to(device), valid.to(device), w, self.group, self.window)
+    cl, rows = self._dense[key]
+    return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
 
-    def forward(self, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
-                n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
-        """Predictions `(B, h*w, out)` on the patch grid, one per head (coarsest stage first): at the masked patches
-        of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
-        `clusters`: the encoder's clustering of each stage, to prune the search for each query's neighbours."""
-        B, dev = stages[0].x.shape[0], stages[0].x.device
-        cl, rows = self.queries(mask, h, w, B, dev, n_masked)
-        x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
-        if self.kind == 'point': self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
-        else: qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
-        preds = []
-        for s, (proj, layer, t) in enumerate(zip(self.proj, self.layers, reversed(stages))):
-            pos = t.pos / self.patch                                                # pixels -> patch units
-            mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
-            cs = None if clusters is None else clusters[-1 - s]
-            if self.kind == 'deformable':
-                kkeys = None if cs is None else (cs.centres / self.patch, cs.cluster_size)
-                x = _run_random(layer, self.checkpoint, x, cl.pos, cl.valid, qkeys, qscale, mem, pos, t.valid, kkeys,
-                                _spacing(t.valid, h * w))
-            else:
-                if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
-                else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
-                                        query=cl.centres)
-                x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
-            if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
-        return preds
+# %% ../nbs/07_mae.ipynb #7ce699c7
+@patch
+def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
+            n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
+    """Predictions `(B, h*w, out)` on the patch grid, one per head (coarsest stage first): at the masked patches
+    of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
+    `clusters`: the encoder's clustering of each stage, to prune the search for each query's neighbours."""
+    B, dev = stages[0].x.shape[0], stages[0].x.device
+    cl, rows = self.queries(mask, h, w, B, dev, n_masked)
+    x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
+    if self.kind == 'point': self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
+    else: qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
+    preds = []
+    for s, (proj, layer, t) in enumerate(zip(self.proj, self.layers, reversed(stages))):
+        pos = t.pos / self.patch                                                # pixels -> patch units
+        mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
+        cs = None if clusters is None else clusters[-1 - s]
+        if self.kind == 'deformable':
+            kkeys = None if cs is None else (cs.centres / self.patch, cs.cluster_size)
+            x = _run_random(layer, self.checkpoint, x, cl.pos, cl.valid, qkeys, qscale, mem, pos, t.valid, kkeys,
+                            _spacing(t.valid, h * w))
+        else:
+            if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
+            else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
+                                    query=cl.centres)
+            x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
+        if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
+    return preds
 
 def _spacing(valid: Tensor, area: int) -> Tensor:
     "Mean spacing of each image's points (`valid` (B, N) over `area` patches) in patch units, shaped (B, 1, 1, 1, 1)."
@@ -374,19 +379,21 @@ class AFFMAE(MAEBase):
         for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head
         nn.init.normal_(self.decoder.mask_token, std=.02)
 
-    def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
-        "One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
-        h, w = self.grid(img)
-        n_masked = None if n_visible is None else h * w - n_visible
-        clusters = []
-        stages = self.encoder(img, mask, n_visible, clusters)
-        return self.decoder(stages, h, w, mask, n_masked, clusters)
-
 def _init_dec(m):
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None: nn.init.zeros_(m.bias)
     if isinstance(m, DeformableAttention): m.reset_sampling()    # after its Linears (`apply` visits children first)
+
+# %% ../nbs/07_mae.ipynb #bc7ca890
+@patch
+def predict(self: AFFMAE, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
+    "One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
+    h, w = self.grid(img)
+    n_masked = None if n_visible is None else h * w - n_visible
+    clusters = []
+    stages = self.encoder(img, mask, n_visible, clusters)
+    return self.decoder(stages, h, w, mask, n_masked, clusters)
 
 # %% ../nbs/07_mae.ipynb #91f9f296
 def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
