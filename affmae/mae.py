@@ -199,17 +199,17 @@ class DecoderLayer(nn.Module):
 
 # %% ../nbs/07_mae.ipynb #0dd3dbd5
 def idw_sample(v: Tensor, kpos: Tensor, kvalid: Tensor, loc: Tensor, attn: Tensor, nearest: int = 4,
-               keys: tuple[Tensor, int] | None = None, eps: float = 1e-3) -> Tensor:
+               keys: tuple[Tensor, int] | None = None, eps: float = 1e-3, n_cand: int = 8) -> Tensor:
     """Deformable attention's read-out `(B, N, H, D)`: per query and head, the `attn` (B, N, H, P) weighted sum of
     the values `v` (B, Nk, H, D) at the `P` points `loc` (B, N, H, P, 2), each interpolated from the `nearest` valid
     keys (positions `kpos` (B, Nk, 2)) by inverse distance. `keys`: the keys' cluster centres and cluster size, for
-    `cluster_knn` (else brute-force `knn`)."""
+    `cluster_knn` over the `n_cand` nearest clusters (exact: rows it cannot prove are redone), else by `knn`."""
     B, N, H, P, _ = loc.shape
     Nk, D = v.shape[1], v.shape[-1]
     pts = loc.reshape(B, N * H * P, 2)
     with torch.no_grad():
         idx = knn(pts.float(), kpos, nearest, kvalid) if keys is None else \
-              cluster_knn(keys[0], kpos, kvalid, keys[1], nearest, query=pts.float())   # (B, N*H*P, nearest)
+              cluster_knn(keys[0], kpos, kvalid, keys[1], nearest, n_cand, query=pts.float())   # (B, N*H*P, nearest)
     ft = torch.promote_types(loc.dtype, torch.float32)                          # distances in float32 at least
     d2 = (pts[:, :, None].to(ft) - gather_rows(kpos.to(ft), idx)).square().sum(-1)
     w = (d2 + eps * eps).rsqrt() * (idx >= 0)                                    # inverse distance, 0 for no key
