@@ -369,7 +369,8 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', 
     name = arch if isinstance(arch, str) else getattr(arch, 'arch', (None,))[0]
     r = resolve_recipe(recipe, name, dls.train.bs, lr=lr, wd=wd, accum=accum, clip=clip, precision=precision,
                        betas=betas)
-    if r['precision'] not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if r['precision'] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {r['precision']!r}")
     if isinstance(arch, str):
         kw = dict(mask=mask, ratio=ratio, **model_kw)
         model = create_model(arch, **kw)
@@ -394,7 +395,8 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', 
 def fit_recipe(self: Learner, n_epoch: int, lr: float | None = None, warmup: float | None = None, cbs=None,
                start_epoch: int = 0):
     "Fit `n_epoch` epochs with the schedule of the `mae_learner`'s recipe; `lr` and `warmup` default to the recipe's."
-    r = self.recipe
+    r = getattr(self, 'recipe', None)
+    if r is None: raise ValueError("fit_recipe needs a Learner made by mae_learner (it has no recipe)")
     lr = self.lr if lr is None else lr
     steps = n_epoch * math.ceil(len(self.dls.train) / r['accum'])                # optimiser steps
     pct = warmup_fraction(r['warmup'] if warmup is None else warmup, steps, r['ref_steps'])
