@@ -122,3 +122,14 @@ def test_idw_sample_exact_on_a_token():
     w = 1 / torch.tensor([0., 9., 9., 18., 162.]).add(1e-6).sqrt()[:4]              # the 4 nearest, eps 1e-3
     assert out.item() == pytest.approx((w * torch.arange(4.)).sum().item() / w.sum().item(), rel=1e-5)
     assert out.item() < 2e-3
+
+
+def test_deformable_decoder_segments():
+    "Fine-tuning reuses the published decoder with a query at every patch (`AFFSeg`): per-pixel logits, gradients."
+    from affmae.segment import AFFSeg
+    torch.manual_seed(0)
+    seg = AFFSeg(create_model('affmae_tiny', **{**PAPER_DECODER, 'dec_dim': 32, 'dec_heads': 2}), n_classes=3)
+    y = seg(torch.randn(1, 1, 64, 64))
+    assert y.shape == (1, 3, 64, 64)
+    y.square().mean().backward()
+    assert all(l.cross_attn.offsets.weight.grad.abs().sum() > 0 for l in seg.decoder.layers)
