@@ -111,14 +111,15 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              ratio: float = .5,         # mask ratio, in (0, 1)
              epochs: int = 100,         # total epochs of the schedule
              bs: int = 8,               # batch size
-             accum: int = 1,            # gradient accumulation steps
-             lr: float = 1.5e-4,        # peak learning rate
-             warmup: float = .05,       # fraction of training spent warming up
-             wd: float = .05,           # weight decay
+             accum: int = None,         # gradient accumulation steps (default: the recipe's)
+             lr: float = None,          # peak learning rate (default: the recipe's, by model size)
+             warmup: float = None,      # warm-up: a fraction of training (< 1) or optimiser steps (default: recipe's)
+             wd: float = None,          # weight decay (default: the recipe's)
+             recipe: str = 'affmae',    # optimisation recipe: affmae (ours) or paper (the published one)
              out: str = 'runs/pretrain',# output folder (checkpoints/, figures/)
              resume: str = None,        # checkpoint (.safetensors) or checkpoint folder to resume from
              overwrite: store_true = False, # replace the checkpoints and figures of an earlier run in --out
-             precision: str = 'bf16',   # bf16, fp16 or none (mixed precision on CUDA only)
+             precision: str = None,     # bf16, fp16 or none (mixed precision on CUDA only; default: the recipe's)
              n_synth: int = 256,        # number of synthetic images with --data synthetic
              epoch_len: int = None,     # crops per epoch (default: one per image)
              valid_pct: float = .1,     # fraction of the images held out for validation, in [0, 1)
@@ -132,18 +133,20 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     from fastai.torch_core import set_seed
     from affmae.data import pretrain_dls, data_paths
     from affmae.mae import MASKERS
-    from affmae.learner import mae_learner, checkpoints, run_ids
+    from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     _require(0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
     _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
-    _require(precision in ('bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
-    _require(min(epochs, bs, accum, ckpt_every, n_synth) > 0,
+    _require(precision in (None, 'bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
+    _require(recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    _require(min(epochs, bs, accum or 1, ckpt_every, n_synth) > 0,
              "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
     _require(img_size >= 32 and img_size % 8 == 0,
              f"--img-size must be a multiple of the 8-pixel patch, at least 32; got {img_size}")
-    _require(0 <= warmup < 1, f"--warmup must be in [0, 1), got {warmup}")
+    _require(warmup is None or 0 <= warmup < 1 or (warmup >= 1 and float(warmup).is_integer()),
+             f"--warmup must be in [0, 1) (a fraction of training) or a whole number of optimiser steps, got {warmup}")
     _require(0 <= valid_pct < 1, f"--valid-pct must be in [0, 1), got {valid_pct}")
-    _require(lr > 0 and wd >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
+    _require((lr or 1) > 0 and (wd or 0) >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
@@ -159,7 +162,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
                        num_workers=workers, epoch_len=epoch_len)
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
-                        precision=None if precision == 'none' else precision,
+                        precision='fp32' if precision == 'none' else precision, recipe=recipe,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',
                         capture=not no_capture, **(dict(checkpoint=True) if checkpoint else {}))
     start = learn.load_checkpoint(resume) if resume else 0
@@ -169,7 +172,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
         others = run_ids(out / 'checkpoints') - {run}
         _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): "
                              "resume into the resumed run's folder")
-    learn.fit_one_cycle(epochs, lr, pct_start=warmup, moms=(.9, .9, .9), start_epoch=start)
+    learn.fit_recipe(epochs, warmup=warmup, start_epoch=start)
     return learn
 
 # %% ../nbs/09b_cli.ipynb #96390b89

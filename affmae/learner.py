@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 import matplotlib; import matplotlib.pyplot as plt
 from fastcore.basics import patch
+from fastcore.foundation import L
+import math
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.fp16 import MixedPrecision
@@ -24,9 +26,10 @@ from .graphs import CaptureStep
 import affmae.vit_mae
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'FixedValidMasks', 'Accumulate', 'decay_split',
-           'adamw', 'recon_figure', 'ReconFigures', 'config_hash', 'save_mae', 'load_mae', 'state_path', 'Checkpoint',
-           'checkpoints', 'latest_checkpoint', 'run_ids', 'mae_learner', 'history']
+__all__ = ['PRECISIONS', 'RECIPES', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'FixedValidMasks', 'Accumulate',
+           'decay_split', 'adamw', 'warmup_cosine', 'recon_figure', 'ReconFigures', 'config_hash', 'save_mae',
+           'load_mae', 'state_path', 'Checkpoint', 'checkpoints', 'latest_checkpoint', 'run_ids', 'resolve_recipe',
+           'warmup_fraction', 'mae_learner', 'history']
 
 # %% ../nbs/09_pretrain.ipynb #03431dbe
 def mae_loss(out: dict, *yb) -> torch.Tensor:
@@ -89,6 +92,12 @@ def decay_split(model: nn.Module) -> list[list[nn.Parameter]]:
 def adamw(params, lr: float, betas=(.9, .95), eps: float = 1e-8) -> OptimWrapper:
     "PyTorch's fused AdamW in fastai's `OptimWrapper` (weight decay is set per group by the `Learner`)."
     return OptimWrapper(params, opt=torch.optim.AdamW, lr=lr, betas=betas, eps=eps, fused=True)
+
+# %% ../nbs/09_pretrain.ipynb #013da91a
+def warmup_cosine(lr: float, lr_min: float, pct: float):
+    "Schedule of the fraction of training done: linear `lr_min` -> `lr` over the first `pct`, cosine back to `lr_min`."
+    if not 0 <= pct <= 1: raise ValueError(f"warm-up fraction must be in [0, 1], got {pct}")
+    return combine_scheds([pct, 1 - pct], [SchedLin(lr_min, lr), SchedCos(lr, lr_min)])
 
 # %% ../nbs/09_pretrain.ipynb #7ece6dd2
 def _rng_state(dls) -> dict:
@@ -319,15 +328,49 @@ def load_checkpoint(self: Learner, path) -> int:
     self.add_cb(_Restore(state, state['epoch'] + 1))
     return state['epoch'] + 1
 
-# %% ../nbs/09_pretrain.ipynb #0d9d1da6
-PRECISIONS = ('bf16', 'fp16', None)
+# %% ../nbs/09_pretrain.ipynb #7991ac03
+PRECISIONS = ('bf16', 'fp16', 'fp32')
 
-def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', ratio: float = .5, lr: float = 1.5e-4,
-                wd: float = .05, accum: int = 1, clip: float | None = 1., precision: str | None = 'bf16',
-                ckpt_dir=None, ckpt_every: int = 1, figs_dir=None, valid_seed: int | None = 0, cbs=None,
-                capture: bool = True, **model_kw) -> Learner:
-    "A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`); `capture`: CUDA-graph steps."
-    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+RECIPES = dict(
+    affmae=dict(lr=1.5e-4, wd=.05, betas=(.9, .95), clip=1., precision='bf16', batch=None, schedule='one_cycle',
+                warmup=.05, lr_min=None, ref_steps=None),
+    paper=dict(lr=2.5e-4, lr_small=5e-4, wd=.05, betas=(.883, .935), clip=5., precision='fp16', batch=260,
+               schedule='warmup_cosine', warmup=10_000, lr_min=1e-6, ref_steps=500 * math.ceil(187_270 / 52) // 5))
+
+def resolve_recipe(recipe: str, arch: str | None = None, bs: int = 1, **overrides) -> dict:
+    """The options of `RECIPES[recipe]` for a model `arch` (a Small model gets `lr_small` if the recipe has one) and
+    loader batch size `bs` (`accum` reaches the recipe's `batch`); `overrides` that are not None win."""
+    if recipe not in RECIPES: raise ValueError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    r = dict(RECIPES[recipe])
+    lr_small = r.pop('lr_small', None)
+    if lr_small is not None and 'small' in (arch or ''): r['lr'] = lr_small
+    r['accum'] = max(1, round(r['batch'] / bs)) if r['batch'] else 1
+    unknown = set(overrides) - set(r)
+    if unknown: raise ValueError(f"unknown recipe option(s) {sorted(unknown)}; options: {sorted(r)}")
+    return {**r, **{k: v for k, v in overrides.items() if v is not None}}
+
+def warmup_fraction(warmup: float, steps: int, ref_steps: int | None = None) -> float:
+    """The warm-up of a run of `steps` optimiser steps as a fraction of it: `warmup` itself if below 1, else
+    `warmup` steps, scaled by `steps / ref_steps` when the run is shorter than the `ref_steps` they were set for."""
+    if warmup < 0 or (warmup >= 1 and not float(warmup).is_integer()):
+        raise ValueError(f"warmup must be a fraction in [0, 1) or a whole number of steps, got {warmup}")
+    if warmup < 1: return float(warmup)
+    if ref_steps and steps < ref_steps: warmup = warmup * steps / ref_steps
+    return min(1., warmup / max(1, steps))
+
+# %% ../nbs/09_pretrain.ipynb #0d9d1da6
+def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', ratio: float = .5,
+                lr: float | None = None, wd: float | None = None, accum: int | None = None, clip: float | None = None,
+                precision: str | None = None, ckpt_dir=None, ckpt_every: int = 1, figs_dir=None,
+                valid_seed: int | None = 0, cbs=None, capture: bool = True, recipe: str = 'affmae',
+                betas: tuple[float, float] | None = None, **model_kw) -> Learner:
+    """A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`) with the optimisation
+    `recipe` (`RECIPES`; `lr` ... `betas` left at None take its values; `clip=0`: none); `capture`: CUDA-graph steps."""
+    name = arch if isinstance(arch, str) else getattr(arch, 'arch', (None,))[0]
+    r = resolve_recipe(recipe, name, dls.train.bs, lr=lr, wd=wd, accum=accum, clip=clip, precision=precision,
+                       betas=betas)
+    if r['precision'] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {r['precision']!r}")
     if isinstance(arch, str):
         kw = dict(mask=mask, ratio=ratio, **model_kw)
         model = create_model(arch, **kw)
@@ -335,14 +378,35 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', 
     else: model = arch
     dev = getattr(dls, 'device', None) or torch.device('cpu')
     model.to(dev)
-    cbs = [InputIsTarget(), Accumulate(accum)] + ([GradientClip(clip)] if clip else []) + ([Checkpoint(ckpt_dir, ckpt_every)] if ckpt_dir else []) \
-          + ([ReconFigures(figs_dir)] if figs_dir else []) + ([FixedValidMasks(valid_seed)] if valid_seed is not None else []) \
+    cbs = [InputIsTarget(), Accumulate(r['accum'])] + ([GradientClip(r['clip'])] if r['clip'] else []) \
+          + ([Checkpoint(ckpt_dir, ckpt_every)] if ckpt_dir else []) + ([ReconFigures(figs_dir)] if figs_dir else []) \
+          + ([FixedValidMasks(valid_seed)] if valid_seed is not None else []) \
           + ([CaptureStep()] if capture else []) + list(cbs or [])
     metrics = [HeadLoss(i, f'loss_{n}') for i, n in enumerate(head_names(model))] if len(head_names(model)) > 1 else []
-    learn = Learner(dls, model, loss_func=mae_loss, opt_func=adamw, lr=lr, wd=[wd, 0.], splitter=decay_split,
-                    metrics=metrics, cbs=cbs)
-    if precision and torch.device(dev).type == 'cuda': learn.to_bf16() if precision == 'bf16' else learn.to_fp16()
+    learn = Learner(dls, model, loss_func=mae_loss, opt_func=partial(adamw, betas=r['betas']), lr=r['lr'],
+                    wd=[r['wd'], 0.], splitter=decay_split, metrics=metrics, cbs=cbs)
+    learn.recipe = r
+    if r['precision'] != 'fp32' and torch.device(dev).type == 'cuda':
+        learn.to_bf16() if r['precision'] == 'bf16' else learn.to_fp16()
     return learn
+
+# %% ../nbs/09_pretrain.ipynb #710808e5
+@patch
+def fit_recipe(self: Learner, n_epoch: int, lr: float | None = None, warmup: float | None = None, cbs=None,
+               start_epoch: int = 0):
+    "Fit `n_epoch` epochs with the schedule of the `mae_learner`'s recipe; `lr` and `warmup` default to the recipe's."
+    r = getattr(self, 'recipe', None)
+    if r is None: raise ValueError("fit_recipe needs a Learner made by mae_learner (it has no recipe)")
+    lr = self.lr if lr is None else lr
+    steps = n_epoch * math.ceil(len(self.dls.train) / r['accum'])                # optimiser steps
+    pct = warmup_fraction(r['warmup'] if warmup is None else warmup, steps, r['ref_steps'])
+    if r['schedule'] == 'one_cycle':
+        return self.fit_one_cycle(n_epoch, lr, pct_start=pct, moms=(r['betas'][0],) * 3, cbs=cbs,
+                                  start_epoch=start_epoch)
+    if self.opt is None: self.create_opt()
+    self.opt.set_hyper('lr', lr)
+    sched = ParamScheduler({'lr': warmup_cosine(lr, r['lr_min'], pct)})
+    self.fit(n_epoch, cbs=[sched] + list(L(cbs)), start_epoch=start_epoch)
 
 # %% ../nbs/09_pretrain.ipynb #7e4ed0ca
 def history(learn: Learner):

@@ -7,14 +7,16 @@ from __future__ import annotations
 import math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from fastcore.basics import patch
 from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
 
 # %% auto #0
-__all__ = ['MASKERS', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed',
-           'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters', 'DecoderLayer', 'PointDecoder', 'AFFMAE',
+__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse',
+           'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters',
+           'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE',
            'affmae_tiny', 'affmae_small', 'affmae_base', 'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
@@ -195,51 +197,157 @@ class DecoderLayer(nn.Module):
         x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))   # query windows
         return x + self.mlp(self.norm_m(x))
 
+# %% ../nbs/07_mae.ipynb #0dd3dbd5
+def idw_sample(v: Tensor, kpos: Tensor, kvalid: Tensor, loc: Tensor, attn: Tensor, nearest: int = 4,
+               keys: tuple[Tensor, int] | None = None, eps: float = 1e-3, n_cand: int = 8) -> Tensor:
+    """Deformable attention's read-out `(B, N, H, D)`: per query and head, the `attn` (B, N, H, P) weighted sum of
+    the values `v` (B, Nk, H, D) at the `P` points `loc` (B, N, H, P, 2), each interpolated from the `nearest` valid
+    keys (positions `kpos` (B, Nk, 2)) by inverse distance. `keys`: the keys' cluster centres and cluster size, for
+    `cluster_knn` over the `n_cand` nearest clusters (exact: rows it cannot prove are redone), else by `knn`."""
+    B, N, H, P, _ = loc.shape
+    Nk, D = v.shape[1], v.shape[-1]
+    pts = loc.reshape(B, N * H * P, 2)
+    with torch.no_grad():
+        idx = knn(pts.float(), kpos, nearest, kvalid) if keys is None else \
+              cluster_knn(keys[0], kpos, kvalid, keys[1], nearest, n_cand, query=pts.float())   # (B, N*H*P, nearest)
+    ft = torch.promote_types(loc.dtype, torch.float32)                          # distances in float32 at least
+    d2 = (pts[:, :, None].to(ft) - gather_rows(kpos.to(ft), idx)).square().sum(-1)
+    w = (d2 + eps * eps).rsqrt() * (idx >= 0)                                    # inverse distance, 0 for no key
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12) * attn.reshape(B, -1, 1).to(ft)
+    head = torch.arange(H, device=idx.device).repeat_interleave(P)[:, None].repeat(N, 1)   # (N*H*P, 1)
+    vals = gather_rows(v.reshape(B, Nk * H, D), torch.where(idx >= 0, idx * H + head, -1))   # (B, N*H*P, nearest, D)
+    out = (vals * w[..., None].to(v.dtype)).sum(2)
+    return out.view(B, N, H, P, D).sum(3)
+
+class DeformableAttention(nn.Module):
+    """Multi-scale deformable attention on point sets: each query reads `points` values per head at learned offsets
+    from its own position (in units of `scale`), weighted by a softmax over its points (`idw_sample`)."""
+    def __init__(self, dim: int = 384, heads: int = 6, points: int = 4, nearest: int = 4):
+        super().__init__()
+        if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if points < 1 or nearest < 1: raise ValueError(f"points and nearest must be >= 1, got {points}, {nearest}")
+        self.heads, self.points, self.nearest = heads, points, nearest
+        self.offsets, self.weights = nn.Linear(dim, heads * points * 2), nn.Linear(dim, heads * points)
+        self.value, self.proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.reset_sampling()
+
+    def reset_sampling(self):
+        "Deformable DETR's start: head `h` samples along the direction 2πh/H at 1 ... `points` units, evenly weighted."
+        a = torch.arange(self.heads) * (2 * math.pi / self.heads)
+        d = torch.stack([a.cos(), a.sin()], -1)
+        d = d / d.abs().amax(-1, keepdim=True)
+        with torch.no_grad():
+            self.offsets.weight.zero_(); self.weights.weight.zero_(); self.weights.bias.zero_()
+            self.offsets.bias.copy_((d[:, None] * torch.arange(1, self.points + 1)[:, None]).flatten())
+
+    def forward(self, x: Tensor, qpos: Tensor, mem: Tensor, kpos: Tensor, kvalid: Tensor, scale: Tensor | float = 1.,
+                keys: tuple[Tensor, int] | None = None) -> Tensor:
+        """Queries `x` (B, N, dim) at `qpos` (B, N, 2) read the tokens `mem` (B, Nk, dim) at `kpos` (B, Nk, 2)
+        (`kvalid`: real ones); `scale`: offset unit (a float or (B, 1, 1, 1, 1)); `keys`: as in `idw_sample`."""
+        B, N, _ = x.shape
+        H, P = self.heads, self.points
+        loc = qpos[:, :, None, None] + self.offsets(x).view(B, N, H, P, 2) * scale
+        attn = self.weights(x).view(B, N, H, P).softmax(-1)
+        v = self.value(mem).view(B, mem.shape[1], H, -1)
+        return self.proj(idw_sample(v, kpos, kvalid, loc, attn, self.nearest, keys).reshape(B, N, -1))
+
+class DeformableLayer(nn.Module):
+    """The published decoder block: deformable self-attention among the queries, deformable cross-attention to a
+    stage's tokens, FFN; each post-norm (`x = norm(x + dropout(f(x)))`)."""
+    def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 2., points: int = 4, nearest: int = 4,
+                 dropout: float = .1):
+        super().__init__()
+        self.self_attn, self.cross_attn = (DeformableAttention(dim, heads, points, nearest) for _ in range(2))
+        self.norm_s, self.norm_c, self.norm_m = (nn.LayerNorm(dim) for _ in range(3))
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, qpos: Tensor, qvalid: Tensor, qkeys, qscale, mem: Tensor, kpos: Tensor,
+                kvalid: Tensor, kkeys, kscale) -> Tensor:
+        """Queries `x` at `qpos` (valid: `qvalid`) attend to each other, then to `mem` at `kpos`; `qkeys`, `kkeys`
+        and `qscale`, `kscale`: as in `DeformableAttention`."""
+        x = self.norm_s(x + self.drop(self.self_attn(x, qpos, x, qpos, qvalid, qscale, qkeys)))
+        x = self.norm_c(x + self.drop(self.cross_attn(x, qpos, mem, kpos, kvalid, kscale, kkeys)))
+        return self.norm_m(x + self.drop(self.mlp(x)))
+
 # %% ../nbs/07_mae.ipynb #c5162385
+DECODERS = ('point', 'deformable')
+
 class PointDecoder(nn.Module):
-    "Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage first."
+    """Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage
+    first, by `kind` layers: 'point' (`DecoderLayer`) or the published 'deformable' (`DeformableLayer`)."""
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
                  group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True,
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, kind: str = 'point', points: int = 4, nearest: int = 4,
+                 dropout: float = .1, supervised=None):
         super().__init__()
+        if kind not in DECODERS: raise ValueError(f"decoder must be one of {DECODERS}, got {kind!r}")
+        S = len(enc_dims)
+        self.head_at = tuple(range(S) if supervised is None else supervised)    # layers with a reconstruction head
+        ok = list(self.head_at) == sorted(set(self.head_at)) and set(self.head_at) <= set(range(S))
+        if not self.head_at or not ok:
+            raise ValueError(f"supervised must be increasing layer indices in [0, {S}), got {supervised!r}")
         self.patch, self.dim, self.k, self.group, self.window = patch, dim, k, group, window
-        self.checkpoint = checkpoint
+        self.checkpoint, self.kind = checkpoint, kind
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, mlp_ratio, impl, locality) for _ in enc_dims)
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans)) for _ in enc_dims)
+        layer = (lambda: DecoderLayer(dim, heads, mlp_ratio, impl, locality)) if kind == 'point' else \
+                (lambda: DeformableLayer(dim, heads, mlp_ratio, points, nearest, dropout))
+        self.layers = nn.ModuleList(layer() for _ in enc_dims)
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans))
+                                   for _ in self.head_at)
         self._dense = {}
 
-    def queries(self, mask: Tensor | None, h: int, w: int, B: int, device, n: int | None = None):
-        "`query_clusters` of the masked patches of `mask` (of every patch if None: computed once per grid and device)."
-        if mask is not None: return query_clusters(*patch_ids(mask, h, w, n), w, self.group, self.window)
-        key = (h, w, str(device))
-        if key not in self._dense:
-            ids, valid = patch_ids(None, h, w)
-            self._dense[key] = query_clusters(ids.to(device), valid.to(device), w, self.group, self.window)
-        cl, rows = self._dense[key]
-        return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
+# %% ../nbs/07_mae.ipynb #69bc0f4d
+@patch
+def queries(self: PointDecoder, mask: Tensor | None, h: int, w: int, B: int, device, n: int | None = None):
+    "`query_clusters` of the masked patches of `mask` (of every patch if None: computed once per grid and device)."
+    if mask is not None: return query_clusters(*patch_ids(mask, h, w, n), w, self.group, self.window)
+    key = (h, w, str(device))
+    if key not in self._dense:
+        ids, valid = patch_ids(None, h, w)
+        self._dense[key] = query_clusters(ids.to(device), valid.to(device), w, self.group, self.window)
+    cl, rows = self._dense[key]
+    return Clusters(*(t.expand(B, *t.shape[1:]) for t in cl)), rows.expand(B, -1)
 
-    def forward(self, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
-                n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
-        """Predictions `(B, h*w, out)` on the patch grid, one per layer (coarsest stage first): at the masked patches
-        of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
-        `clusters`: the encoder's clustering of each stage, to prune the search for each query group's neighbours."""
-        B, dev = stages[0].x.shape[0], stages[0].x.device
-        cl, rows = self.queries(mask, h, w, B, dev, n_masked)
-        x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
-        self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
-        preds = []
-        for s, (proj, layer, head, t) in enumerate(zip(self.proj, self.layers, self.heads, reversed(stages))):
-            pos = t.pos / self.patch                                                # pixels -> patch units
-            mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
-            if clusters is None: idx = knn(cl.centres, pos, self.k, t.valid)
-            else:
-                cs = clusters[-1 - s]
-                idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k, query=cl.centres)
+# %% ../nbs/07_mae.ipynb #7ce699c7
+@patch
+def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
+            n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
+    """Predictions `(B, h*w, out)` on the patch grid, one per head (coarsest stage first): at the masked patches
+    of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
+    `clusters`: the encoder's clustering of each stage, to prune the search for each query's neighbours."""
+    B, dev = stages[0].x.shape[0], stages[0].x.device
+    cl, rows = self.queries(mask, h, w, B, dev, n_masked)
+    x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
+    if self.kind == 'point': self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
+    else: qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
+    preds = []
+    for s, (proj, layer, t) in enumerate(zip(self.proj, self.layers, reversed(stages))):
+        pos = t.pos / self.patch                                                # pixels -> patch units
+        mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
+        cs = None if clusters is None else clusters[-1 - s]
+        if self.kind == 'deformable':
+            kkeys = None if cs is None else (cs.centres / self.patch, cs.cluster_size)
+            x = _run_random(layer, self.checkpoint, x, cl.pos, cl.valid, qkeys, qscale, mem, pos, t.valid, kkeys,
+                            _spacing(t.valid, h * w))
+        else:
+            if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
+            else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
+                                    query=cl.centres)
             x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
-            preds.append(_to_grid(head(x), rows, h * w))
-        return preds
+        if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
+    return preds
+
+def _spacing(valid: Tensor, area: int) -> Tensor:
+    "Mean spacing of each image's points (`valid` (B, N) over `area` patches) in patch units, shaped (B, 1, 1, 1, 1)."
+    return (area / valid.sum(1).clamp_min(1).float()).sqrt().view(-1, 1, 1, 1, 1)
+
+def _run_random(layer: nn.Module, checkpoint: bool, *args):
+    "`run_block` for a layer with dropout: the recomputed forward replays the random state, so draws the same masks."
+    if not (checkpoint and torch.is_grad_enabled()): return layer(*args)
+    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=True)
 
 def _to_grid(y: Tensor, rows: Tensor, L: int) -> Tensor:
     "Rows `y` (B, n, D) of the patches `rows` (B, n; -1 = none) scattered into a zero grid `(B, L, D)`."
@@ -249,33 +357,43 @@ def _to_grid(y: Tensor, rows: Tensor, L: int) -> Tensor:
 
 # %% ../nbs/07_mae.ipynb #9ce7d98a
 class AFFMAE(MAEBase):
-    "MAE with an AutoFocusFormer encoder over the visible patches and a point decoder with deep supervision."
+    """MAE with an AutoFocusFormer encoder over the visible patches and a point decoder (`decoder`: 'point' or
+    'deformable') with deep supervision: `ds_weights` per stage, coarsest first; 0 = no head there."""
     def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, group: int = 16,
                  window: int = 64, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
-                 dec_locality: bool = True, checkpoint: bool = False, **kw):
+                 dec_locality: bool = True, checkpoint: bool = False, decoder: str = 'point', dec_points: int = 4,
+                 dec_nearest: int = 4, dec_dropout: float = .1, **kw):
         S = len(encoder.dims)
         if len(ds_weights) != S: raise ValueError(f"ds_weights needs one weight per encoder stage ({S}), got {len(ds_weights)}")
-        super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=ds_weights, **kw)
+        if min(ds_weights) < 0 or not ds_weights[-1] > 0:
+            raise ValueError(f"ds_weights must be >= 0 with a positive final weight, got {tuple(ds_weights)}")
+        heads = tuple(i for i, wt in enumerate(ds_weights) if wt > 0)
+        super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=[ds_weights[i] for i in heads],
+                         **kw)
         self.encoder = encoder
         self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group, window,
-                                    dec_mlp_ratio, impl, dec_locality, checkpoint)
-        self.head_names = [f'stage{s}' for s in reversed(range(S))]
+                                    dec_mlp_ratio, impl, dec_locality, checkpoint, decoder, dec_points, dec_nearest,
+                                    dec_dropout, heads)
+        self.head_names = [f'stage{S - 1 - i}' for i in heads]
         self.decoder.apply(_init_dec)
         for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head
         nn.init.normal_(self.decoder.mask_token, std=.02)
-
-    def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
-        "One prediction per decoder layer `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
-        h, w = self.grid(img)
-        n_masked = None if n_visible is None else h * w - n_visible
-        clusters = []
-        stages = self.encoder(img, mask, n_visible, clusters)
-        return self.decoder(stages, h, w, mask, n_masked, clusters)
 
 def _init_dec(m):
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None: nn.init.zeros_(m.bias)
+    if isinstance(m, DeformableAttention): m.reset_sampling()    # after its Linears (`apply` visits children first)
+
+# %% ../nbs/07_mae.ipynb #bc7ca890
+@patch
+def predict(self: AFFMAE, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
+    "One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
+    h, w = self.grid(img)
+    n_masked = None if n_visible is None else h * w - n_visible
+    clusters = []
+    stages = self.encoder(img, mask, n_visible, clusters)
+    return self.decoder(stages, h, w, mask, n_masked, clusters)
 
 # %% ../nbs/07_mae.ipynb #91f9f296
 def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
@@ -299,6 +417,10 @@ def affmae_small(**kw) -> AFFMAE:
 def affmae_base(**kw) -> AFFMAE:
     "AFFMAE-Base: the `aff_base` encoder (dims 128-768, depths 3-4-16-2) and a 384-wide, 6-head point decoder."
     return _affmae(dict(dims=(128, 256, 512, 768), depths=(3, 4, 16, 2), heads=(4, 8, 16, 24)), dict(dec_dim=384, dec_heads=6), kw)
+
+# %% ../nbs/07_mae.ipynb #1c8ae406
+PAPER_DECODER = dict(decoder='deformable', dec_dim=384, dec_heads=6, dec_mlp_ratio=2., dec_points=4, dec_nearest=4,
+                     dec_dropout=.1, ds_weights=(.05, .12, 0., 1.))   # the authors' decoder and deep supervision
 
 # %% ../nbs/07_mae.ipynb #60e495a6
 @torch.no_grad()
