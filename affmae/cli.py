@@ -14,7 +14,8 @@ __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
-LAZY_COMMANDS = dict(finetune='affmae.segment', predict='affmae.segment', evaluate='affmae.segment', bench='affmae.bench')
+LAZY_COMMANDS = dict(finetune='affmae.segment', predict='affmae.segment', evaluate='affmae.segment',
+                     bench='affmae.bench', shards='affmae.shards')
 
 class UsageError(ValueError):
     "A bad command-line argument: reported as one line, exit status 2."
@@ -112,6 +113,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              epochs: int = 100,         # total epochs of the schedule
              bs: int = 8,               # batch size
              accum: int = 1,            # gradient accumulation steps
+             eff_bs: int = None,        # effective batch (bs x processes x accum): sets --accum
              lr: float = 1.5e-4,        # peak learning rate
              warmup: float = .05,       # fraction of training spent warming up
              wd: float = .05,           # weight decay
@@ -133,6 +135,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     from affmae.data import pretrain_dls, data_paths
     from affmae.mae import MASKERS
     from affmae.learner import mae_learner, checkpoints, run_ids
+    from affmae.distributed import init_distributed, data_parallel, accum_steps
+    from affmae.shards import is_shards
     _require(0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
     _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
@@ -148,13 +152,14 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
     if isinstance(data, list) and len(data) == 1: data = data[0]
-    for p in [] if data in (None, 'synthetic') else data_paths(data):
+    for p in [] if data in (None, 'synthetic') or is_shards(data) else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")
     _require(resume is None or Path(resume).exists(), f"--resume {resume}: no such checkpoint file or folder")
     _require(not (resume and overwrite), "--resume continues the run in --out; --overwrite replaces it: pass one")
-    out = Path(out)
-    if not resume:
+    out, rank = Path(out), init_distributed()    # under torchrun: one process per GPU
+    if not resume and rank == 0:
         run_dir(out, overwrite, ('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
+    if eff_bs: accum = accum_steps(eff_bs, bs)
     set_seed(seed)
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
                        num_workers=workers, epoch_len=epoch_len)
@@ -169,6 +174,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
         others = run_ids(out / 'checkpoints') - {run}
         _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): "
                              "resume into the resumed run's folder")
+    data_parallel(learn)
     learn.fit_one_cycle(epochs, lr, pct_start=warmup, moms=(.9, .9, .9), start_epoch=start)
     return learn
 
