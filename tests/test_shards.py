@@ -97,3 +97,16 @@ def test_pack_refuses_bad_size_and_full_folder(packed, tmp_path):
     assert main(['shards', str(root / 'stack.tif'), '--out', str(tmp_path / 's')]) == 0
     assert (tmp_path / 's' / INDEX).is_file()
     assert main(['shards', str(root / 'stack.tif'), '--out', str(tmp_path / 's')]) == 2
+
+
+def test_gpu_bench_script_runs_tiny_on_cpu(tmp_path):
+    "kernels/bench_shards.py --tiny: packs synthetic EM, streams it into a tiny model, writes its JSON."
+    import json, os, subprocess, sys
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))
+    cmd = [sys.executable, str(root / 'kernels' / 'bench_shards.py'), '--tiny', '--out', str(tmp_path / 'b.json')]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / 'b.json').read_text())
+    assert res['sizes']['steps'] == 4 and res['step_ms'] > 0 and 0 <= res['data_frac'] < 1
+    assert res['pack']['n_shards'] == 3
