@@ -103,7 +103,8 @@ def test_gpu_bench_script_runs_tiny_on_cpu(tmp_path):
     "kernels/bench_shards.py --tiny: packs synthetic EM, streams it into a tiny model, writes its JSON."
     import json, os, subprocess, sys
     root = Path(__file__).parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get('PYTHONPATH', '')]))
     cmd = [sys.executable, str(root / 'kernels' / 'bench_shards.py'), '--tiny', '--out', str(tmp_path / 'b.json')]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
