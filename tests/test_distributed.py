@@ -8,7 +8,7 @@ from fastai.callback.core import Callback, CancelFitException
 from affmae.learner import Accumulate
 
 ARGS = ['--data', 'synthetic', '--arch', 'affmae_tiny', '--img-size', '32', '--bs', '2', '--n-synth', '8',
-        '--precision', 'none', '--ckpt-every', '1']
+        '--precision', 'none', '--ckpt-every', '1', '--eff-bs', '8']
 
 
 class ContentMasks(Callback):
@@ -78,10 +78,16 @@ def test_one_checkpoint_then_resume_on_one_process(two_procs):
     out, log = two_procs
     ck = out / 'run' / 'checkpoints'
     assert sorted(p.name for p in ck.iterdir()) == ['epoch_000.safetensors', 'epoch_000.state.safetensors']
-    assert log.count('batch 2 per process x accumulation 1 = effective batch 4') == 1    # rank 0's line alone
+    assert log.count('batch 2 per process x accumulation 2 = effective batch 8') == 1    # rank 0's line alone
     from affmae.cli import main
     assert main(['pretrain', *ARGS, '--epochs', '2', '--out', str(out / 'run'), '--resume', str(ck)]) == 0
-    assert (ck / 'epoch_001.safetensors').is_file()
+    assert (ck / 'epoch_001.safetensors').is_file()                # one process, --accum 4: the same effective batch
+
+
+def test_eff_bs_must_be_reachable(tmp_path, capsys):
+    from affmae.cli import main
+    assert main(['pretrain', *ARGS[:-2], '--eff-bs', '5', '--epochs', '1', '--out', str(tmp_path)]) == 2
+    assert '--eff-bs 5 is not a positive multiple of --bs 2 x 1 process(es) = 2' in capsys.readouterr().err
 
 
 if __name__ == '__main__':                                 # one of the two torchrun processes
