@@ -1,6 +1,7 @@
 """Data-parallel training on the CPU (gloo): two processes' averaged gradient equals one process's gradient of the
-same global batch; a two-process `affmae pretrain` writes one checkpoint, which one process resumes. Run by pytest;
-`torchrun ... tests/test_distributed.py OUT` is the two-process half."""
+same global batch; a two-process `affmae pretrain` writes one checkpoint, which one process resumes; a two-process
+`affmae finetune` writes its outputs once. Run by pytest; `torchrun ... tests/test_distributed.py OUT` is the
+two-process half."""
 import os, socket, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -84,6 +85,12 @@ def test_one_checkpoint_then_resume_on_one_process(two_procs):
     assert (ck / 'epoch_001.safetensors').is_file()                # one process, --accum 4: the same effective batch
 
 
+def test_finetune_outputs_written_once(two_procs):
+    out, log = two_procs
+    assert sorted(p.name for p in (out / 'finetune').iterdir()) == ['history.json', 'results.png', 'seg.safetensors']
+    assert log.count('wrote ') == 1
+
+
 def test_eff_bs_must_be_reachable(tmp_path, capsys):
     from affmae.cli import main
     assert main(['pretrain', *ARGS[:-2], '--eff-bs', '5', '--epochs', '1', '--out', str(tmp_path)]) == 2
@@ -97,4 +104,6 @@ if __name__ == '__main__':                                 # one of the two torc
     out, rank = Path(sys.argv[1]), init_distributed('gloo')
     grads = first_step_grads(bs=1, accum=2)                # 2 processes x batch 1 x 2 accumulated = 4 images
     if rank == 0: torch.save(grads, out / 'grads.pt')
-    sys.exit(main(['pretrain', *ARGS, '--epochs', '1', '--out', str(out / 'run')]))
+    status = main(['pretrain', *ARGS, '--epochs', '1', '--out', str(out / 'run')])
+    sys.exit(status or main(['finetune', '--arch', 'affmae_tiny', '--img-size', '32', '--bs', '2', '--n-synth', '8',
+                             '--epochs', '1', '--out', str(out / 'finetune')]))
