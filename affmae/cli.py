@@ -105,7 +105,8 @@ def run_dir(out, overwrite: bool = False, ours=(), hint: str = '') -> Path:
 @subcommand
 @call_parse
 def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separated); default: the embedded podocyte "
-                         "TEM; 'synthetic': synthetic EM", str, nargs='+', action='extend') = None,
+                         "TEM; 'synthetic': synthetic EM; shards: 'DIR/shard-{000000..000123}.tar' (affmae shards)",
+                         str, nargs='+', action='extend') = None,
              arch: str = 'affmae_base', # model: affmae_tiny|small|base, vitmae_tiny|small|base
              img_size: int = 512,       # crop size in pixels
              mask: str = 'perlin',      # masking: perlin or random

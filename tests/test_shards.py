@@ -67,6 +67,15 @@ def test_loader_batches_under_two_processes(packed, monkeypatch):
     assert not set(seen[0]) & set(seen[1])
 
 
+def test_pretrain_streams_shards(packed, tmp_path):
+    "`affmae pretrain --data 'DIR/shard-{...}.tar'`: 5 shards train, 1 validates, a checkpoint at the end."
+    root, _ = packed
+    pat = str(root / 'sh' / 'shard-{000000..000005}.tar')
+    assert main(['pretrain', '--data', pat, '--arch', 'affmae_tiny', '--img-size', '32', '--bs', '2', '--epochs', '1',
+                 '--precision', 'none', '--valid-pct', '0.2', '--workers', '2', '--out', str(tmp_path)]) == 0
+    assert (tmp_path / 'checkpoints' / 'epoch_000.safetensors').is_file()
+
+
 def test_corrupt_member_names_shard_and_member(packed, tmp_path):
     _, files = packed
     bad = tmp_path / 'shard-000000.tar'
