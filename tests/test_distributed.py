@@ -55,7 +55,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope='module')
 def two_procs(tmp_path_factory):
-    "Run this file under torchrun with two gloo processes: first-step gradients, then a one-epoch `affmae pretrain`."
+    "This file under torchrun, two gloo processes: first-step gradients, a one-epoch pretrain, a finetune."
     out = tmp_path_factory.mktemp('ddp')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
                                                                              os.environ.get('PYTHONPATH', '')]))
