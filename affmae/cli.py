@@ -14,7 +14,8 @@ __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
-LAZY_COMMANDS = dict(finetune='affmae.segment', predict='affmae.segment', evaluate='affmae.segment', bench='affmae.bench')
+LAZY_COMMANDS = dict(finetune='affmae.segment', predict='affmae.segment', evaluate='affmae.segment',
+                     bench='affmae.bench', shards='affmae.shards')
 
 class UsageError(ValueError):
     "A bad command-line argument: reported as one line, exit status 2."
@@ -104,18 +105,20 @@ def run_dir(out, overwrite: bool = False, ours=(), hint: str = '') -> Path:
 @subcommand
 @call_parse
 def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separated); default: the embedded podocyte "
-                         "TEM; 'synthetic': synthetic EM", str, nargs='+', action='extend') = None,
-             arch: str = 'affmae_base', # model: affmae_tiny|small|base, vitmae_tiny|small|base
+                         "TEM; 'synthetic': synthetic EM; shards: 'DIR/shard-{000000..000123}.tar' (affmae shards)",
+                         str, nargs='+', action='extend') = None,
+             arch: str = None,          # model (default: affmae_base; affmae_base_paper with --recipe paper)
              img_size: int = 512,       # crop size in pixels
-             mask: str = 'perlin',      # masking: perlin or random
-             ratio: float = .5,         # mask ratio, in (0, 1)
+             mask: str = None,          # masking: perlin, perlin_quarters or random (default: the model's)
+             ratio: float = None,       # mask ratio, in (0, 1) (default: the model's, 0.5)
              epochs: int = 100,         # total epochs of the schedule
              bs: int = 8,               # batch size
              accum: int = None,         # gradient accumulation steps (default: the recipe's)
+             eff_bs: int = None,        # effective batch (bs x processes x accum): sets --accum
              lr: float = None,          # peak learning rate (default: the recipe's, by model size)
              warmup: float = None,      # warm-up: a fraction of training (< 1) or optimiser steps (default: recipe's)
              wd: float = None,          # weight decay (default: the recipe's)
-             recipe: str = 'affmae',    # optimisation recipe: affmae (ours) or paper (the published one)
+             recipe: str = 'affmae',    # affmae (ours) or paper (published optimisation and preprocessing)
              out: str = 'runs/pretrain',# output folder (checkpoints/, figures/)
              resume: str = None,        # checkpoint (.safetensors) or checkpoint folder to resume from
              overwrite: store_true = False, # replace the checkpoints and figures of an earlier run in --out
@@ -131,11 +134,14 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              seed: int = 0):            # random seed (Python, NumPy, torch, data loaders)
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from fastai.torch_core import set_seed
-    from affmae.data import pretrain_dls, data_paths
+    from affmae.data import pretrain_dls, data_paths, PAPER_PREP
     from affmae.mae import MASKERS
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
-    _require(0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
-    _require(mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
+    from affmae.distributed import init_distributed, data_parallel, accum_steps
+    from affmae.shards import is_shards
+    arch = arch or ('affmae_base_paper' if recipe == 'paper' else 'affmae_base')
+    _require(ratio is None or 0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
+    _require(mask is None or mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
     _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
     _require(precision in (None, 'bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
     _require(recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
@@ -151,16 +157,18 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
     if isinstance(data, list) and len(data) == 1: data = data[0]
-    for p in [] if data in (None, 'synthetic') else data_paths(data):
+    for p in [] if data in (None, 'synthetic') or is_shards(data) else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")
     _require(resume is None or Path(resume).exists(), f"--resume {resume}: no such checkpoint file or folder")
     _require(not (resume and overwrite), "--resume continues the run in --out; --overwrite replaces it: pass one")
-    out = Path(out)
-    if not resume:
+    out, rank = Path(out), init_distributed()    # under torchrun: one process per GPU
+    if not resume and rank == 0:
         run_dir(out, overwrite, ('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
+    if eff_bs: accum = accum_steps(eff_bs, bs)
     set_seed(seed)
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                       num_workers=workers, epoch_len=epoch_len)
+                       num_workers=workers, epoch_len=epoch_len,
+                       **(dict(PAPER_PREP, augment=False) if recipe == 'paper' else {}))
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision='fp32' if precision == 'none' else precision, recipe=recipe,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',
@@ -172,6 +180,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
         others = run_ids(out / 'checkpoints') - {run}
         _require(not others, f"--out {out} holds checkpoints of another run ({', '.join(sorted(others))}): "
                              "resume into the resumed run's folder")
+    data_parallel(learn)
     learn.fit_recipe(epochs, warmup=warmup, start_epoch=start)
     return learn
 

@@ -359,20 +359,21 @@ def warmup_fraction(warmup: float, steps: int, ref_steps: int | None = None) -> 
     return min(1., warmup / max(1, steps))
 
 # %% ../nbs/09_pretrain.ipynb #0d9d1da6
-def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str = 'perlin', ratio: float = .5,
+def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str | None = None, ratio: float | None = None,
                 lr: float | None = None, wd: float | None = None, accum: int | None = None, clip: float | None = None,
                 precision: str | None = None, ckpt_dir=None, ckpt_every: int = 1, figs_dir=None,
                 valid_seed: int | None = 0, cbs=None, capture: bool = True, recipe: str = 'affmae',
                 betas: tuple[float, float] | None = None, **model_kw) -> Learner:
     """A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`) with the optimisation
-    `recipe` (`RECIPES`; `lr` ... `betas` left at None take its values; `clip=0`: none); `capture`: CUDA-graph steps."""
+    `recipe` (`RECIPES`; `lr` ... `betas` left at None take its values; `clip=0`: none); `capture`: CUDA-graph steps.
+    `mask`, `ratio`: the masking (`MASKERS`) and mask ratio; None: the model's own (`perlin` at ½ unless a preset says)."""
     name = arch if isinstance(arch, str) else getattr(arch, 'arch', (None,))[0]
     r = resolve_recipe(recipe, name, dls.train.bs, lr=lr, wd=wd, accum=accum, clip=clip, precision=precision,
                        betas=betas)
     if r['precision'] not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {r['precision']!r}")
     if isinstance(arch, str):
-        kw = dict(mask=mask, ratio=ratio, **model_kw)
+        kw = {k: v for k, v in dict(mask=mask, ratio=ratio).items() if v is not None} | model_kw
         model = create_model(arch, **kw)
         model.arch = (arch, kw)
     else: model = arch

@@ -14,10 +14,11 @@ from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
 
 # %% auto #0
-__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'patchify', 'unpatchify', 'patch_stats', 'patch_targets', 'masked_mse',
-           'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters',
-           'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE',
-           'affmae_tiny', 'affmae_small', 'affmae_base', 'stage_feature_stats']
+__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patchify', 'unpatchify', 'patch_stats',
+           'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids',
+           'query_clusters', 'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder',
+           'AFFMAE', 'affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_base_paper', 'affmae_small_paper',
+           'affmae_tiny_paper', 'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
 def patchify(img: Tensor, p: int = 8) -> Tensor:
@@ -421,6 +422,29 @@ def affmae_base(**kw) -> AFFMAE:
 # %% ../nbs/07_mae.ipynb #1c8ae406
 PAPER_DECODER = dict(decoder='deformable', dec_dim=384, dec_heads=6, dec_mlp_ratio=2., dec_points=4, dec_nearest=4,
                      dec_dropout=.1, ds_weights=(.05, .12, 0., 1.))   # the authors' decoder and deep supervision
+
+# %% ../nbs/07_mae.ipynb #66a28b3d
+PAPER_ENCODER = dict(stem='conv', rpe='block', blank=True, ds=.5, drop_path=.1, global_last=False)
+PAPER_MASK = dict(mask='perlin_quarters', ratio=.5)
+
+def _paper(model, **kw) -> AFFMAE:
+    "The builder `model` with the published encoder, decoder and masking options, then `kw`."
+    return model(**{**PAPER_ENCODER, **PAPER_DECODER, **PAPER_MASK, **kw})
+
+@register_model
+def affmae_base_paper(**kw) -> AFFMAE:
+    "The published AFFMAE-Base: `affmae_base`'s encoder widths and depths with `PAPER_ENCODER/DECODER/MASK`."
+    return _paper(affmae_base, **kw)
+
+@register_model
+def affmae_small_paper(**kw) -> AFFMAE:
+    "`affmae_small`'s encoder with the published options (`PAPER_ENCODER/DECODER/MASK`)."
+    return _paper(affmae_small, **kw)
+
+@register_model
+def affmae_tiny_paper(**kw) -> AFFMAE:
+    "The published options at test size: `affmae_tiny`'s encoder and a 64-wide, 2-head deformable decoder."
+    return _paper(affmae_tiny, dec_dim=64, dec_heads=2, **kw)
 
 # %% ../nbs/07_mae.ipynb #60e495a6
 @torch.no_grad()

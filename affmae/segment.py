@@ -655,7 +655,9 @@ def finetune(
              f"--classes: the synthetic data has {len(EM_CLASSES)} classes ({', '.join(EM_CLASSES)})")
     _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
     _require(pretrained is None or Path(pretrained).exists(), f"--pretrained {pretrained}: no such file or folder")
-    out = run_dir(out, overwrite, ours=('seg.safetensors', 'history.json', 'results.png'))
+    from affmae.distributed import init_distributed, data_parallel
+    rank = init_distributed()                                      # under torchrun: one process per GPU
+    out = run_dir(out, overwrite, ours=('seg.safetensors', 'history.json', 'results.png')) if rank == 0 else Path(out)
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
@@ -663,7 +665,9 @@ def finetune(
     classes = names or tuple(dls.codes)
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, lr_decay=lr_decay if lr_decay < 1 else None)
+    data_parallel(learn)
     learn.fit_one_cycle(epochs, lr)
+    if rank: return learn                                           # rank 0 writes the outputs
     out.mkdir(parents=True, exist_ok=True)
     path = save_seg(learn.model, out/'seg.safetensors', classes, img_size, stats=list(dls.stats), pretrained=str(pretrained or ''), label_frac=label_frac)
     cols = learn.recorder.metric_names[1:-1]
