@@ -53,13 +53,15 @@ import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from affmae.data import pretrain_dls, segment_dls, EMFolder, read_classes
 from affmae.learner import mae_learner
+from affmae.mae import PAPER_ENCODER, PAPER_DECODER
 from affmae.segment import seg_learner, evaluate_model
 
 from affmae.data import PAPER_STATS, CLAHE_CLIP
 PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)
-VARIANTS = {   # name: (arch, model options, learner options, data options)
+PAPER_MODEL = {**PAPER_ENCODER, **PAPER_DECODER, **(dict(dec_dim=64, dec_heads=2) if a.tiny else {})}
+VARIANTS = {   # name: (arch, model options, learner options, data options); `paper` is `affmae_*_paper` spelled out
     'ours': (f'affmae_{SIZE}', {}, {}, {}),
-    'paper': (f'affmae_{SIZE}_paper', {}, dict(recipe='paper', mask='perlin_quarters'), PAPER_DATA),
+    'paper': (f'affmae_{SIZE}', PAPER_MODEL, dict(recipe='paper', mask='perlin_quarters'), PAPER_DATA),
     'ds_paper': (f'affmae_{SIZE}', dict(ds_weights=(.05, .12, 0., 1.)), {}, {}),
     'mask_quarters': (f'affmae_{SIZE}', {}, dict(mask='perlin_quarters'), {}),
     'conv_stem': (f'affmae_{SIZE}', dict(stem='conv'), {}, {}),
@@ -98,12 +100,13 @@ if a.paper_data: DATA['paper'] = prepare(Path(a.paper_data), 'paper')
 classes = read_classes(DATA['plain']['train'])
 res['pretrain_data'] = {k: [str(d) for d in v['pretrain']] for k, v in DATA.items()}
 
-def finetune(state, data, data_kw):
-    "Fine-tune the segmentation model of affmae_base from `state` (a pretrained MAE state dict); held-out scores."
+def finetune(state, data, data_kw, model_kw):
+    "Fine-tune the segmentation model (encoder options `model_kw`) from `state`, a pretrained MAE state dict; scores."
     dls = segment_dls(data['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=classes,
                       epoch_len=B * FT, **data_kw)
     torch.manual_seed(a.seed)
-    learn = seg_learner(dls, f'affmae_{SIZE}', pretrained=state, classes=classes, lr_decay=.75, per_class=False)
+    learn = seg_learner(dls, f'affmae_{SIZE}', pretrained=state, classes=classes, lr_decay=.75, per_class=False,
+                        **model_kw)
     t = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, 1e-3)
     train_s = time.time() - t
@@ -123,11 +126,11 @@ for name in names:
     dls = pretrain_dls(data['pretrain'], size=S, bs=PB, valid_pct=.05, seed=a.seed, device=dev, epoch_len=PB * PRE // 2,
                        **data_kw)
     with torch.no_grad(): trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
-    lkw = dict(lr=a.lr, precision='bf16' if dev == 'cuda' else None) | learn_kw
+    lkw = (dict(lr=a.lr) if 'recipe' not in learn_kw else {}) | learn_kw
     learn = mae_learner(dls, arch, **lkw, **model_kw)
     if dev == 'cuda': torch.cuda.reset_peak_memory_stats()
     t = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, learn.lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_recipe(2)
     secs = time.time() - t
     vals = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
     finest = vals.get(f'loss_{learn.model.head_names[-1]}', vals['valid_loss'])
@@ -140,7 +143,7 @@ for name in names:
     state = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
     del learn, dls
     if dev == 'cuda': torch.cuda.empty_cache()
-    row |= finetune(state, data, data_kw)
+    row |= finetune(state, data, data_kw, model_kw)
     res['variants'][name] = row; save()
     per_variant = time.time() - tv
     log(f"{name}: finest head {row['finest_rel']:.3f} of trivial, {row['step_ms']} ms/step, peak {row['peak_gib']} GiB,"
