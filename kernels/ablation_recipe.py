@@ -17,8 +17,8 @@ files, CLAHE on the 512² crops), and applies the fixed normalisation itself; wi
 while loading (`clahe=4`).
 
 Writes `ablation_recipe.json` (rewritten after every variant) and `ablation_recipe.png` to `--out`.
-  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl --limit 40 --skip unlabelled,test,validation
-  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl_clahe --limit 40 \
+  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl --limit 20 --skip unlabelled,test,validation
+  PYTHONPATH=. python kernels/prep_data_em.py data_em data_em_abl_clahe --limit 20 \
       --skip unlabelled,test,validation --clahe
   PYTHONPATH=.:$PYTHONPATH python kernels/ablation_recipe.py --data data_em_abl --paper-data data_em_abl_clahe \
       --out $OUT --budget 300
