@@ -9,10 +9,10 @@ export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 log=$OUT/session_gpu.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 | tail -40 >> "$log"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
-step 90 python kernels/bench_cluster_attention.py --out "$OUT/bench_cluster_attention.json"
-step 45 env AFFMAE_AUTOTUNE=0 python kernels/check_cluster_attention.py --n 60
-step 75 python kernels/check_deformable.py --bs 8,32 --steps 5 --out "$OUT/check_deformable.json"
-step 90 python kernels/bench_shards.py --images data_em_abl --out "$OUT/bench_shards.json"
+step 60 python kernels/bench_cluster_attention.py --out "$OUT/bench_cluster_attention.json"
+step 30 env AFFMAE_AUTOTUNE=0 python kernels/check_cluster_attention.py --n 40
+[ "${DEFORMABLE:-1}" = 0 ] || step 75 python kernels/check_deformable.py --bs 8,32 --steps 5 --out "$OUT/check_deformable.json"
+step 60 python kernels/bench_shards.py --images data_em_abl --steps 20 --out "$OUT/bench_shards.json"
 step "${ABLATION_S:-290}" python kernels/ablation_recipe.py --data data_em_abl --paper-data data_em_abl_clahe \
-  --out "$OUT" --budget "$(( ${ABLATION_S:-290} - 25 ))" --pre-steps 150 --ft-steps 60
+  --out "$OUT" --budget "$(( ${ABLATION_S:-290} - 25 ))" --pre-steps "${PRE_STEPS:-150}" --ft-steps "${FT_STEPS:-60}"
 echo "== $(date -u +%T) done" >> "$log"
