@@ -55,9 +55,9 @@ def test_kill_during_save_then_resume(tmp_path, monkeypatch, capsys):
     def die(src, dst):
         if Path(dst).name == 'epoch_002.safetensors': raise KeyboardInterrupt   # killed between writing and renaming
         real(src, dst)
-    monkeypatch.setattr(L.os, 'replace', die)
+    monkeypatch.setattr(os, 'replace', die)
     with pytest.raises(KeyboardInterrupt): run(tmp_path / 'k')
-    monkeypatch.setattr(L.os, 'replace', real)
+    monkeypatch.setattr(os, 'replace', real)
     assert not (tmp_path / 'k' / 'epoch_002.safetensors').exists() and not list((tmp_path / 'k').glob('.*tmp'))
     (tmp_path / 'k' / 'epoch_002.safetensors').write_bytes(b'')                     # what a non-atomic write left
     capsys.readouterr()
@@ -144,9 +144,10 @@ def test_resume_epochs_and_bad_checkpoints(tmp_path, capsys):
                      ['evaluate', f]):
             rc, err = cli(capsys, *args)
             assert rc == 2 and 'not a readable safetensors file' in err, (args, err)
-    for args in (['predict', out / 'checkpoints', tmp_path / 'img.png'], ['evaluate', out]):    # a folder for a file
+    for args, msg in ((['predict', out / 'checkpoints', tmp_path / 'img.png'], 'not a segmentation one'),
+                      (['evaluate', out], 'no readable checkpoint in')):        # folders: resolved, then refused
         rc, err = cli(capsys, *args)
-        assert rc == 2 and 'is a folder' in err, err
+        assert rc == 2 and msg in err, err
 
 
 # ---- segmentation: outputs, pretrained encoders, classes, arguments
