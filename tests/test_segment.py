@@ -236,3 +236,11 @@ def test_image_fg_iou_hand_cases():
     p = torch.tensor([[1, 2], [1, 2]])                          # the ignored pixel's prediction counts nowhere
     s = image_fg_iou(torch.stack([p, t]), torch.stack([t, t]), 3)
     assert torch.allclose(s, torch.tensor([[1/3, 0.], [1., 1.]], dtype=torch.float64))  # class 1: 1 of a union of 3
+
+
+def test_model_layer_imports_no_training_layer():
+    "The segmentation models, the registry and the checkpoint format know nothing of fastai or the training modules."
+    code = ("import sys, affmae.seg_models, affmae.checkpoint, affmae.registry\n"
+            "bad = [m for m in sys.modules if m.startswith(('fastai', 'affmae.learner', 'affmae.finetune', 'affmae.cli'))]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, '-c', code], check=True)
