@@ -57,7 +57,7 @@ def kill_at(p: subprocess.Popen, out: Path, kind: str, n: int, rng: random.Rando
 def main(a):
     import torch
     from safetensors.torch import load_file
-    from affmae.learner import checkpoints
+    from affmae.checkpoint import checkpoints
     rng, root = random.Random(a.seed), Path(a.dir or tempfile.mkdtemp())
     root.mkdir(parents=True, exist_ok=True)
     ref, run = root / 'reference', root / 'faulted'

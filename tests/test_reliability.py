@@ -6,7 +6,8 @@ from fastai.callback.core import Callback, CancelFitException
 from safetensors.torch import load_file
 import affmae.learner as L
 from affmae.data import pretrain_dls
-from affmae.learner import mae_learner, Checkpoint, latest_checkpoint, checkpoints, state_path
+from affmae.learner import mae_learner, Checkpoint, state_path
+from affmae.checkpoint import latest_checkpoint, checkpoints
 from affmae.cli import main
 
 
