@@ -5,10 +5,10 @@ import warnings
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
                         module=r'torch\.jit\._script')
 
-def create_model(name, **kw):
-    "Build a registered model (`aff_*`, `affmae_*`, `vitmae_*`, ...) by name; see `affmae.aff.create_model`."
-    from .aff import create_model as _create
-    return _create(name, **kw)
+def create_model(name, kind=None, **kw):
+    "Build a registered model (`aff_*`, `affmae_*`, `vitmae_*`, `unet`) by name; see `affmae.registry.create_model`."
+    from .registry import create_model as _create
+    return _create(name, kind, **kw)
 
 def load(path, device=None):
     "A pretraining or segmentation checkpoint (a file or run folder), ready on the best device; see `affmae.api.load`."

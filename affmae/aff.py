@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_aff.ipynb #722ba08a
 from __future__ import annotations
-import importlib, itertools, math
+import itertools, math
 from typing import NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.utils.checkpoint
@@ -12,12 +12,13 @@ from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention
+from .core import init_weights, patchify
+from .registry import create_model, list_models, register_model
 
 # %% auto #0
 __all__ = ['MAX_REL_OFFSET', 'Tokens', 'visible_ids', 'patch_positions', 'PatchEmbed', 'ConvStem', 'RelPosBias',
            'rel_pos_features', 'RelPosLinear', 'DropPath', 'ClusterAttention', 'global_nbhd', 'GlobalAttention',
-           'AFFBlock', 'run_block', 'AFFEncoder', 'register_model', 'list_models', 'create_model', 'aff_mini',
-           'aff_small', 'aff_base', 'show_stages']
+           'AFFBlock', 'run_block', 'AFFEncoder', 'aff_mini', 'aff_small', 'aff_base', 'show_stages']
 
 # %% ../nbs/06_aff.ipynb #f99825e4
 class Tokens(NamedTuple):
@@ -62,7 +63,7 @@ class PatchEmbed(nn.Module):
         elif mask.shape != (B, h, w) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {(B, h, w)} (True = masked), got {mask.dtype} {tuple(mask.shape)}")
         else: ids, valid = visible_ids(mask, n_visible)
-        patches = img.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * P * P)
+        patches = patchify(img, P)
         x = self.norm(self.proj(gather_rows(patches, ids))) * valid[..., None]
         return Tokens(x, patch_positions(ids, w, P), valid)
 
@@ -248,13 +249,7 @@ class AFFEncoder(nn.Module):
                              else nn.ModuleList(RelPosLinear(heads[s]) for _ in range(depths[s])))
             self.norms.append(nn.LayerNorm(dims[s]))
         self.merges = nn.ModuleList(TokenMerging(dims[s], dims[s + 1], ds[s], merge_heads) for s in range(S - 1))
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=.02)
-            if m.bias is not None: nn.init.zeros_(m.bias)
+        self.apply(lambda m: init_weights(m, std=.02))
 
     def spacing(self, s: int) -> float:
         "Typical distance between stage `s`'s tokens, in pixels (all patches visible)."
@@ -293,40 +288,16 @@ class AFFEncoder(nn.Module):
         return outs
 
 # %% ../nbs/06_aff.ipynb #9dcb893a
-_models: dict = {}
-
-def register_model(fn):
-    "Decorator: register a model builder under its function name, for `create_model`."
-    _models[fn.__name__] = fn
-    return fn
-
-def list_models() -> list[str]:
-    "Names `create_model` knows."
-    _import_model_modules()
-    return sorted(_models)
-
-def _import_model_modules():
-    for m in ('affmae.mae', 'affmae.vit_mae'):
-        try: importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m: raise
-
-def create_model(name: str, **kw) -> nn.Module:
-    "Build the registered model `name`; keyword arguments override its config."
-    if name not in _models: _import_model_modules()
-    if name not in _models: raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(_models))}")
-    return _models[name](**kw)
-
-@register_model
+@register_model(kind='encoder')
 def aff_mini(**kw) -> AFFEncoder:
     "A tiny AFF for tests and CPU demos."
     return AFFEncoder(**{**dict(dims=(32, 64, 128, 192), depths=(1, 1, 2, 1), heads=(1, 2, 4, 6)), **kw})
 
-@register_model
+@register_model(kind='encoder')
 def aff_small(**kw) -> AFFEncoder:
     return AFFEncoder(**{**dict(dims=(64, 128, 256, 384), depths=(2, 2, 6, 2), heads=(2, 4, 8, 12)), **kw})
 
-@register_model
+@register_model(kind='encoder')
 def aff_base(**kw) -> AFFEncoder:
     "AFFMAE-Base's encoder: ≈ 65.6 M parameters."
     return AFFEncoder(**{**dict(dims=(128, 256, 512, 768), depths=(3, 4, 16, 2), heads=(4, 8, 16, 24)), **kw})

@@ -7,17 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
 from .aff import AFFEncoder, Tokens
-from .learner import _mae_meta, _read_st, latest_checkpoint, load_mae, recon_figure
-from .segment import load_seg, prep_plane, sliding_window
+from .core import best_device
+from .checkpoint import checkpoint_file, load_model
+from .learner import recon_figure
+from .inference import prep_plane, sliding_window
 
 # %% auto #0
-__all__ = ['best_device', 'as_plane', 'centre_crop', 'AFFMAEModel', 'checkpoint_file', 'load']
+__all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
 
 # %% ../nbs/13_api.ipynb #ab4f95b3
-def best_device(device=None) -> torch.device:
-    "`device` if given, else CUDA when available, else the CPU."
-    return torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-
 def as_plane(img) -> np.ndarray:
     "A 2-D float32 array from a numpy array or tensor `(H,W)`, `(1,H,W)` or `(1,1,H,W)`."
     a = np.asarray(img.detach().cpu() if torch.is_tensor(img) else img, dtype=np.float32)
@@ -95,21 +93,10 @@ class AFFMAEModel:
         return [Tokens(*(t.cpu() for t in s)) for s in enc(x, mask, self.model.n_visible(*mask.shape[1:]))]
 
 # %% ../nbs/13_api.ipynb #efaab4ad
-def checkpoint_file(path) -> Path:
-    "The checkpoint file `path` names: itself, a folder's `seg.safetensors`, or a folder's newest readable `epoch_NNN`."
-    path = Path(path)
-    if path.is_dir() and (path / 'seg.safetensors').is_file(): return path / 'seg.safetensors'
-    return latest_checkpoint(path)
-
 def load(path, device=None) -> AFFMAEModel:
-    "The pretraining (`save_mae`) or segmentation (`save_seg`) checkpoint at `path` (file or folder) on `device`."
-    p, dev = checkpoint_file(path), best_device(device)
-    if p.suffix != '.safetensors':
-        raise ValueError(f"{p}: a {p.suffix or 'suffix-less'} file is not an affmae checkpoint (old training state?): "
-                         "load it with `load_pretrained` and save it with `save_mae`")
-    md = _read_st(p, meta_only=True)[0]
-    if 'affmae_seg' in md:
-        model, rec = load_seg(p, dev)
-        return AFFMAEModel(model, 'segmentation', p, rec)
-    if 'arch' in md: return AFFMAEModel(load_mae(p, dev), 'pretraining', p, _mae_meta(p))
-    raise ValueError(f"{p} has no affmae metadata (not written by save_mae or save_seg)")
+    "The pretraining or segmentation checkpoint at `path` (file or folder) as an `AFFMAEModel` on `device`."
+    p = checkpoint_file(path)
+    model, meta = load_model(p, best_device(device))
+    if meta['kind'] not in ('pretraining', 'segmentation'):
+        raise ValueError(f"{p} holds a bare {meta['kind']} ({meta['arch']}): load it with `load_model`")
+    return AFFMAEModel(model, meta['kind'], p, meta)

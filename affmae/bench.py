@@ -11,25 +11,22 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 from .graphs import StepGraph
+from .core import best_device
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 from fastcore.script import call_parse, store_true
 
 # %% auto #0
-__all__ = ['MODES', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'default_device', 'make_images', 'make_optimizer', 'train_step',
-           'make_step', 'attn_flops', 'attn_cost', 'patch_functions', 'count_invisible', 'step_flops', 'time_steps',
-           'largest_fit', 'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step',
-           'resolve_arch', 'arch_name', 'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench',
-           'bench_table', 'profile_table', 'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
+__all__ = ['MODES', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'make_images', 'make_optimizer', 'train_step', 'make_step',
+           'attn_flops', 'attn_cost', 'patch_functions', 'count_invisible', 'step_flops', 'time_steps', 'largest_fit',
+           'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step', 'resolve_arch', 'arch_name',
+           'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench', 'bench_table', 'profile_table',
+           'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
 
 # %% ../nbs/11_benchmarks.ipynb #16d4b0c0
-def default_device():
-    "The device the benchmark runs on: the current CUDA GPU if there is one, else the CPU."
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
 def make_images(bs, size, device=None, seed=0):
     "A batch of `bs` random normal one-channel `size`² images (normalised-image statistics)."
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(bs, 1, size, size, generator=g).to(device or default_device())
+    return torch.randn(bs, 1, size, size, generator=g).to(best_device(device))
 
 def make_optimizer(model, lr=1e-4):
     "AdamW as in pretraining (fused kernels on CUDA)."
@@ -319,7 +316,7 @@ def arch_name(arch): return arch if isinstance(arch, str) else getattr(arch, '__
 
 def build_model(arch, device=None, **kw):
     "Build `arch` (with overrides `kw`) on `device`, in training mode."
-    return resolve_arch(arch)(**kw).to(device or default_device()).train()
+    return resolve_arch(arch)(**kw).to(best_device(device)).train()
 
 def _model_info(model):
     get = lambda *names: next((getattr(model, n) for n in names if getattr(model, n, None) is not None), None)
@@ -330,7 +327,7 @@ def _model_info(model):
 def bench_one(arch, size, bs, device=None, steps=10, warmup=3, amp=None, auto=False, profile=True,
               max_bs=4096, rel_tol=1/32, model_kw=None, log=print, mode='eager'):
     "Benchmark `arch` at `size`² with batch `bs` (and the largest batch if `auto`), `mode` steps: one JSON record."
-    dev = torch.device(device) if device else default_device()
+    dev = best_device(device)
     amp = dev.type == 'cuda' if amp is None else amp
     rec = dict(arch=arch_name(arch), size=size, bs=bs, mode=mode, error=None)
     model = opt = None
@@ -402,7 +399,7 @@ def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=
               model_kw=None, json_path=None, command=None, log=print, modes=None):
     """Benchmark every arch at every size (batch `bs[i]` at `sizes[i]`, default `default_bs`) in every step mode
     (`modes`, default captured and eager on CUDA, eager on the CPU): the results dict."""
-    dev = torch.device(device) if device else default_device()
+    dev = best_device(device)
     modes = list(modes or (MODES if dev.type == 'cuda' else ('eager',)))
     if dev.type != 'cuda' and 'captured' in modes: raise ValueError("captured steps need a CUDA device")
     amp = dev.type == 'cuda' if amp is None else amp

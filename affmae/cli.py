@@ -14,7 +14,7 @@ __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
-LAZY_COMMANDS = dict(finetune='affmae.segment', predict='affmae.segment', evaluate='affmae.segment',
+LAZY_COMMANDS = dict(finetune='affmae.finetune', predict='affmae.finetune', evaluate='affmae.finetune',
                      bench='affmae.bench', shards='affmae.shards')
 
 class UsageError(ValueError):
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
 # %% ../nbs/09b_cli.ipynb #c7a3e101
 def mae_models() -> list[str]:
     "The registered models that `pretrain` can train: the MAE ones (`affmae_*`, `vitmae_*`), not bare encoders."
-    from affmae.aff import list_models
-    return [n for n in list_models() if 'mae_' in n]
+    from affmae.registry import list_models
+    return list_models('pretraining')
 
 def check_device(device: str | None = None) -> str:
     "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."

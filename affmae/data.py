@@ -14,6 +14,7 @@ from matplotlib.colors import ListedColormap
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
+from .masking import _grid
 
 # %% auto #0
 __all__ = ['EM_CLASSES', 'EM_COLORS', 'WALL_BEND', 'WALL_BEND_DIV', 'SEED_JITTER', 'SEED_PAD', 'NUCLEUS_RADIUS',
@@ -29,8 +30,6 @@ __all__ = ['EM_CLASSES', 'EM_COLORS', 'WALL_BEND', 'WALL_BEND_DIV', 'SEED_JITTER
 # %% ../nbs/00_data.ipynb #df5ce699
 EM_CLASSES = ('background', 'membrane', 'mitochondria', 'nucleus', 'vesicle')
 EM_COLORS = ('#00000000', '#ff8c00', '#2ca02c', '#d62728', '#9467bd')  # overlay colours, background transparent
-
-def _hw(size): return (size, size) if isinstance(size, int) else tuple(size)
 
 def _noise(h, w, scale, g, n=1, device=None):
     "`n` maps `(n,h,w)` of smooth noise with about unit std and feature size `scale` px, from generator `g`."
@@ -223,7 +222,7 @@ def _microscope(img, blur, illum, dose, g, seed, z):
 def synth_em(size=512, seed=0, *, cell=160., mito=(16., 40.), p_mito=0.6, p_vesicle=0.25, p_nucleus=0.4,
              membrane=1.8, blur=1.0, dose=40., illum=0.15, zoom=1.0, step=2, device=None):
     "A synthetic TEM-like image `(H,W)` float32 in [0,1] and its labels `(H,W)` int64 indexing `EM_CLASSES`."
-    h, w = _hw(size)
+    h, w = _grid(size)
     if h < 1 or w < 1: raise ValueError(f"synth_em: size must be positive, got {size}")
     z = zoom
     cv = _Canvas(h, w, step, torch.Generator().manual_seed(seed), torch.device(device or 'cpu'))
@@ -509,7 +508,7 @@ class EMSources:
 class SynthEM(torch.utils.data.Dataset):
     "A fixed pool of `n` `synth_em` images of `size` (8-bit) with labels, generated once from `seed`."
     def __init__(self, n, size=512, seed=0, offset=0, device=None, **kw):
-        self.n, self.size, self.seed, self.offset, self.kw = n, _hw(size), seed, offset, kw
+        self.n, self.size, self.seed, self.offset, self.kw = n, _grid(size), seed, offset, kw
         self.imgs = torch.empty(n, *self.size, dtype=torch.uint8)
         self.lbls = torch.empty(n, *self.size, dtype=torch.uint8)
         for i in range(n):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_pretrain.ipynb #8792096d
 from __future__ import annotations
-import hashlib, json, os, random, re, uuid
+import json, random, uuid
 from functools import partial
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
@@ -19,17 +19,17 @@ from fastai.callback.training import GradientClip
 from fastai.callback.schedule import *
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
-from safetensors.torch import save_file, safe_open
-from .aff import create_model
+from .checkpoint import (atomic_save, checkpoints, config_hash, latest_checkpoint, read_meta,
+                               read_safetensors, save_checkpoint)
+from .registry import create_model
 from .mae import MAEBase
 from .graphs import CaptureStep
 import affmae.vit_mae
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'RECIPES', 'mae_loss', 'InputIsTarget', 'HeadLoss', 'head_names', 'FixedValidMasks', 'Accumulate',
-           'decay_split', 'adamw', 'warmup_cosine', 'recon_figure', 'ReconFigures', 'config_hash', 'save_mae',
-           'load_mae', 'state_path', 'Checkpoint', 'checkpoints', 'latest_checkpoint', 'run_ids', 'resolve_recipe',
-           'warmup_fraction', 'mae_learner', 'history']
+           'decay_split', 'adamw', 'warmup_cosine', 'recon_figure', 'ReconFigures', 'state_path', 'Checkpoint',
+           'run_ids', 'resolve_recipe', 'warmup_fraction', 'mae_learner', 'history']
 
 # %% ../nbs/09_pretrain.ipynb #03431dbe
 def mae_loss(out: dict, *yb) -> torch.Tensor:
@@ -167,60 +167,6 @@ class ReconFigures(Callback):
         plt.close(fig)
 
 # %% ../nbs/09_pretrain.ipynb #d0018103
-def _one_line(e: BaseException) -> str:
-    "`e`'s type and the last line of its message."
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
-
-def _atomic_save(tensors: dict, path, metadata: dict):
-    "Write safetensors to a temporary file beside `path`, fsync it, then rename it over `path`: never half a file."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)                # make the rename itself durable
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def _read_st(path, meta_only: bool = False) -> tuple[dict, dict]:
-    "Metadata and tensors of the safetensors file `path`; a one-line `ValueError` if it is not one."
-    path = Path(path)
-    if path.is_dir(): raise ValueError(f"{path} is a folder, expected a .safetensors file")
-    if not path.exists(): raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            return f.metadata() or {}, {} if meta_only else {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e: raise ValueError(f"{path}: not a readable safetensors file ({_one_line(e)})") from e
-
-def config_hash(arch: str, kw: dict) -> str:
-    "A short hash of a model's recipe (`model.arch`): checkpoints of one configuration share it."
-    return hashlib.sha256(json.dumps([arch, kw], sort_keys=True).encode()).hexdigest()[:16]
-
-def save_mae(model: nn.Module, path, **meta):
-    "Save `model`'s weights to safetensors at `path` (atomically), with `model.arch`, its hash and `meta` as metadata."
-    arch, kw = getattr(model, 'arch', (None, {}))
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = dict(arch=arch, model_kw=kw, config_hash=config_hash(arch, kw), **meta)
-    _atomic_save(sd, path, metadata={k: json.dumps(v) for k, v in meta.items()})
-
-def _mae_meta(path) -> dict:
-    "The JSON metadata of a `save_mae` file, checked to name an architecture."
-    meta = _read_st(path, meta_only=True)[0]
-    try: meta = {k: json.loads(v) for k, v in meta.items()}
-    except ValueError: meta = {}
-    if meta.get('arch') is None: raise ValueError(f"{path} has no architecture in its metadata (not from save_mae?)")
-    return meta
-
-def load_mae(path, device='cpu') -> nn.Module:
-    "Rebuild the model saved by `save_mae` (or a `Checkpoint`) at `path`, with its weights."
-    meta, sd = _mae_meta(path), _read_st(path)[1]
-    model = create_model(meta['arch'], **meta['model_kw'])
-    model.load_state_dict(sd)
-    model.arch = (meta['arch'], meta['model_kw'])
-    return model.to(device)
-
 def state_path(path) -> Path:
     "The training-state file beside the checkpoint `path` (`epoch_NNN.safetensors` -> `epoch_NNN.state.safetensors`)."
     return Path(path).with_suffix('.state.safetensors')
@@ -248,12 +194,12 @@ class Checkpoint(Callback):
         scaler = getattr(self.learn, 'scaler', None)
         js = dict(epoch=epoch, n_epoch=self.n_epoch, rng=rjs, param_groups=pgs,
                   scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None)
-        _atomic_save({**ts, **rts}, state_path(stem), dict(state=json.dumps(js), run_id=json.dumps(self.run_id)))
-        save_mae(self.model, stem, epoch=epoch, stats=getattr(self.dls, 'stats', None), run_id=self.run_id)   # done
+        atomic_save({**ts, **rts}, state_path(stem), dict(state=json.dumps(js), run_id=json.dumps(self.run_id)))
+        save_checkpoint(self.model, stem, stats=getattr(self.dls, 'stats', None), epoch=epoch, run_id=self.run_id)
 
 def _load_state(path) -> dict:
     "The training state saved beside checkpoint `path` by `Checkpoint`, decoded (tensors and JSON only, no pickle)."
-    meta, ts = _read_st(state_path(path))
+    meta, ts = read_safetensors(state_path(path))
     if 'state' not in meta: raise ValueError(f"{state_path(path)} holds no training state")
     js = json.loads(meta['state'])
     opt, pgs = {}, js['param_groups']
@@ -274,31 +220,11 @@ class _Restore(Callback):
             self.learn.scaler.load_state_dict(self.state['scaler'])
         self.learn.remove_cb(self)
 
-def checkpoints(path) -> list[Path]:
-    "The `epoch_NNN.safetensors` model checkpoints in the folder `path`, newest first."
-    ps = [p for p in Path(path).glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)]
-    return sorted(ps, reverse=True)
-
-def latest_checkpoint(path) -> Path:
-    "`path` if it is a file, else the newest readable checkpoint in the folder `path`, all of them from one run."
-    path = Path(path)
-    if path.is_file(): return path
-    if not path.is_dir(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    ok, bad = [], []
-    for p in checkpoints(path):
-        try: ok.append((p, _mae_meta(p)))
-        except ValueError as e: bad.append(str(e))
-    if not ok: raise FileNotFoundError(f"no readable checkpoint in {path}" + (f": {bad[0]}" if bad else ''))
-    runs = list(dict.fromkeys(m.get('run_id') for _, m in ok))
-    if len(runs) > 1: raise ValueError(f"{path} holds checkpoints of {len(runs)} runs ({', '.join(map(str, runs))})")
-    if bad: print(f"skipped {len(bad)} unreadable checkpoint(s) ({bad[0]}); using {ok[0][0].name}")
-    return ok[0][0]
-
 def run_ids(path) -> set:
     "The run ids of the readable checkpoints in the folder `path` (empty if there are none)."
     ids = set()
     for p in checkpoints(path) if Path(path).is_dir() else []:
-        try: ids.add(_mae_meta(p).get('run_id'))
+        try: ids.add(read_meta(p).get('run_id'))
         except ValueError: pass
     return ids - {None}
 
@@ -309,13 +235,13 @@ def load_checkpoint(self: Learner, path) -> int:
     if not path.exists(): raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
     errs = []
     for p in [path] if path.is_file() else checkpoints(path):
-        try: meta, sd, state = _mae_meta(p), _read_st(p)[1], _load_state(p)
+        try: meta, sd, state = read_meta(p), read_safetensors(p)[1], _load_state(p)
         except (ValueError, FileNotFoundError, KeyError) as e: errs.append(f"{p.name}: {e}"); continue
         break
     else: raise ValueError(f"no loadable checkpoint in {path} ({errs[0] if errs else 'no epoch_*.safetensors'})")
     arch = getattr(self.model, 'arch', None)
     if arch is not None and config_hash(*arch) != meta.get('config_hash'):
-        raise ValueError(f"{p} is a checkpoint of {meta['arch']} {meta['model_kw']}, "
+        raise ValueError(f"{p} is a checkpoint of {meta['arch']} {meta['config']}, "
                          f"but this run trains {arch[0]} {arch[1]}")
     if errs: print(f"resume: {'; '.join(errs)}; resuming from {p.name} instead")
     self.model.load_state_dict(sd)

@@ -14,27 +14,14 @@ from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
 
 # %% auto #0
-__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patchify', 'unpatchify', 'patch_stats',
-           'patch_targets', 'masked_mse', 'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids',
-           'query_clusters', 'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder',
-           'AFFMAE', 'affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_base_paper', 'affmae_small_paper',
-           'affmae_tiny_paper', 'stage_feature_stats']
+__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets', 'masked_mse',
+           'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters',
+           'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE',
+           'affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_base_paper', 'affmae_small_paper', 'affmae_tiny_paper',
+           'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
-def patchify(img: Tensor, p: int = 8) -> Tensor:
-    "Cut `img` `(B, C, H, W)` into raster-ordered patches `(B, h*w, p*p*C)`."
-    B, C, H, W = img.shape
-    if H % p or W % p: raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-    x = img.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum('bchpwq->bhwpqc', x).reshape(B, (H // p) * (W // p), p * p * C)
-
-def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
-    "Inverse of `patchify`: `(B, h*w, p*p*C)` -> `(B, C, h*p, w*p)`."
-    B, L, D = x.shape
-    C = D // (p * p)
-    if L != h * w or D != p * p * C: raise ValueError(f"patches {tuple(x.shape)} do not fit a {h}x{w} grid of {p}x{p} patches")
-    x = x.reshape(B, h, w, p, p, C)
-    return torch.einsum('bhwpqc->bchpwq', x).reshape(B, C, h * p, w * p)
+from .core import init_weights, patchify, unpatchify
 
 # %% ../nbs/07_mae.ipynb #0ee6bd30
 def patch_stats(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -377,14 +364,13 @@ class AFFMAE(MAEBase):
                                     dec_dropout, heads)
         self.head_names = [f'stage{S - 1 - i}' for i in heads]
         self.decoder.apply(_init_dec)
-        for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1 per head
+        for h in self.decoder.heads: nn.init.trunc_normal_(h[1].weight, std=.02)   # start near the mean patch: loss ≈ 1
         nn.init.normal_(self.decoder.mask_token, std=.02)
 
 def _init_dec(m):
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None: nn.init.zeros_(m.bias)
-    if isinstance(m, DeformableAttention): m.reset_sampling()    # after its Linears (`apply` visits children first)
+    "`init_weights`, then a deformable attention's own sampling offsets (`apply` visits children first)."
+    init_weights(m)
+    if isinstance(m, DeformableAttention): m.reset_sampling()
 
 # %% ../nbs/07_mae.ipynb #bc7ca890
 @patch

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import mask_to_ids
-from .aff import register_model
-from .mae import MAEBase, patchify, grid_positions, sincos_embed
+from .core import init_weights, patchify
+from .registry import register_model
+from .mae import MAEBase, grid_positions, sincos_embed
 
 # %% auto #0
 __all__ = ['Attention', 'Block', 'ViTMAE', 'vitmae_tiny', 'vitmae_small', 'vitmae_base']
@@ -56,7 +57,7 @@ class ViTMAE(MAEBase):
         self.dec_blocks = nn.ModuleList(Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth))
         self.dec_norm = nn.LayerNorm(dec_dim)
         self.head = nn.Linear(dec_dim, patch * patch * in_chans)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
 
     def encode(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> tuple[Tensor, Tensor]:
@@ -78,14 +79,6 @@ class ViTMAE(MAEBase):
         x = x + sincos_embed(grid_positions(h, w, img.device), D).to(x.dtype)
         for blk in self.dec_blocks: x = blk(x)
         return [self.head(self.dec_norm(x))]
-
-def _init_weights(m):
-    "MAE's initialisation: Xavier-uniform linear weights, zero biases, unit LayerNorms."
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None: nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
 
 # %% ../nbs/08_vit_mae.ipynb #278de522
 @register_model

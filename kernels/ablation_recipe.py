@@ -54,7 +54,8 @@ import matplotlib.pyplot as plt
 from affmae.data import pretrain_dls, segment_dls, EMFolder, read_classes
 from affmae.learner import mae_learner
 from affmae.mae import PAPER_ENCODER, PAPER_DECODER
-from affmae.segment import seg_learner, evaluate_model
+from affmae.finetune import seg_learner
+from affmae.inference import evaluate_model
 
 from affmae.data import PAPER_STATS, CLAHE_CLIP
 PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)

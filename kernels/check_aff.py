@@ -12,7 +12,7 @@ Run from the repository root:  PYTHONPATH=.:$PYTHONPATH python kernels/check_aff
 import argparse, json, math, statistics, time
 import torch
 import affmae.aff as A
-from affmae.aff import create_model
+from affmae.registry import create_model
 from affmae.masking import perlin_mask
 
 dev = 'cuda'

@@ -9,7 +9,7 @@ fresh every replay, a new crop size gets its own capture, and the capped KNN rep
 """
 import argparse, copy, json, time
 import torch, torch.nn as nn
-from affmae.aff import create_model
+from affmae.registry import create_model
 from affmae.clustering import knn_overflow
 from affmae.graphs import StepGraph
 

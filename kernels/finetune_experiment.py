@@ -3,7 +3,7 @@
 On synthetic EM (affmae.data.synth_em) at --size (512 by default):
 1. brief MAE pretraining of `affmae_base` and `vitmae_base` (plain loop: bf16 autocast, fused AdamW, warm-up + cosine,
    clipping, 50 % Perlin masks) on an unlabelled pool of synthetic images (seed 1), the same number of steps for both;
-2. eight fine-tuning runs through `affmae.segment.seg_learner` (CE + Dice, bf16, one-cycle, layer-wise lr decay 0.75
+2. eight fine-tuning runs through `affmae.finetune.seg_learner` (CE + Dice, bf16, one-cycle, layer-wise lr decay 0.75
    for pretrained encoders): {affmae_base, vitmae_base} x {pretrained, scratch} x {10 %, 100 %} of 64 labelled
    images (seed 0), all with the same number of steps and batch size;
 3. mIoU and per-class IoU on 8 held-out labelled images (whole 512² images, never trained on).
@@ -42,7 +42,10 @@ def sync():
     if dev == 'cuda': torch.cuda.synchronize()
 
 from affmae.data import segment_dls, pretrain_dls
-from affmae.segment import finetune_grid, grid_table, plot_grid, backbone, seg_model, EM_CLASSES
+from affmae.data import EM_CLASSES
+from affmae.registry import create_model
+from affmae.seg_models import backbone
+from affmae.finetune import finetune_grid, grid_table, plot_grid
 
 # data: 64 labelled training images + 8 held out (seed 0); an unlabelled pretraining pool (seed 1)
 n_lab, n_pre = (4, 8) if smoke else (64, 96)
@@ -81,7 +84,7 @@ for arch in archs:
     timed(lambda: step(img, 1e-4), 2)
     res['timing'][f'{arch}_pretrain_step_s'] = timed(lambda: step(img, 1e-4), 3)
     del m, step
-    sm = seg_model(arch, n_classes=len(EM_CLASSES)).to(dev)
+    sm = create_model(arch, 'segmentation', n_classes=len(EM_CLASSES)).to(dev)
     o = torch.optim.AdamW(sm.parameters(), lr=1e-4, fused=dev == 'cuda')
     y = torch.randint(0, 5, (bs, S, S), device=dev)
     def ft():
@@ -126,7 +129,7 @@ for arch in archs:
     if dev == 'cuda': torch.cuda.empty_cache()
     log('pretrained', arch, res['pretrain'][arch])
 
-# 2. fine-tuning runs (affmae.segment.finetune_grid), 3. held-out scores
+# 2. fine-tuning runs (affmae.finetune.finetune_grid), 3. held-out scores
 res.update(lr_decay=a.lr_decay, inits=a.inits)
 res['runs'] = finetune_grid(D, archs, pretrained=states, fracs=fracs, steps=ft_steps, lr=1e-3, lr_decay=a.lr_decay or None,
                             inits=tuple(a.inits.split(',')))

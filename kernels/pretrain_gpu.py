@@ -14,7 +14,7 @@ Run from the repository root:  PYTHONPATH=.:$PYTHONPATH python kernels/pretrain_
 import argparse, json, shutil, statistics, time
 from pathlib import Path
 import torch
-from affmae.aff import create_model
+from affmae.registry import create_model
 
 p = argparse.ArgumentParser()
 p.add_argument('--out', default='runs/pretrain_gpu')

@@ -16,11 +16,11 @@ few images per split).
    splits, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the held-out images are
    never seen, not even unlabelled. Recorded: per-step training loss, per-epoch validation loss per head, the trivial
    level (predicting the dataset mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
-2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.segment.seg_learner` fine-tunes
+2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
    steps; then `unet` from scratch for the wall-clock time that the pretrained affmae_base run took. Same crops,
    dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
-3. Scores on the held-out images, whole, by sliding window (`affmae.segment.evaluate_model`): mIoU (all classes),
+3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
 Step counts come from step times measured at the start, so the whole script fits `--budget` seconds.
@@ -73,8 +73,10 @@ from fastai.data.core import DataLoaders
 from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
                          image_info, read_plane, read_mask, sample_dir)
 from affmae.learner import mae_learner
-from affmae.aff import create_model
-from affmae.segment import seg_model, seg_learner, label_subset, evaluate_model, predict_plane, overlay, to_uint8
+from affmae.registry import create_model
+from affmae.finetune import seg_learner, label_subset
+from affmae.inference import evaluate_model, predict_plane
+from affmae.seg_io import overlay, to_uint8
 from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table
 
 res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
@@ -160,7 +162,7 @@ def pre_timing(arch):
     del m, opt; free(); return r
 
 def ft_timing(arch, **kw):
-    m = seg_model(arch, n_classes=5, **kw).to(dev)
+    m = create_model(arch, 'segmentation', n_classes=5, **kw).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == 'cuda')
     x, y = torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)
     def step():

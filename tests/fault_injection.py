@@ -16,15 +16,15 @@ ARGS = ['pretrain', '--arch', 'affmae_tiny', '--img-size', '32', '--bs', '4', '-
 def child(out: Path, epochs: int, save_delay: float):
     "One process of the run in `out`: resume from its checkpoints if it has any, else start it."
     import torch; torch.set_num_threads(1)
-    import affmae.learner as L
+    import affmae.learner as L, affmae.checkpoint as CK
     from affmae.cli import main
     ev = open(out.parent / f'{out.name}.events', 'a')
     def log(s): ev.write(s + '\n'); ev.flush()
-    real = L.save_file
+    real = CK.save_file
     def slow_save(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)          # the temporary file, not yet renamed
         log('save'); time.sleep(save_delay)
-    L.save_file = slow_save
+    CK.save_file = slow_save
     L.Checkpoint.after_batch = lambda self: log('step') if self.training else None
     ck = out / 'checkpoints'
     more = ['--resume', str(ck)] if L.run_ids(ck) else ['--overwrite']
@@ -57,7 +57,7 @@ def kill_at(p: subprocess.Popen, out: Path, kind: str, n: int, rng: random.Rando
 def main(a):
     import torch
     from safetensors.torch import load_file
-    from affmae.learner import checkpoints
+    from affmae.checkpoint import checkpoints
     rng, root = random.Random(a.seed), Path(a.dir or tempfile.mkdtemp())
     root.mkdir(parents=True, exist_ok=True)
     ref, run = root / 'reference', root / 'faulted'

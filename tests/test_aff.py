@@ -3,7 +3,8 @@ import math, time
 import pytest, torch
 from affmae.clustering import cluster_knn, cluster_tokens, curve_order, gather_rows, hilbert_index, knn, neighbour_offsets
 from affmae.merging import TokenMerging, n_keep
-from affmae.aff import AFFEncoder, create_model, register_model, list_models
+from affmae.aff import AFFEncoder
+from affmae.registry import create_model, register_model, list_models
 from affmae.masking import perlin_mask
 
 
@@ -115,11 +116,12 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_registry():
-    @register_model
+    @register_model(kind='encoder')
     def _tiny_test_model(**kw): return AFFEncoder(dims=(32, 32), depths=(1, 1), heads=(1, 1), **kw)
     assert '_tiny_test_model' in list_models()
     m = create_model('_tiny_test_model', nbhd=16)
-    assert m.nbhd == 16 and {'aff_mini', 'aff_small', 'aff_base'} <= set(list_models())
+    assert m.nbhd == 16 and {'aff_mini', 'aff_small', 'aff_base'} <= set(list_models('encoder'))
+    assert m.arch == ('_tiny_test_model', dict(nbhd=16)) and m.kind == 'encoder'
 
 
 def test_aff_base_param_count():

@@ -2,11 +2,10 @@
 import subprocess, sys
 import numpy as np, pytest, torch
 import affmae
-from affmae.aff import create_model
+from affmae.registry import create_model
+from affmae.checkpoint import save_checkpoint
 from affmae.data import synth_em
-from affmae.learner import save_mae
 from affmae.mae import patchify
-from affmae.segment import save_seg, seg_model
 
 
 @pytest.fixture
@@ -15,9 +14,9 @@ def img(): return synth_em((70, 90), seed=1)[0].numpy() * 255
 
 def _mae(tmp_path, arch='affmae_tiny', stats=(0.5, 0.25)):
     (tmp_path / 'run').mkdir(exist_ok=True)
-    m = create_model(arch); m.arch = (arch, {})
-    save_mae(m, tmp_path / 'run' / 'epoch_000.safetensors', stats=list(stats))
-    save_mae(m, tmp_path / 'run' / 'epoch_001.safetensors', stats=list(stats))
+    m = create_model(arch)
+    save_checkpoint(m, tmp_path / 'run' / 'epoch_000.safetensors', stats=stats)
+    save_checkpoint(m, tmp_path / 'run' / 'epoch_001.safetensors', stats=stats)
     return m
 
 
@@ -43,8 +42,8 @@ def test_pretraining(tmp_path, img):
 
 
 def test_segmentation(tmp_path, img):
-    save_seg(seg_model('affmae_tiny', n_classes=2), tmp_path / 'seg.safetensors', ['bg', 'cell'], tile=32,
-             stats=[0.5, 0.25])
+    save_checkpoint(create_model('affmae_tiny', 'segmentation', n_classes=2), tmp_path / 'seg.safetensors',
+                    ['bg', 'cell'], stats=[0.5, 0.25], tile=32)
     s = affmae.load(tmp_path, 'cpu')                                              # a run folder: its seg.safetensors
     lbl, pr = s.segment(img, probs=True)
     assert s.classes == ['bg', 'cell'] and lbl.shape == (70, 90) and pr.shape == (2, 70, 90) and lbl.max() < 2
@@ -78,3 +77,20 @@ def test_bad_paths_and_files(tmp_path):
                         (tmp_path / 'bare.safetensors', ValueError, 'bare.safetensors has no affmae metadata')):
         with pytest.raises(exc, match=msg) as e: affmae.load(p)
         assert '\n' not in str(e.value)
+
+
+def test_old_format_converted(tmp_path, img):
+    "Checkpoints in the layouts earlier versions wrote (pretraining: one JSON value per key; fine-tuning: `affmae_seg`)."
+    import json
+    from safetensors.torch import save_file
+    mae = create_model('affmae_tiny')
+    meta = dict(arch='affmae_tiny', model_kw={}, config_hash='0', epoch=4, stats=[.5, .25], run_id='r')
+    save_file(dict(mae.state_dict()), tmp_path / 'old_mae.safetensors', {k: json.dumps(v) for k, v in meta.items()})
+    m = affmae.load(tmp_path / 'old_mae.safetensors', 'cpu')
+    assert (m.kind, m.arch, m.stats, m.meta['epoch']) == ('pretraining', 'affmae_tiny', [.5, .25], 4)
+    seg = create_model('unet', n_classes=2, width=4)
+    rec = dict(arch='unet', arch_kw=dict(width=4), classes=['bg', 'cell'], tile=32, stats=[.5, .25])
+    save_file(dict(seg.state_dict()), tmp_path / 'old_seg.safetensors', {'affmae_seg': json.dumps(rec)})
+    s = affmae.load(tmp_path / 'old_seg.safetensors', 'cpu')
+    assert (s.kind, s.classes, s.meta['config']) == ('segmentation', ['bg', 'cell'], dict(width=4, n_classes=2))
+    assert s.segment(img).shape == (70, 90)

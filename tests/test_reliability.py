@@ -6,7 +6,8 @@ from fastai.callback.core import Callback, CancelFitException
 from safetensors.torch import load_file
 import affmae.learner as L
 from affmae.data import pretrain_dls
-from affmae.learner import mae_learner, Checkpoint, latest_checkpoint, checkpoints, state_path
+from affmae.learner import mae_learner, Checkpoint, state_path
+from affmae.checkpoint import latest_checkpoint, checkpoints
 from affmae.cli import main
 
 
@@ -55,9 +56,9 @@ def test_kill_during_save_then_resume(tmp_path, monkeypatch, capsys):
     def die(src, dst):
         if Path(dst).name == 'epoch_002.safetensors': raise KeyboardInterrupt   # killed between writing and renaming
         real(src, dst)
-    monkeypatch.setattr(L.os, 'replace', die)
+    monkeypatch.setattr(os, 'replace', die)
     with pytest.raises(KeyboardInterrupt): run(tmp_path / 'k')
-    monkeypatch.setattr(L.os, 'replace', real)
+    monkeypatch.setattr(os, 'replace', real)
     assert not (tmp_path / 'k' / 'epoch_002.safetensors').exists() and not list((tmp_path / 'k').glob('.*tmp'))
     (tmp_path / 'k' / 'epoch_002.safetensors').write_bytes(b'')                     # what a non-atomic write left
     capsys.readouterr()
@@ -144,9 +145,10 @@ def test_resume_epochs_and_bad_checkpoints(tmp_path, capsys):
                      ['evaluate', f]):
             rc, err = cli(capsys, *args)
             assert rc == 2 and 'not a readable safetensors file' in err, (args, err)
-    for args in (['predict', out / 'checkpoints', tmp_path / 'img.png'], ['evaluate', out]):    # a folder for a file
+    for args, msg in ((['predict', out / 'checkpoints', tmp_path / 'img.png'], 'not a segmentation one'),
+                      (['evaluate', out], 'no readable checkpoint in')):        # folders: resolved, then refused
         rc, err = cli(capsys, *args)
-        assert rc == 2 and 'is a folder' in err, err
+        assert rc == 2 and msg in err, err
 
 
 # ---- segmentation: outputs, pretrained encoders, classes, arguments
@@ -196,7 +198,7 @@ def test_predict_read_only_out(tmp_path, seg_ckpt, capsys, monkeypatch):
     rc, err = cli(capsys, 'predict', seg_ckpt, tmp_path / 'a.png', '--out', tmp_path / 'ro')
     assert rc == 2 and 'is not writable' in err
     monkeypatch.undo()
-    import affmae.segment as S
+    import affmae.finetune as S
     def refuse(lbl, path): raise PermissionError(13, 'Permission denied', str(path))
     monkeypatch.setattr(S, 'save_labels', refuse)
     rc, err = cli(capsys, 'predict', seg_ckpt, tmp_path / 'a.png', '--out', tmp_path / 'p')
@@ -209,9 +211,10 @@ def test_mismatched_pretrained_encoder(tmp_path, capsys):
     rc, err = cli(capsys, 'finetune', '--arch', 'affmae_small', '--pretrained', out / 'checkpoints',
                   '--out', tmp_path / 'ft')
     assert rc == 2 and 'checkpoint of affmae_tiny, but the model is affmae_small' in err
-    from affmae.segment import seg_model, load_pretrained, backbone
+    from affmae.registry import create_model
+    from affmae.seg_models import load_pretrained, backbone
     sd = {k: v for k, v in backbone('affmae_tiny').state_dict().items()}
-    with pytest.raises(ValueError, match='lacks .* weights'): load_pretrained(seg_model('affmae_small'), sd)  # no arch
+    with pytest.raises(ValueError, match='lacks .* weights'): load_pretrained(create_model('affmae_small', 'segmentation'), sd)  # no arch
 
 
 def test_finetune_argument_errors(tmp_path, capsys):
@@ -220,7 +223,7 @@ def test_finetune_argument_errors(tmp_path, capsys):
                       (['--bs', 0], 'must be positive'),
                       (['--valid-pct', 0], '--valid-pct must be in (0, 1)'),
                       (['--img-size', 8], '--img-size must be at least 32'),
-                      (['--arch', 'aff_mini'], 'not a segmentation arch'),
+                      (['--arch', 'aff_mini'], 'not a segmentation model'),
                       (['--num-workers', -1], '--num-workers must be >= 0'),
                       (['--classes', 'a,b'], 'the synthetic data has 5 classes'),
                       (['--n-synth', 0], 'must be positive')):
@@ -259,11 +262,11 @@ def test_binary_masks_classes_and_colour_masks(tmp_path, capsys):
     out = tmp_path / 'ft'
     assert cli(capsys, 'finetune', '--data', d, '--arch', 'vitmae_tiny', '--img-size', 32, '--epochs', 1, '--bs', 2,
                '--valid-pct', .34, '--out', out)[0] == 0
-    from affmae.segment import load_seg
-    assert load_seg(out / 'seg.safetensors')[1]['classes'] == ['background', 'class_1']   # not 'membrane'
+    from affmae.checkpoint import load_model
+    assert load_model(out / 'seg.safetensors')[1]['classes'] == ['background', 'class_1']   # not 'membrane'
     assert cli(capsys, 'finetune', '--data', d, '--arch', 'vitmae_tiny', '--img-size', 32, '--epochs', 1, '--bs', 2,
                '--valid-pct', .34, '--classes', 'bg,cell', '--out', out, '--overwrite')[0] == 0
-    assert load_seg(out / 'seg.safetensors')[1]['classes'] == ['bg', 'cell']
+    assert load_model(out / 'seg.safetensors')[1]['classes'] == ['bg', 'cell']
     rgb = np.zeros((40, 40, 3), np.uint8); rgb[:10] = (255, 255, 0)                      # yellow
     _png(d / 'masks' / '1.png', rgb)
     rc, err = cli(capsys, 'finetune', '--data', d, '--arch', 'vitmae_tiny', '--img-size', 32,

@@ -1,7 +1,13 @@
 "Segmentation: metrics vs numpy, loss, sliding-window inference, mask checks, outputs, fine-tuning overfit, CLI."
 import json, subprocess, sys
 import numpy as np, pytest, torch, torch.nn as nn
-from affmae.segment import *
+from affmae.registry import create_model
+from affmae.checkpoint import load_model
+from affmae.seg_metrics import *
+from affmae.seg_models import *
+from affmae.seg_io import *
+from affmae.inference import *
+from affmae.finetune import *
 
 def np_scores(pred, targ, n, ignore=IGNORE):
     "Independent per-class IoU/Dice with boolean masks over the whole set (nan where a class is neither present nor predicted)."
@@ -152,7 +158,7 @@ def test_overfit_handful_of_images(arch, lr, one_thread):
 
 def test_layer_decay_and_groups():
     for arch in ('affmae_tiny', 'vitmae_tiny'):
-        m = seg_model(arch)
+        m = create_model(arch, 'segmentation')
         gs = layer_splitter(m)
         assert sum(map(len, gs)) == len(list(m.parameters())) == len({id(p) for g in gs for p in g}) and len(gs) > 3
     learn = seg_learner(tiny_dls(epoch_len=4), 'vitmae_tiny', lr_decay=0.7, per_class=False)
@@ -161,14 +167,13 @@ def test_layer_decay_and_groups():
     assert np.allclose(lrs, 2e-3*0.7**np.arange(len(lrs))[::-1])
 
 def test_load_pretrained_reports_keys():
-    from affmae.segment import backbone
-    seg = seg_model('affmae_tiny')
+    seg = create_model('affmae_tiny', 'segmentation')
     mae = backbone('affmae_tiny')
     rep = load_pretrained(seg, mae.state_dict(), verbose=False)
     assert {k.split('.')[0] for k in rep['new']} == {'head'} and rep['loaded'] and not rep['mismatched']
     sd = seg.state_dict()
     assert all(torch.equal(sd[k], mae.state_dict()[k]) for k in rep['loaded'])
-    with pytest.raises(ValueError, match='holds none of the model'): load_pretrained(seg_model('vitmae_tiny'), mae.state_dict())
+    with pytest.raises(ValueError, match='holds none of the model'): load_pretrained(create_model('vitmae_tiny', 'segmentation'), mae.state_dict())
 
 def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     import tifffile, warnings
@@ -180,7 +185,7 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
                      '--out', str(tmp_path/'run')]) == 0
     ck = tmp_path/'run'/'seg.safetensors'
     assert ck.exists() and (tmp_path/'run'/'history.json').exists()
-    model, rec = load_seg(ck)
+    model, rec = load_model(ck)
     assert rec['arch'] == 'vitmae_tiny' and rec['tile'] == 48 and len(rec['classes']) == 5
     img = (synth_em((100, 60), seed=9)[0].numpy()*255).astype(np.uint8)
     tifffile.imwrite(tmp_path/'stack.tif', np.stack([img, img[::-1]]))               # a 2-plane stack
@@ -200,7 +205,42 @@ def test_evaluate_folder_mismatched_mask(tmp_path):
     (tmp_path/'images').mkdir(); (tmp_path/'masks').mkdir()
     tifffile.imwrite(tmp_path/'images'/'a.tif', np.zeros((40, 40), np.uint8))
     tifffile.imwrite(tmp_path/'masks'/'a.tif', np.full((40, 40), 7, np.uint8))     # label 7 with 5 classes
-    from affmae.segment import eval_source, evaluate_model
     model = nn.Conv2d(1, 5, 1)
     rec = dict(classes=list('abcde'), stats=(0.5, 0.2), tile=32)
     with pytest.raises(ValueError, match=r'a.tif: labels \[7\] outside 0..4'): evaluate_model(model, eval_source(str(tmp_path)), rec)
+
+
+def test_focal_dice_loss_float64():
+    "Focal (gamma 2, class weights) + foreground Dice against the formula in float64, with ignored pixels."
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 6, generator=g)
+    t = torch.randint(0, 5, (2, 7, 6), generator=g); t[0, 0] = IGNORE
+    alpha = torch.tensor([.2, 2., 3., 2., 3.], dtype=torch.float64)
+    keep = t != IGNORE
+    p = x.double().softmax(1).permute(0, 2, 3, 1)[keep]               # (N, C)
+    y = t[keep]
+    pt = p[torch.arange(len(y)), y]
+    focal = (-alpha[y] * (1 - pt)**2 * pt.log()).mean()
+    oh = torch.nn.functional.one_hot(y, 5).double()
+    dice = (2*(p*oh).sum(0) + 1)/(p.sum(0) + oh.sum(0) + 1)
+    ref = focal + 1 - dice[1:].mean()
+    got = seg_loss('focal_dice', gamma=2., weight=alpha.tolist())(x, t)
+    assert abs(got.item() - ref.item()) < 1e-5
+
+
+def test_image_fg_iou_hand_cases():
+    "Per-image IoU of each foreground class; a class in neither prediction nor label counts 1; ignore skipped."
+    t = torch.tensor([[1, 1], [0, IGNORE]])
+    assert image_fg_iou(t, t, 3).tolist() == [[1., 1.]]                              # exact, class 2 absent: 1
+    assert image_fg_iou(torch.zeros_like(t), t, 3).tolist() == [[0., 1.]]            # class 1 missed
+    p = torch.tensor([[1, 2], [1, 2]])                          # the ignored pixel's prediction counts nowhere
+    s = image_fg_iou(torch.stack([p, t]), torch.stack([t, t]), 3)
+    assert torch.allclose(s, torch.tensor([[1/3, 0.], [1., 1.]], dtype=torch.float64))  # class 1: 1 of a union of 3
+
+
+def test_model_layer_imports_no_training_layer():
+    "The segmentation models, the registry and the checkpoint format know nothing of fastai or the training modules."
+    code = ("import sys, affmae.seg_models, affmae.checkpoint, affmae.registry\n"
+            "bad = [m for m in sys.modules if m.startswith(('fastai', 'affmae.learner', 'affmae.finetune', 'affmae.cli'))]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, '-c', code], check=True)

@@ -5,14 +5,17 @@ from PIL import Image
 from affmae.unet import UNet
 from fastai.data.core import DataLoaders
 from affmae.data import synth_em, segment_dls, EMCrops, EMBatch
-from affmae.segment import seg_model, seg_learner, load_seg, load_pretrained, SEG_ARCHS
+from affmae.registry import create_model, list_models
+from affmae.checkpoint import load_model
+from affmae.seg_models import load_pretrained
+from affmae.finetune import seg_learner
 from affmae.cli import main
 
 def test_shapes_and_size():
-    assert 'unet' in SEG_ARCHS
+    assert 'unet' in list_models('segmentation')
     assert abs(sum(p.numel() for p in UNet().parameters())/1e6 - 7.77) < 0.01
     torch.manual_seed(0)
-    m = seg_model('unet', n_classes=4, width=4, depth=3).eval()
+    m = create_model('unet', 'segmentation', n_classes=4, width=4, depth=3).eval()
     for shape in [(2, 1, 40, 40), (1, 1, 33, 70), (1, 1, 3, 5)]:
         assert m(torch.randn(shape)).shape == (shape[0], 4, *shape[2:])
 
@@ -42,7 +45,7 @@ def test_cli_finetune_predict_evaluate_unet(tmp_path):
         warnings.simplefilter('ignore')
         assert main(['finetune', '--data', str(d), '--arch', 'unet', '--img-size', '48', '--epochs', '1', '--bs', '2',
                      '--valid-pct', '0.34', '--out', str(run)]) == 0
-    model, rec = load_seg(run/'seg.safetensors')
+    model, rec = load_model(run/'seg.safetensors')
     assert isinstance(model, UNet) and rec['arch'] == 'unet' and rec['tile'] == 48
     assert main(['predict', str(run/'seg.safetensors'), str(d/'images'), '--out', str(tmp_path/'pred')]) == 0
     lbl = tifffile.imread(tmp_path/'pred'/'s0_labels.tif')
@@ -53,7 +56,7 @@ def test_cli_finetune_predict_evaluate_unet(tmp_path):
 
 def test_pretrained_checkpoint_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match='unet has no pretrained encoder'):
-        load_pretrained(seg_model('unet'), {'encoder.w': torch.zeros(1)})
+        load_pretrained(create_model('unet', 'segmentation'), {'encoder.w': torch.zeros(1)})
     from safetensors.torch import save_file
     save_file({'encoder.w': torch.zeros(1)}, str(tmp_path/'mae.safetensors'))
     assert main(['finetune', '--arch', 'unet', '--pretrained', str(tmp_path/'mae.safetensors'), '--img-size', '32',
