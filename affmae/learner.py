@@ -301,7 +301,7 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str | None = Non
     if isinstance(arch, str):
         kw = {k: v for k, v in dict(mask=mask, ratio=ratio).items() if v is not None} | model_kw
         model = create_model(arch, **kw)
-        model.arch = (arch, kw)
+        model.arch = (arch, kw | dict(mask=model.mask_kind, ratio=model.ratio))   # rebuilt as trained, defaults aside
     else: model = arch
     dev = getattr(dls, 'device', None) or torch.device('cpu')
     model.to(dev)
