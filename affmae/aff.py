@@ -140,6 +140,7 @@ class RelPosLinear(nn.Module):
         self.proj = nn.Linear(5, heads)
 
     def forward(self, feats: Tensor) -> Tensor:
+        "The bias `(B, heads, N, M)` of the offset features `feats` (B, N, M, 5)."
         return self.proj(feats.to(self.proj.weight.dtype)).permute(0, 3, 1, 2).contiguous()
 
 # %% ../nbs/06_aff.ipynb #6a530699
@@ -183,6 +184,7 @@ def global_nbhd(valid: Tensor) -> Tensor:
 class GlobalAttention(ClusterAttention):
     "`ClusterAttention`'s weights over every token of the image: `nbhd` = `global_nbhd(valid)` (B, 1, N)."
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
+        "Attention of every token of `x` (B, N, C) over all valid tokens of its image, with `bias` (B, H, N, N) if given."
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         keys = (nbhd[:, :1] >= 0)[:, None]                                            # (B, 1, 1, N)

@@ -126,7 +126,7 @@ def test_idw_sample_exact_on_a_token():
 
 def test_deformable_decoder_segments():
     "Fine-tuning reuses the published decoder with a query at every patch (`AFFSeg`): per-pixel logits, gradients."
-    from affmae.segment import AFFSeg
+    from affmae.seg_models import AFFSeg
     torch.manual_seed(0)
     seg = AFFSeg(create_model('affmae_tiny', **{**PAPER_DECODER, 'dec_dim': 32, 'dec_heads': 2}), n_classes=3)
     y = seg(torch.randn(1, 1, 64, 64))

@@ -14,8 +14,9 @@ def test_cli_prints_no_future_warning():
 
 
 def test_filter_is_narrow():
-    import affmae  # noqa: F401  (installs the filter)
+    import importlib, affmae
     with warnings.catch_warnings(record=True) as caught:
+        importlib.reload(affmae)                   # installs the filter here (pytest resets filters between tests)
         warnings.filterwarnings('always', category=FutureWarning, append=True)   # after affmae's filter
         warnings.warn_explicit(JIT_MSG, FutureWarning, 'torch/jit/_script.py', 1, module='torch.jit._script')
         warnings.warn_explicit(JIT_MSG, FutureWarning, 'user.py', 1, module='user')
