@@ -14,8 +14,8 @@ from .measure import (MODES, CATEGORIES, make_images, make_optimizer, make_step,
                             largest_fit, fits_step, profile_step, _free, _is_oom)
 
 # %% auto #0
-__all__ = ['resolve_arch', 'arch_name', 'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench', 'bench_table',
-           'profile_table', 'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
+__all__ = ['SCHEMA', 'resolve_arch', 'arch_name', 'build_model', 'bench_one', 'env_info', 'default_bs', 'run_bench',
+           'bench_table', 'profile_table', 'top_ops_table', 'parse_bs', 'bench', 'plot_bench', 'plot_profile']
 
 # %% ../nbs/11_benchmarks.ipynb #ce082b46
 def resolve_arch(arch):
@@ -92,6 +92,8 @@ def _auto(model, opt, arch, size, dev, steps, warmup, amp, max_bs, rel_tol, mode
     return res
 
 # %% ../nbs/11_benchmarks.ipynb #fd5f8e15
+SCHEMA = 'affmae.bench/2'     # the results file's format, named in it
+
 def env_info(device):
     "Device, date and versions for the results file."
     dev = torch.device(device)
@@ -102,7 +104,7 @@ def env_info(device):
     if dev.type == 'cuda':
         p = torch.cuda.get_device_properties(dev); name, mem = p.name, p.total_memory/2**30
     else: name, mem = f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)', None
-    return dict(schema='affmae.bench/2', device=name, device_mem_gib=mem,
+    return dict(schema=SCHEMA, device=name, device_mem_gib=mem,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 versions=dict(python=platform.python_version(), torch=torch.__version__, triton=tv,
                               cuda=torch.version.cuda, affmae=av))
