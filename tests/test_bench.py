@@ -1,4 +1,4 @@
-"""Tests of `affmae.bench` (the `affmae bench` harness), on the CPU at tiny sizes.
+"""Tests of `affmae.measure` and `affmae.bench` (the `affmae bench` harness), on the CPU at tiny sizes.
 
 The harness must run without a GPU (it is only meaningful on one): FLOP counts are checked against hand
 counts, the largest-batch search against known thresholds, the profile breakdown against a model whose
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from affmae.bench import (CATEGORIES, attn_cost, attn_flops, bench_table, largest_fit, module_category,
-                          parse_bs, patch_functions, profile_step, profile_table, run_bench, step_flops,
-                          make_images, make_optimizer, count_invisible)
+from affmae.bench import bench_table, parse_bs, profile_table, run_bench
+from affmae.measure import (CATEGORIES, attn_cost, attn_flops, count_invisible, largest_fit, make_images,
+                            make_optimizer, module_category, patch_functions, profile_step, step_flops)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,12 +116,13 @@ def test_cluster_attention_counted_once(hidden):
 
 
 def test_patch_functions_restores():
-    import affmae.bench as B
-    orig = B.attn_flops
-    with patch_functions({'affmae.bench': lambda f: (lambda *a, **k: 'patched') if f.__name__ == 'attn_flops' else f}):
-        assert B.attn_flops((1, 1, 1, 1), (1, 1, 1)) == 'patched'
-        assert B.largest_fit is largest_fit      # functions whose wrapper returns them unchanged are untouched
-    assert B.attn_flops is orig
+    import affmae.measure as M
+    orig = M.attn_flops
+    wrap = lambda f: (lambda *a, **k: 'patched') if f.__name__ == 'attn_flops' else f
+    with patch_functions({'affmae.measure': wrap}):
+        assert M.attn_flops((1, 1, 1, 1), (1, 1, 1)) == 'patched'
+        assert M.largest_fit is largest_fit      # functions whose wrapper returns them unchanged are untouched
+    assert M.attn_flops is orig
 
 
 @pytest.mark.parametrize('bstar', [0, 1, 2, 3, 5, 37, 64, 100, 1000, 4095, 4096, 10**6])
