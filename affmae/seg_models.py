@@ -240,7 +240,8 @@ def _aff_seg(name):
     build.__doc__ = f"`AFFSeg` on an `{name}` backbone."
     return build
 
-for _n in ('affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_tiny_paper', 'affmae_small_paper', 'affmae_base_paper'):
+for _n in ('affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_tiny_paper', 'affmae_small_paper',
+           'affmae_base_paper'):
     register_model(_aff_seg(_n), kind='segmentation', name=_n)
 
 # %% ../nbs/10a_seg_models.ipynb #effd3d00
