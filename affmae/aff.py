@@ -186,7 +186,7 @@ def global_nbhd(valid: Tensor) -> Tensor:
 class GlobalAttention(ClusterAttention):
     "`ClusterAttention`'s weights over every token of the image: `nbhd` = `global_nbhd(valid)` (B, 1, N)."
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
-        "Attention of every token of `x` (B, N, C) over all valid tokens of its image, with `bias` (B, H, N, N) if given."
+        "Attention of each token of `x` (B, N, C) over every valid token of its image; `bias` (B, H, N, N) if given."
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         keys = (nbhd[:, :1] >= 0)[:, None]                                            # (B, 1, 1, N)
