@@ -9,6 +9,7 @@ from typing import NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+from fastcore.basics import patch
 from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention
@@ -261,42 +262,48 @@ class AFFEncoder(nn.Module):
         "Typical distance between stage `s`'s tokens, in pixels (all patches visible)."
         return self.patch / math.sqrt(math.prod(self.ds[:s]))
 
-    def block_biases(self, s: int, pos: Tensor, nbhd: Tensor):
-        "Stage `s`'s position bias for each of its blocks: one shared tensor (`rpe='stage'`) or one per block."
-        if self.rpe == 'stage': return itertools.repeat(self.rpes[s](pos, nbhd, self.spacing(s)))
-        feats = rel_pos_features(pos, nbhd, self.patch)
-        return (r(feats) for r in self.rpes[s])
+# %% ../nbs/06_aff.ipynb #a2414a31
+@patch
+def block_biases(self: AFFEncoder, s: int, pos: Tensor, nbhd: Tensor):
+    "Stage `s`'s position bias for each of its blocks: one shared tensor (`rpe='stage'`) or one per block."
+    if self.rpe == 'stage': return itertools.repeat(self.rpes[s](pos, nbhd, self.spacing(s)))
+    feats = rel_pos_features(pos, nbhd, self.patch)
+    return (r(feats) for r in self.rpes[s])
 
-    def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None,
-                clusters: list | None = None) -> list[Tokens]:
-        """Encode the patches of `img` (B, C, H, W) not hidden by `mask` (B, H/P, W/P) bool, True = masked;
-        `n_visible`: visible patches per image if known on the host (no host sync);
-        `clusters` as in `forward_tokens`."""
-        t = self.embed(img, mask, n_visible)
-        return self.forward_tokens(*t, clusters=clusters, n_max=t.x.shape[1])   # embed pads to the largest count
+# %% ../nbs/06_aff.ipynb #2ced34a4
+@patch
+def forward_tokens(self: AFFEncoder, x: Tensor, pos: Tensor, valid: Tensor | None = None, clusters: list | None = None,
+                   n_max: int | None = None) -> list[Tokens]:
+    """Encode tokens `x` (B, N, dims[0]) at pixel positions `pos` (B, N, 2); returns one `Tokens` per stage
+    (curve order). Appends each stage's `Clusters` to `clusters` if given; `n_max`: the most valid tokens of any
+    image, if known."""
+    if x.ndim != 3 or x.shape[-1] != self.dims[0]:
+        raise ValueError(f"x must have shape (B, N, {self.dims[0]}), got {tuple(x.shape)}")
+    if pos.shape != (*x.shape[:2], 2):
+        raise ValueError(f"pos must have shape {(*x.shape[:2], 2)}, got {tuple(pos.shape)}")
+    outs, cl = [], None
+    for s, blocks in enumerate(self.stages):
+        if s > 0:
+            x, pos, valid = self.merges[s - 1](x, cl, self.spacing(s - 1), n_max=n_max)[:3]
+            n_max = None if n_max is None else n_keep(n_max, self.ds[s - 1])
+        cl = cluster_tokens(pos, valid, self.cluster, self.nbhd)
+        x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
+        nbhd = global_nbhd(valid) if self.global_last and s == len(self.stages) - 1 else cl.nbhd
+        for blk, bias in zip(blocks, self.block_biases(s, pos, nbhd)):
+            x = run_block(blk, self.checkpoint, x, nbhd, bias)
+        outs.append(Tokens(self.norms[s](x) * valid[..., None], pos, valid))
+        if clusters is not None: clusters.append(cl)
+    return outs
 
-    def forward_tokens(self, x: Tensor, pos: Tensor, valid: Tensor | None = None, clusters: list | None = None,
-                       n_max: int | None = None) -> list[Tokens]:
-        """Encode tokens `x` (B, N, dims[0]) at pixel positions `pos` (B, N, 2); returns one `Tokens` per stage
-        (curve order). Appends each stage's `Clusters` to `clusters` if given; `n_max`: the most valid tokens of any
-        image, if known."""
-        if x.ndim != 3 or x.shape[-1] != self.dims[0]:
-            raise ValueError(f"x must have shape (B, N, {self.dims[0]}), got {tuple(x.shape)}")
-        if pos.shape != (*x.shape[:2], 2):
-            raise ValueError(f"pos must have shape {(*x.shape[:2], 2)}, got {tuple(pos.shape)}")
-        outs, cl = [], None
-        for s, blocks in enumerate(self.stages):
-            if s > 0:
-                x, pos, valid = self.merges[s - 1](x, cl, self.spacing(s - 1), n_max=n_max)[:3]
-                n_max = None if n_max is None else n_keep(n_max, self.ds[s - 1])
-            cl = cluster_tokens(pos, valid, self.cluster, self.nbhd)
-            x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
-            nbhd = global_nbhd(valid) if self.global_last and s == len(self.stages) - 1 else cl.nbhd
-            for blk, bias in zip(blocks, self.block_biases(s, pos, nbhd)):
-                x = run_block(blk, self.checkpoint, x, nbhd, bias)
-            outs.append(Tokens(self.norms[s](x) * valid[..., None], pos, valid))
-            if clusters is not None: clusters.append(cl)
-        return outs
+# %% ../nbs/06_aff.ipynb #0cb45a21
+@patch
+def forward(self: AFFEncoder, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None,
+            clusters: list | None = None) -> list[Tokens]:
+    """Encode the patches of `img` (B, C, H, W) not hidden by `mask` (B, H/P, W/P) bool, True = masked;
+    `n_visible`: visible patches per image if known on the host (no host sync);
+    `clusters` as in `forward_tokens`."""
+    t = self.embed(img, mask, n_visible)
+    return self.forward_tokens(*t, clusters=clusters, n_max=t.x.shape[1])   # embed pads to the largest count
 
 # %% ../nbs/06_aff.ipynb #9dcb893a
 @register_model(kind='encoder')
