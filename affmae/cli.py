@@ -137,7 +137,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              seed: int = 0):            # random seed (Python, NumPy, torch, data loaders)
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from fastai.torch_core import set_seed
-    from affmae.data import pretrain_dls, data_paths, PAPER_PREP
+    from affmae.prep import PAPER_PREP
+    from affmae.data import pretrain_dls, data_paths
     from affmae.mae import MASKERS
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     from affmae.distributed import init_distributed, data_parallel, accum_steps
@@ -198,7 +199,7 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
     "Reconstruct a masked EM image with a pretrained model and save the figure."
     import matplotlib.pyplot as plt
     from affmae.api import load
-    from affmae.data import read_plane
+    from affmae.readers import read_plane
     _require(size >= 8, f"--size must be at least one 8-pixel patch, got {size}")
     _require(not Path(out).is_dir(), f"--out {out} is a folder, expected a file name")
     writable_dir(Path(out).parent)

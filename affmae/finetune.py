@@ -15,7 +15,9 @@ from fastai.callback.schedule import *
 from fastai.callback.training import GradientClip
 from fastai.torch_core import set_seed
 import matplotlib.pyplot as plt
-from .data import EM_CLASSES, read_classes, image_info, read_plane, segment_dls
+from .synth import EM_CLASSES
+from .readers import image_info, read_plane
+from .data import read_classes, segment_dls
 from .registry import create_model, list_models
 from .checkpoint import load_model, save_checkpoint
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES

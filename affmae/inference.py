@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch, torch.nn.functional as F
-from .data import EMFolder, SynthEM, robust_range
+from .prep import robust_range
+from .data import EMFolder, SynthEM
 from .seg_metrics import confusion, image_fg_iou, iou_dice
 from .seg_io import check_mask
 

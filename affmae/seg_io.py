@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 import numpy as np
-from .data import EMDataError, image_files, read_mask
+from .readers import EMDataError, image_files, read_mask
 from .seg_metrics import IGNORE
 
 # %% auto #0
@@ -35,7 +35,7 @@ def check_mask(mask, n_classes, shape=None, name='mask', ignore=IGNORE):
     return m
 
 def load_mask(path, n_classes, shape=None, k=0, n_img=1, ignore=IGNORE):
-    "Plane `k` of the label image at `path` (`affmae.data.read_mask`: TIFF/PNG, stacks, binary masks), checked."
+    "Plane `k` of the label image at `path` (`affmae.readers.read_mask`: TIFF/PNG, stacks, binary masks), checked."
     try: m = read_mask(path, k, n_img)
     except EMDataError as e: raise ValueError(str(e)) from e
     except Exception as e: raise ValueError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from e

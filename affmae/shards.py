@@ -10,7 +10,9 @@ import numpy as np, torch
 from fastcore.script import call_parse, Param, store_true
 from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
-from .data import EMDataError, EMSources, EMCrops, EMBatch, EMDataLoader, data_paths, norm_stats
+from .readers import EMDataError
+from .prep import norm_stats
+from .data import EMSources, EMCrops, EMBatch, EMDataLoader, data_paths
 from .cli import subcommand, run_dir, UsageError
 from .distributed import world
 

@@ -57,7 +57,7 @@ from affmae.mae import PAPER_ENCODER, PAPER_DECODER
 from affmae.finetune import seg_learner
 from affmae.inference import evaluate_model
 
-from affmae.data import PAPER_STATS, CLAHE_CLIP
+from affmae.prep import PAPER_STATS, CLAHE_CLIP
 PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)
 PAPER_MODEL = {**PAPER_ENCODER, **PAPER_DECODER, **(dict(dec_dim=64, dec_heads=2) if a.tiny else {})}
 VARIANTS = {   # name: (arch, model options, learner options, data options); `paper` is `affmae_*_paper` spelled out

@@ -7,7 +7,8 @@ import time, tempfile, warnings
 from pathlib import Path
 import numpy as np, torch, tifffile
 warnings.filterwarnings('ignore')
-from affmae.data import synth_em, SynthEM, pretrain_dls, segment_dls
+from affmae.synth import synth_em
+from affmae.data import SynthEM, pretrain_dls, segment_dls
 
 dev = torch.device('cuda')
 def sync(): torch.cuda.synchronize()

@@ -48,7 +48,7 @@ shards = Path(a.shards) if a.shards else tmp / 'shards'
 def synthetic_images(folder: Path, n: int = 24, size: int = 96) -> Path:
     "`n` synthetic EM images of `size`² as 8-bit TIFFs in `folder` (for --tiny without --images)."
     import numpy as np, tifffile
-    from affmae.data import synth_em
+    from affmae.synth import synth_em
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         tifffile.imwrite(folder / f'{i:03d}.tif', (synth_em(size, seed=i)[0].numpy() * 255).astype(np.uint8))

@@ -1,6 +1,6 @@
 """Segmentation experiment (issue 7): pretrained vs from scratch, AFFMAE vs ViT-MAE, 10 % and 100 % of the labels.
 
-On synthetic EM (affmae.data.synth_em) at --size (512 by default):
+On synthetic EM (affmae.synth.synth_em) at --size (512 by default):
 1. brief MAE pretraining of `affmae_base` and `vitmae_base` (plain loop: bf16 autocast, fused AdamW, warm-up + cosine,
    clipping, 50 % Perlin masks) on an unlabelled pool of synthetic images (seed 1), the same number of steps for both;
 2. eight fine-tuning runs through `affmae.finetune.seg_learner` (CE + Dice, bf16, one-cycle, layer-wise lr decay 0.75
@@ -42,7 +42,7 @@ def sync():
     if dev == 'cuda': torch.cuda.synchronize()
 
 from affmae.data import segment_dls, pretrain_dls
-from affmae.data import EM_CLASSES
+from affmae.synth import EM_CLASSES
 from affmae.registry import create_model
 from affmae.seg_models import backbone
 from affmae.finetune import finetune_grid, grid_table, plot_grid

@@ -3,7 +3,7 @@
 Keeps the layout of `../shared/data` (folders, file names, classes.txt, licences); cuts every image and its mask to the
 centre `--max`² pixels (lossless PNG); `--skip` leaves out folders by name (default: the unlabelled stacks);
 `--limit N` keeps the first N images (and their masks) of each folder; `--clahe` equalises the images (not the masks)
-with `affmae.data.clahe` (the published preprocessing; OpenCV, which the GPU machine lacks, so it runs here).
+with `affmae.prep.clahe` (the published preprocessing; OpenCV, which the GPU machine lacks, so it runs here).
 
     python kernels/prep_data_em.py ../shared/data data_em --max 512
     PYTHONPATH=. python kernels/prep_data_em.py data_em data_abl_clahe --limit 50 --clahe   # the ablation's copy
@@ -39,7 +39,7 @@ for f in sorted(src.rglob('*')):
         if a.limit is not None and sorted(f.parent.iterdir()).index(f) >= a.limit: continue
         im = crop(np.asarray(Image.open(f)))
         if a.clahe and 'masks' not in rel.parts:
-            from affmae.data import clahe
+            from affmae.prep import clahe
             im = clahe(im)
         Image.fromarray(im).save(out.with_suffix('.png'), optimize=True)
         n += 1

@@ -70,8 +70,8 @@ PRE_LR = dict(zip(ARCHS, map(float, a.pre_lr.split(','))))
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.data.core import DataLoaders
-from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
-                         image_info, read_plane, read_mask, sample_dir)
+from affmae.readers import image_info, read_plane, read_mask
+from affmae.data import EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files, sample_dir
 from affmae.learner import mae_learner
 from affmae.registry import create_model
 from affmae.finetune import seg_learner, label_subset

@@ -9,7 +9,7 @@ import torch
 warnings.filterwarnings('ignore')
 from affmae.registry import create_model
 from affmae.inference import sliding_window, tile_starts
-from affmae.data import synth_em
+from affmae.synth import synth_em
 
 img = synth_em(4096, seed=0, device='cuda')[0].cuda()
 img = ((img - img.mean())/img.std())[None, None]

@@ -4,7 +4,7 @@ import numpy as np, pytest, torch
 import affmae
 from affmae.registry import create_model
 from affmae.checkpoint import save_checkpoint
-from affmae.data import synth_em
+from affmae.synth import synth_em
 from affmae.mae import patchify
 
 

@@ -1,4 +1,4 @@
-"File-level tests of `affmae.data`: real TIFF/PNG/JPEG files (including broken ones) written to a temp dir."
+"File-level tests of `affmae.readers` and `affmae.data`: real TIFF/PNG/JPEG files (broken ones too) in a temp dir."
 import warnings
 import numpy as np, pytest, tifffile, torch
 from PIL import Image
@@ -6,7 +6,10 @@ from fastai.torch_core import set_seed
 import matplotlib
 matplotlib.use('Agg')
 from matplotlib.figure import Figure
-import affmae.data as data
+import affmae.data as data, affmae.readers as readers
+from affmae.synth import *
+from affmae.readers import *
+from affmae.prep import *
 from affmae.data import *
 
 def png(path, a): Image.fromarray(a).save(path); return path
@@ -63,9 +66,9 @@ def test_indexing_is_lazy(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path/'vol.tif', rnd((6, 32, 32)))
     png(tmp_path/'a.png', rnd((32, 32)))
     calls = []
-    for name in ('_read_plane', '_memmap_planes'):
-        orig = getattr(data, name)
-        monkeypatch.setattr(data, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
+    for mod, name in ((readers, '_read_plane'), (data, '_memmap_planes')):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, orig=orig, name=name: calls.append(name) or orig(*a))
     src = EMFolder(tmp_path, min_size=32)
     assert len(src) == 7 and calls == []
     src.image(3)

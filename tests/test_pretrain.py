@@ -3,7 +3,8 @@ import subprocess, sys, random
 import numpy as np, pytest, torch
 from fastai.callback.core import Callback, CancelFitException
 from affmae import create_model
-from affmae.data import synth_em, pretrain_dls
+from affmae.synth import synth_em
+from affmae.data import pretrain_dls
 from affmae.mae import patch_targets, masked_mse
 from affmae.learner import mae_learner, Checkpoint
 from affmae.cli import main

@@ -6,8 +6,9 @@ from affmae.masking import PAPER_LATTICES, coherence, lattice_cells, perlin_quar
 from affmae.aff import (MAX_REL_OFFSET, AFFEncoder, ClusterAttention, ConvStem, GlobalAttention, PatchEmbed,
                         RelPosLinear, create_model, global_nbhd, rel_pos_features)
 from affmae.merging import n_keep
-from affmae.data import (CLAHE_CLIP, CLAHE_TILES, PAPER_PREP, PAPER_STATS, clahe, full_range, pretrain_dls,
-                         resize_whole, segment_dls, synth_em)
+from affmae.synth import synth_em
+from affmae.prep import CLAHE_CLIP, CLAHE_TILES, PAPER_PREP, PAPER_STATS, clahe, full_range, resize_whole
+from affmae.data import pretrain_dls, segment_dls
 
 
 def default(fn, name): return inspect.signature(fn).parameters[name].default

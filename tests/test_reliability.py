@@ -155,7 +155,7 @@ def test_resume_epochs_and_bad_checkpoints(tmp_path, capsys):
 
 from PIL import Image
 import tifffile
-from affmae.data import synth_em
+from affmae.synth import synth_em
 
 
 def _png(path, a): path.parent.mkdir(parents=True, exist_ok=True); Image.fromarray(a).save(path)

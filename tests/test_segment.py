@@ -149,7 +149,7 @@ def test_overfit_handful_of_images(arch, lr, one_thread):
     assert np.isclose(learn.recorder.values[-1][2], np.nanmean(iou), atol=1e-6)
     # sliding window on an image whose size is no multiple of the tile: covers every pixel, and agrees with the
     # whole-image prediction (attention is not local, so tiles see less context: agreement, not equality)
-    from affmae.data import synth_em
+    from affmae.synth import synth_em
     img = (synth_em((72, 88), seed=5, cell=48., mito=(6., 12.))[0] - dls.train.after_batch.mean)/dls.train.after_batch.std
     whole = learn.model(img[None, None]).argmax(1)
     tiled = sliding_window(learn.model, img, tile=48, overlap=0.5)
@@ -177,7 +177,7 @@ def test_load_pretrained_reports_keys():
 
 def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     import tifffile, warnings
-    from affmae.data import synth_em
+    from affmae.synth import synth_em
     from affmae.cli import main
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')

@@ -3,7 +3,8 @@ empty patterns as one-line errors; every sample read exactly once per epoch acro
 import io, random, tarfile
 from pathlib import Path
 import numpy as np, pytest, tifffile, torch
-from affmae.data import EMDataError, EMSources
+from affmae.readers import EMDataError
+from affmae.data import EMSources
 from affmae.shards import pack_shards, shard_list, read_shard, ShardStream, shard_dls, INDEX
 from affmae.cli import main
 

@@ -4,7 +4,8 @@ import numpy as np, pytest, tifffile, torch
 from PIL import Image
 from affmae.unet import UNet
 from fastai.data.core import DataLoaders
-from affmae.data import synth_em, segment_dls, EMCrops, EMBatch
+from affmae.synth import synth_em
+from affmae.data import segment_dls, EMCrops, EMBatch
 from affmae.registry import create_model, list_models
 from affmae.checkpoint import load_model
 from affmae.seg_models import load_pretrained
