@@ -36,7 +36,7 @@ def _as_batch(img):
 
 @torch.no_grad()
 def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, amp=True):
-    "Logits `(B,C,H,W)` of `model` on `img` of any size (see `_as_batch`) from overlapping `tile`² windows, blended."
+    "Logits `(B,C,H,W)` of `model` on `img` of any size (see _as_batch) from overlapping `tile`² windows, blended."
     img = _as_batch(img)
     if not 0 <= overlap < 1: raise ValueError(f"overlap must be in [0, 1); got {overlap}")
     B, _, H, W = img.shape
