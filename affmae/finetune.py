@@ -25,6 +25,7 @@ from .seg_models import check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
 from .inference import eval_source, evaluate_model, predict_plane, score_table
 from .cli import _require, check_device, run_dir, writable_dir
+from .learner import Accumulate
 
 # %% auto #0
 __all__ = ['FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'LayerDecay', 'layer_splitter', 'SegLearner',
@@ -84,14 +85,17 @@ def _precision(learn, mixed_precision):
         raise ValueError(f"mixed_precision must be 'auto', 'bf16', 'fp16' or None; got {mixed_precision!r}")
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
-                mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, cbs=None, **model_kw):
+                mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
+                **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, optional
-    pretrained weights, layer-wise lr decay, weight decay `wd` and gradient clipping at norm `clip`."""
+    pretrained weights, layer-wise lr decay, weight decay `wd`, gradient clipping at norm `clip` and gradient
+    accumulation over `accum` batches (one optimiser step per `accum` batches)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if pretrained is not None: load_pretrained(model, pretrained)
-    cbs = list(cbs or []) + ([LayerDecay(lr_decay)] if lr_decay else []) + ([GradientClip(clip)] if clip else [])
+    cbs = list(cbs or []) + ([LayerDecay(lr_decay)] if lr_decay else []) + ([GradientClip(clip)] if clip else []) \
+          + ([Accumulate(accum)] if accum != 1 else [])
     loss = seg_loss(loss_func, **(loss_kw or {})) if isinstance(loss_func, str) else loss_func
     if metrics is None: metrics = seg_metrics(classes, per_class=per_class)
     learn = SegLearner(dls, model, loss_func=loss, metrics=metrics, splitter=layer_splitter, wd=wd, cbs=cbs)
@@ -236,6 +240,8 @@ def finetune(
     warmup:float=None,         # fraction of training spent warming up (default 0.25)
     wd:float=None,             # weight decay (default 0.05)
     clip:float=None,           # gradient clipping at this global norm (default: off)
+    accum:int=1,               # gradient accumulation: one optimiser step every N batches
+    eff_bs:int=None,           # effective batch (bs x processes x accum): sets --accum
     lr_decay:float=None,       # layer-wise lr decay, 1 = off (default 0.75)
     label_frac:float=1.,       # fraction of the training images whose labels are used
     n_synth:int=64,            # synthetic training images (without --data)
@@ -252,7 +258,10 @@ def finetune(
                          class_weights=_floats(class_weights, '--class-weights'), warmup=warmup, wd=wd, clip=clip,
                          lr_decay=lr_decay) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
-    from affmae.distributed import init_distributed, data_parallel
+    _require(accum >= 1, f"--accum must be >= 1, got {accum}")
+    from affmae.distributed import init_distributed, data_parallel, accum_steps
+    if eff_bs: accum = accum_steps(eff_bs, o['bs'])
+    o['accum'] = accum
     rank = init_distributed()                                      # under torchrun: one process per GPU
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
@@ -265,7 +274,8 @@ def finetune(
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
-                        lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'])
+                        lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
+                        accum=accum)
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
     learn.fit_one_cycle(o['epochs'], o['lr'], pct_start=o['warmup'], **div_final)
