@@ -6,7 +6,9 @@
 from __future__ import annotations
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn
+from fastcore.basics import patch
 from .aff import AFFEncoder, Tokens
+from .clustering import gather_rows
 from .core import best_device
 from .checkpoint import checkpoint_file, load_model
 from .learner import recon_figure
@@ -80,17 +82,24 @@ class AFFMAEModel:
         lo = sliding_window(self.model, x, tile, overlap, bs, out_device='cpu')[0]
         return (lo.argmax(0).numpy(), lo.softmax(0).numpy()) if probs else lo.argmax(0).numpy()
 
+    def _encoder(self, what: str) -> AFFEncoder:
+        enc = getattr(self.model, 'encoder', None)
+        if not isinstance(enc, AFFEncoder):
+            raise ValueError(f"{self.arch} has no AFF encoder: {what} needs an AFF model")
+        return enc
+
+    def _encode(self, enc: AFFEncoder, img, size: int | None, seed: int) -> list[Tokens]:
+        "`enc` on `img`: the visible patches under the model's mask (`seed`) when pretraining, all when segmenting."
+        x = self.prep(img, size)
+        if self.kind == 'segmentation': return enc(x)
+        mask = self.model.make_mask(x, self._gen(seed))
+        return enc(x, mask, self.model.n_visible(*mask.shape[1:]))
+
     @torch.no_grad()
     def tokens(self, img, size: int | None = None, seed: int = 0) -> list[Tokens]:
         """Each AFF encoder stage's `Tokens` (features, pixel positions, validity) of `img`, batch of one, on the CPU:
         the visible patches under the model's mask (`seed`) for a pretraining checkpoint, all for a segmentation one."""
-        enc = getattr(self.model, 'encoder', None)
-        if not isinstance(enc, AFFEncoder):
-            raise ValueError(f"{self.arch} has no AFF encoder: .tokens needs an AFF model")
-        x = self.prep(img, size)
-        if self.kind == 'segmentation': return [Tokens(*(t.cpu() for t in s)) for s in enc(x)]
-        mask = self.model.make_mask(x, self._gen(seed))
-        return [Tokens(*(t.cpu() for t in s)) for s in enc(x, mask, self.model.n_visible(*mask.shape[1:]))]
+        return [Tokens(*(t.cpu() for t in s)) for s in self._encode(self._encoder('.tokens'), img, size, seed)]
 
 # %% ../nbs/13_api.ipynb #efaab4ad
 def load(path, device=None) -> AFFMAEModel:
@@ -100,3 +109,27 @@ def load(path, device=None) -> AFFMAEModel:
     if meta['kind'] not in ('pretraining', 'segmentation'):
         raise ValueError(f"{p} holds a bare {meta['kind']} ({meta['arch']}): load it with `load_model`")
     return AFFMAEModel(model, meta['kind'], p, meta)
+
+# %% ../nbs/13_api.ipynb #4276890d
+@patch
+@torch.no_grad()
+def merges(self: AFFMAEModel, img, size: int | None = None, seed: int = 0) -> list[dict]:
+    """Per merge of the AFF encoder on `img` (as `.tokens` sees it; CPU tensors over the stage's real tokens):
+    positions `pos` (n, 2), learned `score` (n,), the `kept` ids (K,) into them, the merged positions `merged` (K, 2),
+    and per kept token its `neighbours` (K, M) ids (-1: none) with merge `weights` (K, M)."""
+    enc, seen = self._encoder('.merges'), []
+    def record(mod, args, out):
+        xs, cl = args[:2]
+        real, ok = cl.valid[0], out.valid[0]
+        ids = torch.full(real.shape, -1, dtype=torch.long, device=real.device)
+        ids[real] = torch.arange(int(real.sum()), device=real.device)            # curve position -> real-token id
+        nb = gather_rows(cl.nbhd, out.kept // cl.cluster_size)[0, ok]              # (K, M) curve positions
+        score = mod.score(xs.to(mod.proj.weight.dtype)).squeeze(-1)[0, real]
+        seen.append({k: v.cpu() for k, v in dict(
+            pos=cl.pos[0, real], score=score.float(), kept=ids[out.kept[0, ok]], merged=out.pos[0, ok],
+            neighbours=torch.where(nb >= 0, ids[nb.clamp_min(0)], -1), weights=out.weights[0, ok].float()).items()})
+    hooks = [m.register_forward_hook(record) for m in enc.merges]
+    try: self._encode(enc, img, size, seed)
+    finally:
+        for h in hooks: h.remove()
+    return seen
