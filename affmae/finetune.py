@@ -26,6 +26,7 @@ from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
 from .inference import eval_source, evaluate_model, predict_plane, score_table
 from .cli import _require, check_device, run_dir, writable_dir
 from .learner import Accumulate
+from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
 __all__ = ['FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'LayerDecay', 'layer_splitter', 'SegLearner',
@@ -259,7 +260,6 @@ def finetune(
                          lr_decay=lr_decay) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
-    from affmae.distributed import init_distributed, data_parallel, accum_steps
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
     o['accum'] = accum
     rank = init_distributed()                                      # under torchrun: one process per GPU
