@@ -5,6 +5,7 @@
 # %% ../nbs/10e_finetune.ipynb #51b80298
 from __future__ import annotations
 import json, math, random, time
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch, torch.nn as nn
@@ -25,13 +26,14 @@ from .seg_models import check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
 from .inference import eval_source, evaluate_model, predict_plane, score_table
 from .cli import _require, check_device, run_dir, writable_dir
-from .learner import Accumulate
+from .learner import Accumulate, adamw
+from .graphs import CaptureStep
 from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
-__all__ = ['FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'LayerDecay', 'layer_splitter', 'SegLearner',
-           'seg_learner', 'label_subset', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune',
-           'load_segmenter', 'predict', 'evaluate']
+__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'LayerDecay', 'layer_splitter',
+           'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
+           'finetune', 'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 class LayerDecay(Callback):
@@ -41,7 +43,7 @@ class LayerDecay(Callback):
     def before_batch(self):
         hs = self.opt.hypers
         n, lr = len(hs), hs[-1]['lr']
-        for i, h in enumerate(hs): h['lr'] = lr*self.decay**(n-1-i)
+        self.opt.set_hyper('lr', [lr*self.decay**(n-1-i) for i in range(n)])   # fastai's or a wrapped optimiser
 
 def layer_splitter(model):
     "Parameter groups from `model.layer_groups()` (input to head; the rest joins the last group), else one group."
@@ -54,8 +56,14 @@ def layer_splitter(model):
     return [g for g in ps if g]
 
 # %% ../nbs/10e_finetune.ipynb #43f537d2
+SEG_BETAS = (.9, .999)   # AdamW's, as in MAE fine-tuning
+
 class SegLearner(Learner):
-    "A `Learner` for segmentation whose `show_results` draws image | truth | prediction overlays."
+    "A `Learner` for segmentation: one-cycle at a constant momentum; `show_results` draws truth/prediction overlays."
+    def fit_one_cycle(self, n_epoch, lr_max=None, moms=None, **kwargs):
+        "fastai's one-cycle lr schedule, at AdamW's first beta throughout unless `moms` (a captured step keeps it)."
+        return super().fit_one_cycle(n_epoch, lr_max, moms=moms or (SEG_BETAS[0],) * 3, **kwargs)
+
     def show_results(self, ds_idx=1, dl=None, max_n=4, figsize=None, **kwargs):
         dl = dl or self.dls[ds_idx]
         x, y = dl.one_batch()[:2]
@@ -87,19 +95,21 @@ def _precision(learn, mixed_precision):
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                **model_kw):
+                capture=True, **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
-    `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, optional
+    `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW, optional
     pretrained weights, layer-wise lr decay, weight decay `wd`, gradient clipping at norm `clip` and gradient
-    accumulation over `accum` batches (one optimiser step per `accum` batches)."""
+    accumulation over `accum` batches (one optimiser step per `accum` batches); `capture`: on CUDA, each training step
+    is a replayed CUDA graph (`CaptureStep`)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if pretrained is not None: load_pretrained(model, pretrained)
     cbs = list(cbs or []) + ([LayerDecay(lr_decay)] if lr_decay else []) + ([GradientClip(clip)] if clip else []) \
-          + ([Accumulate(accum)] if accum != 1 else [])
+          + ([Accumulate(accum)] if accum != 1 else []) + ([CaptureStep(model_loss=False)] if capture else [])
     loss = seg_loss(loss_func, **(loss_kw or {})) if isinstance(loss_func, str) else loss_func
     if metrics is None: metrics = seg_metrics(classes, per_class=per_class)
-    learn = SegLearner(dls, model, loss_func=loss, metrics=metrics, splitter=layer_splitter, wd=wd, cbs=cbs)
+    learn = SegLearner(dls, model, loss_func=loss, opt_func=partial(adamw, betas=SEG_BETAS), metrics=metrics,
+                       splitter=layer_splitter, wd=wd, cbs=cbs)
     learn.classes = tuple(classes)
     _precision(learn, mixed_precision)
     return learn
@@ -252,6 +262,7 @@ def finetune(
     out:str='runs/finetune',   # output folder: seg.safetensors, history.json, results.png
     overwrite:store_true=False, # replace an earlier run's outputs in --out
     num_workers:int=0,         # data-loading workers
+    no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes the checkpoint, history and a figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -275,7 +286,7 @@ def finetune(
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
-                        accum=accum)
+                        accum=accum, capture=not no_capture)
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
     learn.fit_one_cycle(o['epochs'], o['lr'], pct_start=o['warmup'], **div_final)

@@ -17,65 +17,77 @@ __all__ = ['StepGraph', 'CaptureStep']
 
 # %% ../nbs/09a_graphs.ipynb #cbcbf70d
 class StepGraph:
-    "Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA graph."
+    """Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA graph.
+    The loss is the model's own (`out['loss']` of `model(img[, mask])`) or, given `loss_func`, `loss_func(model(x), y)`."""
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float | None = None,
-                 amp: torch.dtype | None = torch.bfloat16, warmup: int = 3, log=print, emulate: bool = False):
+                 amp: torch.dtype | None = torch.bfloat16, warmup: int = 3, log=print, emulate: bool = False,
+                 loss_func=None):
         self.model, self.opt, self.clip, self.amp, self.warmup, self.log = model, opt, clip, amp, warmup, log
-        self.emulate, self.seen, self.graphs, self.eager_keys, self.pool = emulate, {}, {}, set(), None
-        self.params = [p for g in opt.param_groups for p in g['params']]
+        self.emulate, self.loss_func, self.seen, self.graphs, self.eager_keys = emulate, loss_func, {}, {}, set()
+        self.params, self.pool = [p for g in opt.param_groups for p in g['params']], None
         self.cuda = self.params[0].is_cuda
         if self.cuda:
             for g in opt.param_groups: g['capturable'] = True              # optimizer state stays on the GPU
             self.lrs = [torch.tensor(float(g['lr']), device=self.params[0].device) for g in opt.param_groups]
             knn_overflow(self.params[0].device)                            # the counter exists before any capture
 
-    def step(self, img: Tensor, mask: Tensor | None = None) -> dict:
-        "Forward, backward, clipping and optimiser step on `img` (and `mask`, else the model's own): the outputs."
-        ctx = torch.autocast(img.device.type, self.amp, cache_enabled=False) if self.amp else nullcontext()
+    def forward(self, batch: tuple) -> tuple[Tensor, dict]:
+        "The loss of `batch` and the step's outputs (detached)."
         m = self.model
-        with ctx: out = m(img) if mask is None else m(img, mask, m.n_visible(*m.grid(img)))
-        out['loss'].backward()
+        if self.loss_func is not None:
+            pred = m(batch[0])
+            loss = self.loss_func(pred, *batch[1:])
+            return loss, dict(loss=loss.detach(), pred=pred.detach())
+        img, *mask = batch
+        out = m(img) if not mask else m(img, mask[0], m.n_visible(*m.grid(img)))
+        return out['loss'], dict(loss=out['loss'].detach(), losses=[l.detach() for l in out['losses']],
+                                 pred=out['pred'].detach(), mask=out['mask'])
+
+    def step(self, *batch: Tensor) -> dict:
+        "Forward, backward, clipping and optimiser step on `batch`: the outputs."
+        ctx = torch.autocast(batch[0].device.type, self.amp, cache_enabled=False) if self.amp else nullcontext()
+        with ctx: loss, out = self.forward(batch)
+        loss.backward()
         if self.clip: nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)   # fastai's order: same norm
         self.opt.step()
-        return dict(loss=out['loss'].detach(), losses=[l.detach() for l in out['losses']], pred=out['pred'].detach(),
-                    mask=out['mask'])
+        return out
 
-    def key(self, img: Tensor, mask: Tensor | None) -> tuple:
+    def key(self, *batch: Tensor) -> tuple:
         "What a captured graph depends on besides parameter values: shapes, mask settings, mode, hyper-parameters."
         m = self.model
         hyper = tuple((tuple(g.get('betas', ())), g.get('weight_decay'), g.get('eps')) for g in self.opt.param_groups)
-        return (tuple(img.shape), img.dtype, str(img.device), None if mask is None else tuple(mask.shape),
+        return (tuple((tuple(t.shape), t.dtype, str(t.device)) for t in batch),
                 getattr(m, 'ratio', None), getattr(m, 'mask_kind', None), m.training, hyper)
 
-    def __call__(self, img: Tensor, mask: Tensor | None = None) -> dict:
-        k = self.key(img, mask)
-        if k in self.graphs: return self.replay(k, img, mask)
+    def __call__(self, *batch: Tensor) -> dict:
+        k = self.key(*batch)
+        if k in self.graphs: return self.replay(k, batch)
         self.seen[k] = self.seen.get(k, 0) + 1
-        if k in self.eager_keys or self.seen[k] <= self.warmup: return self.eager(img, mask)
-        try: self.capture(k, img, mask)
+        if k in self.eager_keys or self.seen[k] <= self.warmup: return self.eager(batch)
+        try: self.capture(k, batch)
         except Exception as e:                                                # a step that cannot be captured
-            if self.cuda: torch.cuda.synchronize()
+            if self.cuda: self.recover()
             self.eager_keys.add(k)
-            self.log(f"StepGraph: capture failed for images {tuple(img.shape)} ({type(e).__name__}: {str(e)[:120]}); "
-                     "eager steps for this shape")
-            return self.eager(img, mask)
-        return self.replay(k, img, mask)
+            self.log(f"StepGraph: capture failed for images {tuple(batch[0].shape)} ({type(e).__name__}: "
+                     f"{str(e)[:120]}); eager steps for this shape")
+            return self.eager(batch)
+        return self.replay(k, batch)
 
-    def eager(self, img: Tensor, mask: Tensor | None) -> dict:
+    def eager(self, batch: tuple) -> dict:
         "One eager step, on a side stream on CUDA (the warm-up capture needs)."
         self.opt.zero_grad(set_to_none=True)
-        if not self.cuda: return self.step(img, mask)
+        if not self.cuda: return self.step(*batch)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s): out = self.step(img, mask)
+        with torch.cuda.stream(s): out = self.step(*batch)
         torch.cuda.current_stream().wait_stream(s)
         return out
 
-    def capture(self, k: tuple, img: Tensor, mask: Tensor | None):
-        "Record the step for inputs shaped like `img` (and `mask`) into static buffers (a closure when emulating)."
-        static = [img.clone(), None if mask is None else mask.clone()]
+    def capture(self, k: tuple, batch: tuple):
+        "Record the step for inputs shaped like `batch` into static buffers (a closure when emulating)."
+        static = [t.clone() for t in batch]
         self.opt.zero_grad(set_to_none=True)                                   # grads get allocated in the graph
-        self.log(f"StepGraph: capturing the training step for images {tuple(img.shape)}")
+        self.log(f"StepGraph: capturing the training step for images {tuple(batch[0].shape)}")
         if self.emulate or not self.cuda: g, out = None, None
         else:
             groups = self.opt.param_groups
@@ -83,18 +95,23 @@ class StepGraph:
             for g, t in zip(groups, self.lrs): g['lr'] = t                     # the graph reads the lr from a tensor
             if self.pool is None: self.pool = torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(g, pool=self.pool): out = self.step(*static)
+            try:        # thread_local: CUDA calls of other threads (a loader's pin-memory thread) cannot break it
+                with torch.cuda.graph(g, pool=self.pool, capture_error_mode='thread_local'): out = self.step(*static)
             finally:
                 for grp, f in zip(groups, floats): grp['lr'] = f
         self.graphs[k] = (g, static, out)
 
-    def replay(self, k: tuple, img: Tensor, mask: Tensor | None) -> dict:
+    def recover(self):
+        "After a failed capture: wait for the GPU, and give the CUDA generator, left in capture mode, a fresh state."
+        torch.cuda.synchronize()
+        gen = torch.cuda.default_generators[self.params[0].device.index or 0]
+        gen.graphsafe_set_state(gen.clone_state())                           # same seed and offset, not capturing
+
+    def replay(self, k: tuple, batch: tuple) -> dict:
         "Copy the batch into the static inputs, set the learning rates, replay: outputs live until the next replay."
         g, static, out = self.graphs[k]
-        static[0].copy_(img)
-        if mask is not None: static[1].copy_(mask)
-        if g is None: return self.eager(*static)
+        for s, t in zip(static, batch): s.copy_(t)
+        if g is None: return self.eager(static)
         for grp, t in zip(self.opt.param_groups, self.lrs):
             if not isinstance(grp['lr'], Tensor): t.fill_(grp['lr'])
         g.replay()
@@ -106,9 +123,11 @@ class StepGraph:
 
 # %% ../nbs/09a_graphs.ipynb #ad90cd9f
 class CaptureStep(Callback):
-    "Run fastai's training batches through a `StepGraph` (a replayed CUDA graph); eager where capture cannot apply."
+    """Run fastai's training batches through a `StepGraph` (a replayed CUDA graph); eager where capture cannot apply.
+    `model_loss`: the model returns its own loss (MAE); else the step is `learn.loss_func(model(x), y)`."""
     order = 65                                                    # after ParamScheduler has set this batch's lr
-    def __init__(self, warmup: int = 3, emulate: bool = False): self.warmup, self.emulate = warmup, emulate
+    def __init__(self, warmup: int = 3, emulate: bool = False, model_loss: bool = True):
+        self.warmup, self.emulate, self.model_loss = warmup, emulate, model_loss
 
     def before_fit(self):
         self.graph, why = None, self.why_not()
@@ -117,7 +136,8 @@ class CaptureStep(Callback):
         mp = next((c for c in self.learn.cbs if isinstance(c, MixedPrecision)), None)
         clip = next((c.max_norm for c in self.learn.cbs if isinstance(c, GradientClip)), None)
         amp = None if mp is None else torch.bfloat16                 # fp16 was ruled out above
-        self.graph = StepGraph(self.model, self.opt.opt, clip, amp, self.warmup, print, self.emulate)
+        self.graph = StepGraph(self.model, self.opt.opt, clip, amp, self.warmup, print, self.emulate,
+                               None if self.model_loss else self.learn.loss_func)
 
     def why_not(self) -> str | None:
         "Why the captured step cannot run this fit, or None."
@@ -131,8 +151,9 @@ class CaptureStep(Callback):
         if not (self.training and self.graph): return
         mp = next((c for c in self.learn.cbs if isinstance(c, MixedPrecision)), None)
         if mp is not None: mp.autocast.__exit__(None, None, None)   # entered by MixedPrecision; the graph has its own
-        out = self.graph(*self.xb)
-        self.learn.pred, self.learn.loss_grad, self.learn.loss = out, out['loss'], out['loss'].clone()
+        out = self.graph(*self.xb) if self.model_loss else self.graph(*self.xb, *self.yb)
+        self.learn.pred = out if self.model_loss else out['pred']
+        self.learn.loss_grad, self.learn.loss = out['loss'], out['loss'].clone()
         raise CancelBatchException()
 
     def after_epoch(self):

@@ -107,13 +107,16 @@ def seg_metrics(classes, ignore=IGNORE, per_class=True):
     return ms
 
 # %% ../nbs/10_seg_metrics.ipynb #d9e260bd
+def _capturing(t: Tensor) -> bool: return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
 def check_batch(logits: Tensor, targ: Tensor, ignore=IGNORE) -> Tensor:
-    "The mask of labelled pixels of `targ` `(B,H,W)`, checked to fit the logits `(B,C,H,W)` and their classes."
+    """The mask of labelled pixels of `targ` `(B,H,W)`, checked to fit the logits `(B,C,H,W)` and their classes (the
+    labels' range is read on the host, so not inside a CUDA graph being captured: its warm-up steps checked it)."""
     if logits.ndim != 4 or targ.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(targ.shape)} do not match: "
                          "expected (B,C,H,W) and (B,H,W)")
     C, valid = logits.shape[1], targ != ignore
-    if valid.any() and (targ[valid].min() < 0 or targ[valid].max() >= C):
+    if not _capturing(targ) and valid.any() and (targ[valid].min() < 0 or targ[valid].max() >= C):
         raise ValueError(f"mask labels must lie in 0..{C-1} (or {ignore} = ignore); "
                          f"found {targ[valid].min().item()}..{targ[valid].max().item()}")
     return valid
@@ -122,25 +125,28 @@ def soft_dice(logits: Tensor, targ: Tensor, valid: Tensor, eps=1., first=0) -> T
     "Soft Dice `(C-first,)` of each class from `first` on, over the labelled pixels `valid` of the batch."
     C = logits.shape[1]
     p = logits.softmax(1) * valid[:, None]
-    y = F.one_hot(torch.where(valid, targ, 0), C).permute(0, 3, 1, 2) * valid[:, None]
+    y = (targ[:, None] == torch.arange(C, device=targ.device)[:, None, None]) & valid[:, None]    # one-hot, no sync
     inter, tot = (p*y).sum((0, 2, 3)), (p+y).sum((0, 2, 3))
     return ((2*inter + eps) / (tot + eps))[first:]
 
 # %% ../nbs/10_seg_metrics.ipynb #46c4d6a9
 class CEDiceLoss:
     """Cross-entropy (class `weight`s) + `dice_w` × soft Dice (over every class, or the foreground if not `dice_bg`)
-    of logits `(B,C,H,W)` and labels `(B,H,W)`; pixels equal to `ignore` are skipped."""
+    of logits `(B,C,H,W)` and labels `(B,H,W)`; pixels equal to `ignore` are skipped (none labelled: loss 0)."""
     def __init__(self, dice_w=1., ignore=IGNORE, eps=1., weight=None, dice_bg=True):
         self.dice_w, self.ignore, self.eps, self.weight, self.dice_bg = dice_w, ignore, eps, weight, dice_bg
     def pixel_loss(self, logits, targ, valid, w):
-        return F.cross_entropy(logits, targ, weight=w, ignore_index=self.ignore)
+        "Weighted mean cross-entropy over the labelled pixels, without a host sync (a CUDA graph can hold it)."
+        ce = F.cross_entropy(logits, targ, weight=w, ignore_index=self.ignore, reduction='sum')
+        n = valid.sum() if w is None else (w[torch.where(valid, targ, 0)] * valid).sum()
+        return ce / n.clamp_min(1e-12)
     def __call__(self, logits, targ):
         logits, targ = logits.float(), targ.long()
         valid = check_batch(logits, targ, self.ignore)
         w = None if self.weight is None else torch.as_tensor(self.weight, dtype=logits.dtype, device=logits.device)
         if w is not None and len(w) != logits.shape[1]:
             raise ValueError(f"{len(w)} class weights for {logits.shape[1]} classes")
-        loss = self.pixel_loss(logits, targ, valid, w) if valid.any() else logits.sum()*0
+        loss = self.pixel_loss(logits, targ, valid, w)
         if not self.dice_w: return loss
         return loss + self.dice_w*(1 - soft_dice(logits, targ, valid, self.eps, 0 if self.dice_bg else 1).mean())
     def activation(self, x): return x.softmax(1)
@@ -156,7 +162,7 @@ class FocalDiceLoss(CEDiceLoss):
         t = torch.where(valid, targ, 0)
         logp = logits.log_softmax(1).gather(1, t[:, None])[:, 0]
         fl = -(1 - logp.exp())**self.gamma * logp * (1 if w is None else w[t])
-        return fl[valid].mean()
+        return (fl * valid).sum() / valid.sum().clamp_min(1)
 
 LOSSES = dict(ce_dice=CEDiceLoss, focal_dice=FocalDiceLoss)
 

@@ -77,6 +77,8 @@ from affmae.registry import create_model
 from affmae.finetune import seg_learner, label_subset
 from affmae.inference import evaluate_model, predict_plane
 from affmae.seg_io import overlay, to_uint8
+from affmae.graphs import StepGraph
+from affmae.seg_metrics import CEDiceLoss
 from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table
 
 res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
@@ -144,33 +146,28 @@ res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
 log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},
     'pretraining on', res['pretrain_data'])
 
-# ---- step times (plain loops, after warm-up: Triton compiles, cuDNN picks) ----
+# ---- step times (as the Learners run them: captured on CUDA, after warm-up: Triton compiles, cuDNN picks) ----
 WARM, REPS = (1, 1) if tiny else (2, 3)
 def timed(f, n):
     sync(); t = time.perf_counter()
     for _ in range(n): f()
     sync(); return (time.perf_counter() - t) / n
 
+def step_time(model, batch, loss_func=None):
+    "Seconds per training step of `model` on `batch` through `StepGraph` (warm-up, capture, replays on CUDA)."
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev == 'cuda')
+    sg = StepGraph(model, opt, amp=torch.bfloat16 if dev == 'cuda' else None, warmup=WARM, log=lambda s: None,
+                   loss_func=loss_func)
+    timed(lambda: sg(*batch), WARM + 1); r = timed(lambda: sg(*batch), REPS)
+    del sg, opt; free(); return r
+
 def pre_timing(arch):
-    m = create_model(arch).to(dev)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == 'cuda')
-    x = torch.randn(PB, 1, S, S, device=dev)
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == 'cuda'): loss = m(x)['loss']
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    timed(step, WARM); r = timed(step, REPS)
-    del m, opt; free(); return r
+    return step_time(create_model(arch).to(dev), (torch.randn(PB, 1, S, S, device=dev),))
 
 def ft_timing(arch, **kw):
     m = create_model(arch, 'segmentation', n_classes=5, **kw).to(dev)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=dev == 'cuda')
-    x, y = torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == 'cuda'):
-            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    timed(step, WARM); r = timed(step, REPS)
-    del m, opt; free(); return r
+    return step_time(m, (torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)),
+                     CEDiceLoss())
 
 T = res['timing']
 for arch in ARCHS:
@@ -179,7 +176,7 @@ for arch in ARCHS:
 T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
-OVERHEAD = 1.3                                               # fastai's per-step work, Learner set-up, loaders
+OVERHEAD = 1.5                                               # fastai's per-step work, Learner set-up, loaders
 left = a.budget - (time.time() - t0) - (5 if tiny else 30)   # slack for figures and the last JSON
 pre_steps = a.pre_steps or (4 if tiny else max(50, int(a.pre_frac * left / len(ARCHS) / (max(
     T[f'{x}_pretrain_step_s'] for x in ARCHS) * OVERHEAD))))
@@ -267,14 +264,14 @@ for si, name in enumerate(names):
     dls = set_dls(s)
     dls.all_idxs = list(dls.train.dataset.idxs)
     # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained);
-    # per run: scoring and ~2 s of set-up (model, Learner, loaders)
+    # per run: scoring and ~4 s of set-up (model, Learner, loaders, warm-up and capture)
     left = a.budget - (time.time() - t0) - (5 if tiny else 20)
     test_tiles = sum(math.ceil(max(h - S, 0) / (0.75 * S) + 1) * math.ceil(max(w - S, 0) / (0.75 * S) + 1)
                      for h, w in (dls.test_src.shape(i) for i in range(len(dls.test_src))))
     # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s']
-    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 2))
+    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 4))
                                                    / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
     for frac in FRACS:
