@@ -24,7 +24,7 @@ Writes `ablation_recipe.json` (rewritten after every variant) and `ablation_reci
       --out $OUT --budget 300
   PYTHONPATH=. python kernels/ablation_recipe.py --data ../shared/data --out /tmp/ablation --tiny   # CPU check
 """
-import argparse, json, tempfile, time, warnings
+import argparse, gc, json, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, torch
 warnings.filterwarnings('ignore')
@@ -56,6 +56,7 @@ from affmae.learner import mae_learner
 from affmae.mae import PAPER_ENCODER, PAPER_DECODER
 from affmae.finetune import seg_learner
 from affmae.inference import evaluate_model
+from fastai.callback.core import Callback
 
 from affmae.prep import PAPER_STATS, CLAHE_CLIP
 PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)
@@ -115,6 +116,18 @@ def finetune(state, data, data_kw, model_kw):
     sc = evaluate_model(learn.model.eval(), EMFolder(data['test'], masks=True), rec, overlap=.25, bs=16, device=dev)
     return dict(miou=sc['miou'], fg_iou=sc['fg_miou'], train_s=round(train_s, 1))
 
+class EpochTimer(Callback):
+    "Milliseconds per training step of the last epoch (the first pays for compilation, autotuning and capture)."
+    def before_epoch(self): self.t, self.n = time.time(), 0
+    def after_batch(self): self.n += self.training
+    def after_epoch(self):
+        if dev == 'cuda': torch.cuda.synchronize()
+        self.step_ms = round(1e3 * (time.time() - self.t) / max(self.n, 1), 1)   # validation included
+
+def free():
+    gc.collect()
+    if dev == 'cuda': torch.cuda.empty_cache()
+
 per_variant = None
 for name in names:
     left = a.budget - (time.time() - t0)
@@ -129,21 +142,22 @@ for name in names:
     with torch.no_grad(): trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
     lkw = (dict(lr=a.lr) if 'recipe' not in learn_kw else {}) | learn_kw
     learn = mae_learner(dls, arch, **lkw, **model_kw)
+    free()                                                  # earlier variants' memory (their graphs) is gone
     if dev == 'cuda': torch.cuda.reset_peak_memory_stats()
-    t = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_recipe(2)
+    t, timer = time.time(), EpochTimer()
+    with learn.no_bar(), learn.no_logging(): learn.fit_recipe(2, cbs=[timer])
     secs = time.time() - t
     vals = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
     finest = vals.get(f'loss_{learn.model.head_names[-1]}', vals['valid_loss'])
     row = dict(arch=arch, model_kw={k: list(v) if isinstance(v, tuple) else v for k, v in model_kw.items()},
                learner_kw=learn_kw, data_kw={k: list(v) if isinstance(v, tuple) else v for k, v in data_kw.items()},
                n_params=sum(p.numel() for p in learn.model.parameters()), pretrain_s=round(secs, 1),
-               step_ms=round(1e3 * secs / PRE, 1), trivial=trivial, finest_valid=float(finest),
+               step_ms=timer.step_ms, trivial=trivial, finest_valid=float(finest),
                finest_rel=float(finest) / trivial, valid=vals, train_loss=[float(l) for l in learn.recorder.losses],
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == 'cuda' else None)
     state = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
     del learn, dls
-    if dev == 'cuda': torch.cuda.empty_cache()
+    free()
     row |= finetune(state, data, data_kw, model_kw)
     res['variants'][name] = row; save()
     per_variant = time.time() - tv
