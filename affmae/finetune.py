@@ -97,8 +97,8 @@ def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', l
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
                 capture=True, **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
-    `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW, optional
-    pretrained weights, layer-wise lr decay, weight decay `wd`, gradient clipping at norm `clip` and gradient
+    `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
+    optional pretrained weights, layer-wise lr decay, weight decay `wd`, gradient clipping at norm `clip` and gradient
     accumulation over `accum` batches (one optimiser step per `accum` batches); `capture`: on CUDA, each training step
     is a replayed CUDA graph (`CaptureStep`)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES

@@ -17,8 +17,9 @@ __all__ = ['StepGraph', 'CaptureStep']
 
 # %% ../nbs/09a_graphs.ipynb #cbcbf70d
 class StepGraph:
-    """Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA graph.
-    The loss is the model's own (`out['loss']` of `model(img[, mask])`) or, given `loss_func`, `loss_func(model(x), y)`."""
+    """Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA
+    graph. The loss is the model's own (`out['loss']` of `model(img[, mask])`) or, given `loss_func`,
+    `loss_func(model(x), y)`."""
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float | None = None,
                  amp: torch.dtype | None = torch.bfloat16, warmup: int = 3, log=print, emulate: bool = False,
                  loss_func=None):
