@@ -255,7 +255,8 @@ class AFFEncoder(nn.Module):
             self.rpes.append(RelPosBias(heads[s], rpe_hidden) if rpe == 'stage'
                              else nn.ModuleList(RelPosLinear(heads[s]) for _ in range(depths[s])))
             self.norms.append(nn.LayerNorm(dims[s]))
-        self.merges = nn.ModuleList(TokenMerging(dims[s], dims[s + 1], ds[s], merge_heads) for s in range(S - 1))
+        self.merges = nn.ModuleList(TokenMerging(dims[s], dims[s + 1], ds[s], merge_heads, impl=impl)
+                                    for s in range(S - 1))
         self.apply(lambda m: init_weights(m, std=.02))
 
     def spacing(self, s: int) -> float:

@@ -10,6 +10,7 @@ import torch, torch.nn as nn
 from fastcore.basics import patch
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
+from .neighbour_sum import neighbour_sum
 
 # %% auto #0
 __all__ = ['n_keep', 'Merged', 'TokenMerging']
@@ -32,11 +33,11 @@ class Merged(NamedTuple):
 
 class TokenMerging(nn.Module):
     """Keep the top ceil(`ds`·n) tokens by a learned score; each merges its cluster neighbourhood with `heads`
-    learned weightings."""
-    def __init__(self, dim: int, out_dim: int, ds: float = 0.4, heads: int = 16, hidden: int = 32):
+    learned weightings; `impl` ('auto', 'torch', 'triton') picks the implementation of the weighted sums."""
+    def __init__(self, dim: int, out_dim: int, ds: float = 0.4, heads: int = 16, hidden: int = 32, impl: str = 'auto'):
         super().__init__()
         n_keep(1, ds)
-        self.ds, self.heads = ds, heads
+        self.ds, self.heads, self.impl = ds, heads, impl
         self.score = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
         # no bias in the last layer: it would cancel in the softmax
         self.weight = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))
@@ -84,7 +85,7 @@ def forward(self: TokenMerging, x: Tensor, cl: Clusters, spacing: float = 1., sc
     w, nb, pn = self.merge_weights(cl, score, kept, valid, spacing)
     B, K = kept.shape
     if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
-    m = torch.einsum('bkmh,bkmc->bkhc', w.to(x.dtype), gather_rows(x, nb, zero=False))    # w = 0 on missing
+    m = neighbour_sum(w, x, nb, self.impl, check_idx=False)                         # (B, K, h, C); nb is trusted
     out = self.proj(self.norm(m.reshape(B, K, -1))) * torch.sigmoid(gather_rows(score, kept))[..., None]
     wbar = w.mean(-1).detach()
     pos = (wbar[..., None] * pn).sum(2)

@@ -31,6 +31,7 @@ def batch(B, size, seed=0, ratio=.5):
 def set_impl(enc, impl):
     for blocks in enc.stages:
         for blk in blocks: blk.attn.impl = impl
+    for merge in enc.merges: merge.impl = impl
 
 
 def check_triton(enc):
