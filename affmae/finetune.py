@@ -22,7 +22,7 @@ from .data import read_classes, segment_dls
 from .registry import create_model, list_models
 from .checkpoint import load_model, save_checkpoint
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
-from .seg_models import check_pretrained, load_pretrained
+from .seg_models import HEAD_SKIPS, check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
 from .inference import eval_source, evaluate_model, predict_plane, score_table
 from .cli import _require, check_device, run_dir, writable_dir
@@ -263,6 +263,7 @@ def finetune(
     overwrite:store_true=False, # replace an earlier run's outputs in --out
     num_workers:int=0,         # data-loading workers
     no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
+    head:str=None,             # image path of the transformers' head: pyramid or image (default: the model's)
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes the checkpoint, history and a figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -270,6 +271,8 @@ def finetune(
                          class_weights=_floats(class_weights, '--class-weights'), warmup=warmup, wd=wd, clip=clip,
                          lr_decay=lr_decay) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
+    _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
+             f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
     o['accum'] = accum
@@ -286,7 +289,7 @@ def finetune(
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
-                        accum=accum, capture=not no_capture)
+                        accum=accum, capture=not no_capture, **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
     learn.fit_one_cycle(o['epochs'], o['lr'], pct_start=o['warmup'], **div_final)

@@ -19,13 +19,14 @@ def load_results(path):
     return json.loads(Path(path).read_text())
 
 def model_name(r):
-    "A run's label: `arch (init)`, or just `unet` (always from scratch)."
-    return r['arch'] if r['arch'] == 'unet' else f"{r['arch']} ({r['init']})"
+    "A run's label: `arch (init)`, or just `unet` (always from scratch); a `variant` (e.g. another head) appended."
+    name = r['arch'] if r['arch'] == 'unet' else f"{r['arch']} ({r['init']})"
+    return f"{name}, {r['variant']}" if r.get('variant') else name
 
-def find_run(runs, arch, init, frac):
-    "The run of `arch` from `init` at label fraction `frac` (None if absent)."
-    return next((r for r in runs if (r['arch'], r['init']) == (arch, init) and np.isclose(r['label_frac'], frac)),
-                None)
+def find_run(runs, arch, init, frac, variant=None):
+    "The run of `arch` from `init` at label fraction `frac`, of `variant` (None: the main runs); None if absent."
+    return next((r for r in runs if (r['arch'], r['init'], r.get('variant')) == (arch, init, variant)
+                 and np.isclose(r['label_frac'], frac)), None)
 
 def results_table(res):
     "Markdown table of every fine-tuning run: set, labels, model, steps, seconds, held-out mIoU, fg IoU and fg Dice."
@@ -77,13 +78,13 @@ def plot_scores(res, metric='miou', axs=None):
     if axs is None: axs = plt.subplots(1, len(sets), figsize=(5*len(sets), 3.4), squeeze=False)[1][0]
     for ax, name in zip(axs, sets):
         runs = res['sets'][name]['runs']
-        models = list(dict.fromkeys((r['arch'], r['init']) for r in runs))
+        models = list(dict.fromkeys((r['arch'], r['init'], r.get('variant')) for r in runs))
         fracs = sorted({r['label_frac'] for r in runs})
         w = 0.8/len(models)
-        for i, (a, init) in enumerate(models):
-            v = [(find_run(runs, a, init, f) or {}).get(metric) or 0 for f in fracs]
+        for i, (a, init, var) in enumerate(models):
+            v = [(find_run(runs, a, init, f, var) or {}).get(metric) or 0 for f in fracs]
             bars = ax.bar(np.arange(len(fracs)) + (i - (len(models) - 1)/2)*w, v, w,
-                          label=model_name(dict(arch=a, init=init)))
+                          label=model_name(dict(arch=a, init=init, variant=var)))
             ax.bar_label(bars, fmt='%.2f', fontsize=6)
         ax.set_xticks(range(len(fracs)), [f'{f:.0%} of labels' for f in fracs])
         ax.set_title(f"{name} ({res['sets'][name]['n_test']} held out)", fontsize=10); ax.set_ylim(0, 1)

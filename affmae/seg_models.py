@@ -15,8 +15,8 @@ from .checkpoint import _one_line, latest_checkpoint, read_meta, read_safetensor
 from .unet import UNet
 
 # %% auto #0
-__all__ = ['backbone', 'read_state', 'check_pretrained', 'load_pretrained', 'conv_gn', 'UpHead', 'pad_to', 'FPNHead', 'ViTSeg',
-           'AFFSeg']
+__all__ = ['HEAD_SKIPS', 'backbone', 'read_state', 'check_pretrained', 'load_pretrained', 'conv_gn', 'ImagePyramid', 'UpHead',
+           'pad_to', 'FPNHead', 'ViTSeg', 'AFFSeg']
 
 # %% ../nbs/10a_seg_models.ipynb #ef9d3286
 def backbone(name, **kw):
@@ -86,29 +86,55 @@ def conv_gn(ci, co, k=3):
     "Conv (no bias) + GroupNorm + GELU."
     return nn.Sequential(nn.Conv2d(ci, co, k, padding=k//2, bias=False), nn.GroupNorm(math.gcd(8, co), co), nn.GELU())
 
+class ImagePyramid(nn.Module):
+    "A U-Net's upper levels on the image: two `conv_gn` at full resolution, then two more after each 2×2 max-pool."
+    def __init__(self, in_chans, widths):
+        super().__init__()
+        chans = [in_chans, *widths]
+        self.levels = nn.ModuleList(nn.Sequential(conv_gn(a, b), conv_gn(b, b)) for a, b in zip(chans, chans[1:]))
+
+    def forward(self, img):
+        "Feature maps at strides 1, 2, 4, … (one per level, finest first)."
+        maps, x = [], img
+        for i, level in enumerate(self.levels):
+            x = level(F.max_pool2d(x, 2) if i else x)
+            maps.append(x)
+        return maps
+
+HEAD_SKIPS = ('image', 'pyramid')
+
 class UpHead(nn.Module):
-    "Per-pixel logits from a stride-`stride` map: ×2 upsamplings, each fused with a conv of the image at that scale."
-    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=64):
+    """Per-pixel logits from a stride-`stride` map: ×2 upsamplings, each fused with image features at that scale, one
+    conv of the average-pooled image (`skip='image'`) or an `ImagePyramid` level (`skip='pyramid'`); `width`: at
+    stride/2 (default 64, or 16·stride with the pyramid: a U-Net's widths, 32 at full resolution, ×2 a level)."""
+    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image'):
         super().__init__()
         n = int(round(math.log2(stride)))
         if 2**n != stride: raise ValueError(f"stride must be a power of 2, got {stride}")
-        ws = [max(width >> i, 16) for i in range(n)]                  # stride/2 ... 1
-        self.stride = stride
+        if skip not in HEAD_SKIPS: raise ValueError(f"skip must be one of {HEAD_SKIPS}, got {skip!r}")
+        width = width or (16 * stride if skip == 'pyramid' else 64)
+        ws = [max(width >> i, 32 if skip == 'pyramid' else 16) for i in range(n)]     # stride/2 ... 1
+        cs = ws if skip == 'pyramid' else [w // 2 for w in ws]                        # image features fused there
+        self.stride, self.skip = stride, skip
         self.proj = conv_gn(in_dim, ws[0], 1)
-        self.skips = nn.ModuleList(conv_gn(in_chans, w//2) for w in ws)
-        self.ups = nn.ModuleList(nn.Sequential(conv_gn(ws[max(i-1, 0)] + w//2, w), conv_gn(w, w))
-                                 for i, w in enumerate(ws))
+        self.skips = ImagePyramid(in_chans, cs[::-1]) if skip == 'pyramid' else \
+                     nn.ModuleList(conv_gn(in_chans, c) for c in cs)
+        self.ups = nn.ModuleList(nn.Sequential(conv_gn(ws[max(i-1, 0)] + c, w), conv_gn(w, w))
+                                 for i, (w, c) in enumerate(zip(ws, cs)))
         self.cls = nn.Conv2d(ws[-1], n_classes, 1)
+
+    def image_features(self, img):
+        "The image's features at strides `stride`/2, …, 2, 1 (coarsest first)."
+        if self.skip == 'pyramid': return self.skips(img)[::-1]
+        ss = [self.stride >> (i + 1) for i in range(len(self.skips))]
+        return [conv(F.avg_pool2d(img, s) if s > 1 else img) for s, conv in zip(ss, self.skips)]
 
     def forward(self, feats, img):
         "Logits `(B, n_classes, H, W)` from features `feats` at stride `stride` and the image `img` `(B, C, H, W)`."
         x = self.proj(feats)
-        s = self.stride
-        for skip, up in zip(self.skips, self.ups):
-            s //= 2
+        for im, up in zip(self.image_features(img), self.ups):
             x = F.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
-            im = F.avg_pool2d(img, s) if s > 1 else img
-            x = up(torch.cat([x, skip(im)], 1))
+            x = up(torch.cat([x, im], 1))
         return self.cls(x)
 
 def pad_to(img, m):
@@ -139,7 +165,7 @@ class FPNHead(nn.Module):
 class ViTSeg(nn.Module):
     "ViT-MAE encoder on all patches, a simple feature pyramid from 4 of its blocks, `FPNHead`, `UpHead` to pixels."
     pretrained_prefixes = ('embed.', 'blocks.', 'norm.')
-    def __init__(self, vit, n_classes, fpn_dim=256, head_width=64, taps=None):
+    def __init__(self, vit, n_classes, fpn_dim=256, head_width=None, taps=None, head_skip='pyramid'):
         super().__init__()
         self.patch, self.dim, D = vit.patch, vit.dim, vit.dim
         self.embed, self.blocks, self.norm = vit.embed, vit.blocks, vit.norm
@@ -151,7 +177,8 @@ class ViTSeg(nn.Module):
         pool = lambda k: nn.MaxPool2d(k, ceil_mode=True)
         self.pyramid = nn.ModuleList([up, nn.Identity(), pool(2), pool(4)])
         self.fpn = FPNHead((D//2, D, D, D), fpn_dim)
-        self.head = UpHead(fpn_dim, n_classes, stride=self.patch//2, in_chans=vit.in_chans, width=head_width)
+        self.head = UpHead(fpn_dim, n_classes, stride=self.patch//2, in_chans=vit.in_chans, width=head_width,
+                           skip=head_skip)
 
 # %% ../nbs/10a_seg_models.ipynb #47057aab
 @patch
@@ -182,8 +209,8 @@ def layer_groups(self: ViTSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #6a4225ff
 def _vit_seg(name, fpn_dim):
-    def build(n_classes=5, fpn_dim=fpn_dim, head_width=64, taps=None, **kw):
-        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps)
+    def build(n_classes=5, fpn_dim=fpn_dim, head_width=None, taps=None, head_skip='pyramid', **kw):
+        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip)
     build.__doc__ = f"`ViTSeg` on a `{name}` encoder."
     return build
 
@@ -194,14 +221,14 @@ for _n, _fd in (('vitmae_tiny', 32), ('vitmae_small', 128), ('vitmae_base', 256)
 class AFFSeg(nn.Module):
     "AFF encoder on all patches + pretrained point decoder (queries at every patch) + `UpHead`: per-pixel logits."
     pretrained_prefixes = ('encoder.', 'decoder.')
-    def __init__(self, mae, n_classes, head_width=64):
+    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid'):
         super().__init__()
         self.patch, self.encoder, self.decoder = mae.patch, mae.encoder, mae.decoder
         hs = self.decoder.heads
         for i in range(len(hs) - 1): hs[i] = nn.Identity()          # intermediate reconstruction heads: unused
         hs[-1][1] = nn.Identity()                                   # last head: keep its LayerNorm, drop the projection
         self.head = UpHead(self.decoder.dim, n_classes, stride=self.patch, in_chans=self.encoder.in_chans,
-                           width=head_width)
+                           width=head_width, skip=head_skip)
 
 # %% ../nbs/10a_seg_models.ipynb #bb467b48
 @patch
@@ -234,9 +261,9 @@ def layer_groups(self: AFFSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #a2c7eee8
 def _aff_seg(name):
-    def build(n_classes=5, head_width=64, **kw):
+    def build(n_classes=5, head_width=None, head_skip='pyramid', **kw):
         if name.endswith('_paper'): kw.setdefault('ds', .4)      # the published fine-tuning merges at rate 0.4
-        return AFFSeg(backbone(name, **kw), n_classes, head_width)
+        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip)
     build.__doc__ = f"`AFFSeg` on an `{name}` backbone."
     return build
 

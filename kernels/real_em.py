@@ -18,8 +18,9 @@ few images per split).
    level (predicting the dataset mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
-   steps; then `unet` from scratch for the wall-clock time that the pretrained affmae_base run took. Same crops,
-   dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
+   steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
+   wall-clock time that the pretrained affmae_base run took; then (`--compare-head`) pretrained affmae_base with the
+   other head, recorded as a `variant`. Same crops, dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
@@ -56,6 +57,9 @@ p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per
 p.add_argument('--ft-lr', type=float, default=1e-3)
 p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
 p.add_argument('--seed', type=int, default=0)
+p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
+p.add_argument('--compare-head', default='image',
+               help='also fine-tune the pretrained affmae model with this head (empty: none)')
 a = p.parse_args()
 t0 = time.time()
 tiny = a.tiny
@@ -81,9 +85,10 @@ from affmae.graphs import StepGraph
 from affmae.seg_metrics import CEDiceLoss
 from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table
 
+HEAD = dict(head_skip=a.head)
 res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
            date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), args=vars(a), tiny=tiny, size=S, pretrain_bs=PB,
-           bs=B, archs=ARCHS, unet_kw=UNET_KW, timing={}, pretrain={}, sets={})
+           bs=B, archs=ARCHS, unet_kw=UNET_KW, head=a.head, timing={}, pretrain={}, sets={})
 def log(*x): print(f'[{time.time() - t0:6.1f}s]', *x, flush=True)
 def f3(v): return 'n/a' if v is None else f'{v:.3f}'
 def save(): (out / 'real_em.json').write_text(json.dumps(res, indent=1))
@@ -172,7 +177,8 @@ def ft_timing(arch, **kw):
 T = res['timing']
 for arch in ARCHS:
     T[f'{arch}_pretrain_step_s'] = pre_timing(arch)
-    T[f'{arch}_finetune_step_s'] = ft_timing(arch)
+    T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
+if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
 T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
@@ -227,7 +233,7 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, **kw):
+def run(dls, s, arch, init, frac, steps, variant=None, **kw):
     "Fine-tune one model for `steps` steps on `frac` of the labels; scores on the held-out images, whole."
     tds = dls.train.dataset
     tds.idxs, tds.n = list(dls.all_idxs), B * steps
@@ -251,12 +257,14 @@ def run(dls, s, arch, init, frac, steps, **kw):
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
-               per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou))
+               per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou),
+               **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
     del learn, model; free()
     return row, example
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch')]
+VARIANT = f'{a.compare_head} head' if a.compare_head else None     # one more run: affmae pretrained, the other head
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 names = list(sets)
 for si, name in enumerate(names):
@@ -270,7 +278,8 @@ for si, name in enumerate(names):
                      for h, w in (dls.test_src.shape(i) for i in range(len(dls.test_src))))
     # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
-    per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s']
+    per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
+               + T.get('compare_finetune_step_s', 0)
     steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 4))
                                                    / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
@@ -278,7 +287,7 @@ for si, name in enumerate(names):
         if time.time() - t0 > a.budget:                      # over budget: keep what is done, skip the rest
             res['stopped_early'] = f'{name} at {frac:.0%} of labels'; log('budget spent, stopping'); break
         for arch, init in CONFIGS:
-            row, examples[name, frac, arch, init] = run(dls, s, arch, init, frac, steps)
+            row, examples[name, frac, arch, init] = run(dls, s, arch, init, frac, steps, **HEAD)
             res['sets'][name]['runs'].append(row); save()
             log(f"{name} {frac:.0%} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
                 f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
@@ -291,6 +300,11 @@ for si, name in enumerate(names):
         res['sets'][name]['runs'].append(row); save()
         log(f"{name} {frac:.0%} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
             f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
+        if VARIANT:
+            row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, VARIANT, head_skip=a.compare_head)
+            res['sets'][name]['runs'].append(row); save()
+            log(f"{name} {frac:.0%} {ARCHS[0]} pretrained, {VARIANT}: mIoU {f3(row['miou'])} fg IoU "
+                f"{f3(row['fg_iou'])}")
     if res.get('stopped_early'): break
     truths[name] = np.array(dls.test_src.image(0)), dls.test_src.mask(0)
     del dls; free()
