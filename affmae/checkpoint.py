@@ -120,6 +120,12 @@ def checkpoint_file(path) -> Path:
     return latest_checkpoint(path)
 
 # %% ../nbs/02b_checkpoint.ipynb #23067448
+def _legacy_kw(meta: dict, sd: dict) -> dict:
+    "Options a checkpoint of an earlier affmae relied on as defaults: the segmentation head's one-conv image path."
+    if meta['kind'] == 'segmentation' and 'head_skip' not in meta['config'] and 'head.skips.0.0.weight' in sd:
+        return dict(head_skip='image')
+    return {}
+
 def load_model(path, device='cpu') -> tuple[nn.Module, dict]:
     "The model of checkpoint `path` (file or folder, see `checkpoint_file`) in eval mode on `device`, and its metadata."
     p = checkpoint_file(path)
@@ -127,7 +133,7 @@ def load_model(path, device='cpu') -> tuple[nn.Module, dict]:
     sd = read_safetensors(p)[1]
     if meta['arch'] is None:
         raise ValueError(f"{p} names no architecture (saved from a model not built by create_model)")
-    model = create_model(meta['arch'], meta['kind'], **meta['config'])
+    model = create_model(meta['arch'], meta['kind'], **meta['config'], **_legacy_kw(meta, sd))
     try: model.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"{p}: its weights do not fit {meta['arch']} {meta['config']} ({_one_line(e)})") from e

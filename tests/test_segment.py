@@ -182,11 +182,12 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         assert main(['finetune', '--arch', 'vitmae_tiny', '--img-size', '48', '--epochs', '1', '--bs', '4', '--n-synth', '4',
-                     '--out', str(tmp_path/'run')]) == 0
+                     '--head', 'image', '--out', str(tmp_path/'run')]) == 0
     ck = tmp_path/'run'/'seg.safetensors'
     assert ck.exists() and (tmp_path/'run'/'history.json').exists()
     model, rec = load_model(ck)
     assert rec['arch'] == 'vitmae_tiny' and rec['tile'] == 48 and len(rec['classes']) == 5
+    assert rec['config']['head_skip'] == model.head.skip == 'image'                  # --head reaches the checkpoint
     img = (synth_em((100, 60), seed=9)[0].numpy()*255).astype(np.uint8)
     tifffile.imwrite(tmp_path/'stack.tif', np.stack([img, img[::-1]]))               # a 2-plane stack
     assert main(['predict', str(ck), str(tmp_path/'stack.tif'), '--out', str(tmp_path/'pred')]) == 0
@@ -197,6 +198,7 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     assert 0 <= res['miou'] <= 1 and set(res['per_class']) == set(rec['classes'])
     # bad arguments: clear message, non-zero exit
     assert main(['finetune', '--label-frac', '1.5']) == 2
+    assert main(['finetune', '--head', 'unet']) == 2 and main(['finetune', '--arch', 'unet', '--head', 'image']) == 2
     assert main(['evaluate', str(tmp_path/'nope.safetensors')]) == 2
     assert main(['predict', str(ck), str(tmp_path/'missing.tif')]) == 2
 
