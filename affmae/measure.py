@@ -15,8 +15,8 @@ from .core import best_device
 
 # %% auto #0
 __all__ = ['MODES', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'make_images', 'make_optimizer', 'train_step', 'make_step',
-           'attn_flops', 'attn_cost', 'patch_functions', 'count_invisible', 'step_flops', 'time_steps', 'largest_fit',
-           'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step']
+           'attn_flops', 'attn_cost', 'nsum_flops', 'nsum_cost', 'patch_functions', 'count_invisible', 'step_flops',
+           'time_steps', 'largest_fit', 'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step']
 
 # %% ../nbs/11a_measure.ipynb #16d4b0c0
 def make_images(bs, size, device=None, seed=0):
@@ -72,6 +72,24 @@ def _(q, nbhd_idx, backward): return q.new_empty(0)
 def _attn_cost_flop(q_shape, idx_shape, backward, *args, out_shape=None, **kw):
     return attn_flops(q_shape, idx_shape, backward)
 
+def nsum_flops(w_shape, x_shape, backward=False):
+    "Analytic FLOPs of merging's neighbour sum: `2·B·K·M·H·C` forward, twice that backward (`dw` and `dx`)."
+    B, K, M, H = w_shape
+    f = 2*B*K*M*H*x_shape[-1]
+    return 2*f if backward else f
+
+@torch.library.custom_op('affmae_bench::nsum_cost', mutates_args=())
+def nsum_cost(w: torch.Tensor, x: torch.Tensor, backward: bool) -> torch.Tensor:
+    "Marker operator (no work) whose registered FLOP formula is `nsum_flops`."
+    return w.new_empty(0)
+
+@nsum_cost.register_fake
+def _(w, x, backward): return w.new_empty(0)
+
+@register_flop_formula(torch.ops.affmae_bench.nsum_cost)
+def _nsum_cost_flop(w_shape, x_shape, backward, *args, out_shape=None, **kw):
+    return nsum_flops(w_shape, x_shape, backward)
+
 def _register_cpu_sdpa():
     "Register SDPA's FLOP formulas for the CPU flash-attention operators, which PyTorch leaves uncounted."
     import torch.utils.flop_counter as fc
@@ -107,17 +125,21 @@ def patch_functions(wrappers):
     finally:
         for d, n, f in reversed(saved): d[n] = f
 
+_MARKERS = {'cluster_attention': lambda q, k, v, nbhd_idx, *a: (attn_cost, q, nbhd_idx),   # marker op, its inputs
+            'neighbour_sum': lambda w, x, *a: (nsum_cost, w, x)}
+
 def count_invisible(fn, counter):
-    """Wrap `cluster_attention` so that a call `counter` (a `FlopCounterMode`) does not see (a Triton launch)
-    emits `attn_cost`."""
-    if fn.__name__ != 'cluster_attention': return fn
+    """Wrap `cluster_attention` and `neighbour_sum` so that a call `counter` (a `FlopCounterMode`) does not see
+    (a Triton launch) emits its marker operator, `attn_cost` or `nsum_cost`."""
+    if fn.__name__ not in _MARKERS: return fn
     @functools.wraps(fn)
-    def _f(q, k, v, nbhd_idx, *args, **kw):
+    def _f(*args, **kw):
         before = counter.get_total_flops()
-        out = fn(q, k, v, nbhd_idx, *args, **kw)
+        out = fn(*args, **kw)
         if counter.get_total_flops() == before:            # no counted operator ran: the Triton kernel
-            attn_cost(q, nbhd_idx, False)
-            def _bwd(grad): attn_cost(q, nbhd_idx, True)
+            op, *ins = _MARKERS[fn.__name__](*args)
+            op(*ins, False)
+            def _bwd(grad): op(*ins, True)
             if out.requires_grad: out.register_hook(_bwd)
         return out
     return _f
@@ -128,7 +150,8 @@ def step_flops(model, img, amp=True):
     bs = img.shape[0]
     model.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False, depth=2) as fc:
-        with patch_functions({'affmae.cluster_attention': functools.partial(count_invisible, counter=fc)}):
+        invisible = functools.partial(count_invisible, counter=fc)
+        with patch_functions({'affmae.cluster_attention': invisible, 'affmae.neighbour_sum': invisible}):
             with _autocast(img.device, amp): loss = model(img)['loss']
             fwd, fwd_counts = fc.get_total_flops(), fc.get_flop_counts()
             loss.backward()
