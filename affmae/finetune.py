@@ -31,19 +31,26 @@ from .graphs import CaptureStep
 from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
-__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'LayerDecay', 'layer_splitter',
-           'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
-           'finetune', 'load_segmenter', 'predict', 'evaluate']
+__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps', 'LayerDecay',
+           'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid', 'grid_table', 'plot_grid',
+           'finetune_options', 'finetune', 'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
+def decay_steps(n, depth=None):
+    """Decay exponent of each of `n` parameter groups, input first: `n-1-i`, or with `depth` the group's distance from
+    the head rescaled to `depth` levels (rounded), so a model of many groups spans the range of a `depth`-group one."""
+    if depth is None: return list(range(n - 1, -1, -1))
+    if depth < 1: raise ValueError(f"decay depth must be >= 1, got {depth}")
+    return [round((n - 1 - i) * (depth - 1) / max(n - 1, 1)) for i in range(n)]
+
 class LayerDecay(Callback):
-    "Layer-wise lr decay: parameter group `i` of `n` trains at `decay**(n-1-i)` × the last (head) group's lr."
+    "Layer-wise lr decay: parameter group `i` of `n` trains at `decay**decay_steps(n, depth)[i]` × the head's lr."
     order, run_valid = 61, False  # right after `ParamScheduler` (60) has set this batch's lr
-    def __init__(self, decay): self.decay = decay
+    def __init__(self, decay, depth=None): self.decay, self.depth = decay, depth
     def before_batch(self):
         hs = self.opt.hypers
-        n, lr = len(hs), hs[-1]['lr']
-        self.opt.set_hyper('lr', [lr*self.decay**(n-1-i) for i in range(n)])   # fastai's or a wrapped optimiser
+        lr = hs[-1]['lr']
+        self.opt.set_hyper('lr', [lr*self.decay**k for k in decay_steps(len(hs), self.depth)])   # fastai's or wrapped
 
 def layer_splitter(model):
     "Parameter groups from `model.layer_groups()` (input to head; the rest joins the last group), else one group."
@@ -95,17 +102,19 @@ def _precision(learn, mixed_precision):
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                capture=True, **model_kw):
+                capture=True, decay_depth=None, **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
-    optional pretrained weights, layer-wise lr decay, weight decay `wd`, gradient clipping at norm `clip` and gradient
-    accumulation over `accum` batches (one optimiser step per `accum` batches); `capture`: on CUDA, each training step
-    is a replayed CUDA graph (`CaptureStep`)."""
+    optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`),
+    weight decay `wd`, gradient clipping at norm `clip` and gradient accumulation over `accum` batches (one
+    optimiser step per `accum` batches); `capture`: on CUDA, each training step is a replayed CUDA graph
+    (`CaptureStep`)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if pretrained is not None: load_pretrained(model, pretrained)
-    cbs = list(cbs or []) + ([LayerDecay(lr_decay)] if lr_decay else []) + ([GradientClip(clip)] if clip else []) \
-          + ([Accumulate(accum)] if accum != 1 else []) + ([CaptureStep(model_loss=False)] if capture else [])
+    cbs = list(cbs or []) + ([LayerDecay(lr_decay, decay_depth)] if lr_decay else []) \
+          + ([GradientClip(clip)] if clip else []) + ([Accumulate(accum)] if accum != 1 else []) \
+          + ([CaptureStep(model_loss=False)] if capture else [])
     loss = seg_loss(loss_func, **(loss_kw or {})) if isinstance(loss_func, str) else loss_func
     if metrics is None: metrics = seg_metrics(classes, per_class=per_class)
     learn = SegLearner(dls, model, loss_func=loss, opt_func=partial(adamw, betas=SEG_BETAS), metrics=metrics,
@@ -264,13 +273,15 @@ def finetune(
     num_workers:int=0,         # data-loading workers
     no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
     head:str=None,             # image path of the transformers' head: pyramid or image (default: the model's)
+    decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
 ):
-    "Fine-tune a segmentation model from a pretrained (or random) encoder; writes the checkpoint, history and a figure."
+    "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
     o = finetune_options(recipe, epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma, lr=lr, lr_final=lr_final,
                          class_weights=_floats(class_weights, '--class-weights'), warmup=warmup, wd=wd, clip=clip,
                          lr_decay=lr_decay) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
+    _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
              f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
@@ -289,7 +300,8 @@ def finetune(
     label_subset(dls, label_frac, seed)
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
-                        accum=accum, capture=not no_capture, **({'head_skip': head} if head else {}))
+                        accum=accum, capture=not no_capture, decay_depth=decay_depth,
+                        **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
     learn.fit_one_cycle(o['epochs'], o['lr'], pct_start=o['warmup'], **div_final)

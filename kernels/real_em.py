@@ -56,6 +56,7 @@ p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps pe
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
 p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
+p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay over this many levels (`decay_steps`)')
 p.add_argument('--seed', type=int, default=0)
 p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
 p.add_argument('--compare-head', default='image',
@@ -242,7 +243,7 @@ def run(dls, s, arch, init, frac, steps, variant=None, **kw):
     torch.manual_seed(a.seed)
     pre = init == 'pretrained'
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
-                        lr_decay=a.lr_decay if pre else None, per_class=False, **kw)
+                        lr_decay=a.lr_decay if pre else None, decay_depth=a.decay_depth, per_class=False, **kw)
     t = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.ft_lr)
     train_s = time.time() - t
