@@ -14,9 +14,10 @@ from .graphs import StepGraph
 from .core import best_device
 
 # %% auto #0
-__all__ = ['MODES', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'make_images', 'make_optimizer', 'train_step', 'make_step',
-           'attn_flops', 'attn_cost', 'nsum_flops', 'nsum_cost', 'patch_functions', 'count_invisible', 'step_flops',
-           'time_steps', 'largest_fit', 'fits_step', 'module_category', 'label_ranges', 'split_profile', 'profile_step']
+__all__ = ['MODES', 'attn_cost', 'nsum_cost', 'CATEGORIES', 'FN_LABELS', 'SYNC_OPS', 'make_images', 'make_optimizer',
+           'train_step', 'make_step', 'attn_flops', 'nsum_flops', 'marker_op', 'patch_functions', 'count_invisible',
+           'step_flops', 'time_steps', 'largest_fit', 'fits_step', 'module_category', 'label_ranges', 'split_profile',
+           'profile_step']
 
 # %% ../nbs/11a_measure.ipynb #16d4b0c0
 def make_images(bs, size, device=None, seed=0):
@@ -60,35 +61,24 @@ def attn_flops(q_shape, idx_shape, backward=False):
     f = 4*B*H*N*idx_shape[-1]*D
     return int(2.5*f) if backward else f
 
-@torch.library.custom_op('affmae_bench::attn_cost', mutates_args=())
-def attn_cost(q: torch.Tensor, nbhd_idx: torch.Tensor, backward: bool) -> torch.Tensor:
-    "Marker operator (no work) whose registered FLOP formula is `attn_flops`."
-    return q.new_empty(0)
-
-@attn_cost.register_fake
-def _(q, nbhd_idx, backward): return q.new_empty(0)
-
-@register_flop_formula(torch.ops.affmae_bench.attn_cost)
-def _attn_cost_flop(q_shape, idx_shape, backward, *args, out_shape=None, **kw):
-    return attn_flops(q_shape, idx_shape, backward)
-
 def nsum_flops(w_shape, x_shape, backward=False):
     "Analytic FLOPs of merging's neighbour sum: `2·B·K·M·H·C` forward, twice that backward (`dw` and `dx`)."
     B, K, M, H = w_shape
     f = 2*B*K*M*H*x_shape[-1]
     return 2*f if backward else f
 
-@torch.library.custom_op('affmae_bench::nsum_cost', mutates_args=())
-def nsum_cost(w: torch.Tensor, x: torch.Tensor, backward: bool) -> torch.Tensor:
-    "Marker operator (no work) whose registered FLOP formula is `nsum_flops`."
-    return w.new_empty(0)
+def marker_op(name, flops):
+    """A zero-work operator `affmae_bench::name(a, b, backward)` that `FlopCounterMode` counts as
+    `flops(a.shape, b.shape, backward)`: the analytic FLOPs of a kernel it cannot see."""
+    def mark(a: torch.Tensor, b: torch.Tensor, backward: bool) -> torch.Tensor: return a.new_empty(0)
+    op = torch.library.custom_op(f'affmae_bench::{name}', mark, mutates_args=())
+    op.register_fake(mark)
+    register_flop_formula(getattr(torch.ops.affmae_bench, name))(
+        lambda a, b, backward, *args, out_shape=None, **kw: flops(a, b, backward))
+    return op
 
-@nsum_cost.register_fake
-def _(w, x, backward): return w.new_empty(0)
-
-@register_flop_formula(torch.ops.affmae_bench.nsum_cost)
-def _nsum_cost_flop(w_shape, x_shape, backward, *args, out_shape=None, **kw):
-    return nsum_flops(w_shape, x_shape, backward)
+attn_cost = marker_op('attn_cost', attn_flops)
+nsum_cost = marker_op('nsum_cost', nsum_flops)
 
 def _register_cpu_sdpa():
     "Register SDPA's FLOP formulas for the CPU flash-attention operators, which PyTorch leaves uncounted."
