@@ -79,6 +79,7 @@ def marker_op(name, flops):
 
 attn_cost = marker_op('attn_cost', attn_flops)
 nsum_cost = marker_op('nsum_cost', nsum_flops)
+_all_ = ['attn_cost', 'nsum_cost']
 
 def _register_cpu_sdpa():
     "Register SDPA's FLOP formulas for the CPU flash-attention operators, which PyTorch leaves uncounted."
