@@ -19,8 +19,9 @@ few images per split).
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
    steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
-   wall-clock time that the pretrained affmae_base run took; then (`--compare-head`) pretrained affmae_base with the
-   other head, recorded as a `variant`. Same crops, dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
+   wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
+   pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a `variant`. Same crops,
+   dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
@@ -61,6 +62,8 @@ p.add_argument('--seed', type=int, default=0)
 p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
 p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
+p.add_argument('--compare-decay-depth', type=int, default=None,
+               help='also fine-tune the pretrained affmae model with layer-wise decay over this many levels')
 a = p.parse_args()
 t0 = time.time()
 tiny = a.tiny
@@ -180,6 +183,8 @@ for arch in ARCHS:
     T[f'{arch}_pretrain_step_s'] = pre_timing(arch)
     T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
 if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
+if a.compare_decay_depth: T['compare_finetune_step_s'] = T.get('compare_finetune_step_s', 0) + \
+    T[f'{ARCHS[0]}_finetune_step_s']                         # the same model: the same step
 T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
@@ -234,7 +239,7 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, variant=None, **kw):
+def run(dls, s, arch, init, frac, steps, variant=None, decay_depth=a.decay_depth, **kw):
     "Fine-tune one model for `steps` steps on `frac` of the labels; scores on the held-out images, whole."
     tds = dls.train.dataset
     tds.idxs, tds.n = list(dls.all_idxs), B * steps
@@ -243,7 +248,7 @@ def run(dls, s, arch, init, frac, steps, variant=None, **kw):
     torch.manual_seed(a.seed)
     pre = init == 'pretrained'
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
-                        lr_decay=a.lr_decay if pre else None, decay_depth=a.decay_depth, per_class=False, **kw)
+                        lr_decay=a.lr_decay if pre else None, decay_depth=decay_depth, per_class=False, **kw)
     t = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.ft_lr)
     train_s = time.time() - t
@@ -259,13 +264,17 @@ def run(dls, s, arch, init, frac, steps, variant=None, **kw):
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou),
-               **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}))
+               **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
+               **({'decay_depth': decay_depth} if decay_depth else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
     del learn, model; free()
     return row, example
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch')]
-VARIANT = f'{a.compare_head} head' if a.compare_head else None     # one more run: affmae pretrained, the other head
+# more runs of pretrained affmae: the other head, another layer-wise decay depth
+VARIANTS = ([(f'{a.compare_head} head', dict(head_skip=a.compare_head))] if a.compare_head else []) + \
+           ([(f'decay depth {a.compare_decay_depth}', dict(HEAD, decay_depth=a.compare_decay_depth))]
+            if a.compare_decay_depth else [])
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 names = list(sets)
 for si, name in enumerate(names):
@@ -301,10 +310,10 @@ for si, name in enumerate(names):
         res['sets'][name]['runs'].append(row); save()
         log(f"{name} {frac:.0%} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
             f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
-        if VARIANT:
-            row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, VARIANT, head_skip=a.compare_head)
+        for variant, kw in VARIANTS:
+            row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, variant, **kw)
             res['sets'][name]['runs'].append(row); save()
-            log(f"{name} {frac:.0%} {ARCHS[0]} pretrained, {VARIANT}: mIoU {f3(row['miou'])} fg IoU "
+            log(f"{name} {frac:.0%} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
                 f"{f3(row['fg_iou'])}")
     if res.get('stopped_early'): break
     truths[name] = np.array(dls.test_src.image(0)), dls.test_src.mask(0)
