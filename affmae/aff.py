@@ -14,6 +14,7 @@ from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention
 from .core import init_weights, patchify
+from .mlp import Mlp
 from .registry import create_model, list_models, register_model
 
 # %% auto #0
@@ -118,8 +119,8 @@ class RelPosBias(nn.Module):
     "Per-stage MLP from normalised query→neighbour offsets to a `(B, heads, N, M)` attention bias."
     def __init__(self, heads: int, hidden: int = 32):
         super().__init__()
-        # no bias on the last layer: it would cancel in the softmax
-        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))
+        # no bias on the last layer: it would cancel in the softmax; from 2 inputs: recompute, do not keep, the hidden
+        self.mlp = Mlp(2, hidden, heads, bias_out=False, keep_hidden=False)
 
     def forward(self, pos: Tensor, nbhd: Tensor, spacing: float) -> Tensor:
         "Bias `(B, heads, N, M)` from the offsets of each token's cluster neighbours `nbhd`, in units of `spacing`."
@@ -209,7 +210,7 @@ class AFFBlock(nn.Module):
         self.attn = (GlobalAttention if global_attn else ClusterAttention)(dim, heads, impl, blank)
         self.norm2 = nn.LayerNorm(dim)
         hid = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hid), nn.GELU(), nn.Linear(hid, dim))
+        self.mlp = Mlp(dim, hid, dim)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -12,6 +12,7 @@ from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
+from .mlp import Mlp
 
 # %% auto #0
 __all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets', 'masked_mse',
@@ -163,7 +164,7 @@ class DecoderLayer(nn.Module):
         self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (nn.LayerNorm(dim) for _ in range(4))
         self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
         reach = lambda: nn.Parameter(torch.full((heads,), -2.)) if locality else None  # softplus(-2) ≈ 0.13 / patch²
         self.reach_cross, self.reach_self = reach(), reach()
 

@@ -11,6 +11,7 @@ from fastcore.basics import patch
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
 from .neighbour_sum import neighbour_sum
+from .mlp import Mlp
 
 # %% auto #0
 __all__ = ['n_keep', 'Merged', 'TokenMerging']
@@ -39,8 +40,8 @@ class TokenMerging(nn.Module):
         n_keep(1, ds)
         self.ds, self.heads, self.impl = ds, heads, impl
         self.score = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
-        # no bias in the last layer: it would cancel in the softmax
-        self.weight = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, heads, bias=False))
+        # no bias in the last layer: it would cancel in the softmax; from 2 inputs: recompute, do not keep, the hidden
+        self.weight = Mlp(2, hidden, heads, bias_out=False, keep_hidden=False)
         self.norm = nn.LayerNorm(heads * dim)
         self.proj = nn.Linear(heads * dim, out_dim)
 

@@ -8,6 +8,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import mask_to_ids
 from .core import init_weights, patchify
+from .mlp import Mlp
 from .registry import register_model
 from .mae import MAEBase, grid_positions, sincos_embed
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         "Pre-norm residual block: self-attention, then the MLP."

@@ -1,0 +1,77 @@
+"""`Mlp` keeps less for the backward pass and changes nothing else: random shapes against `nn.Sequential` and
+float64, and a whole AFFMAE model whose MLPs are swapped back to `nn.Sequential` gives the same loss and gradients
+while storing more."""
+import copy
+import pytest, torch, torch.nn as nn
+from affmae.mlp import Mlp
+from affmae.registry import create_model
+
+
+def plain(m: Mlp) -> nn.Sequential:
+    "The `nn.Sequential` with `m`'s weights."
+    f1, f2 = m[0], m[2]
+    s = nn.Sequential(nn.Linear(f1.in_features, f1.out_features), nn.GELU(),
+                      nn.Linear(f2.in_features, f2.out_features, bias=f2.bias is not None))
+    s.load_state_dict(m.state_dict())
+    return s
+
+
+def run(model, x, dtype=None):
+    "Output and every gradient (input first) of `model(x)` for a fixed upstream gradient, under CPU autocast if `dtype`."
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+    return [y, x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_random_shapes_match_sequential_and_float64(seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
+    d_in, hid, d_out, rows = r(1, 20), r(1, 40), r(1, 9), r(0, 13)
+    torch.manual_seed(seed)
+    m = Mlp(d_in, hid, d_out, bias_out=seed % 2 == 0, keep_hidden=seed % 3 != 0)
+    x = torch.randn(2, rows, d_in, generator=g)
+    for a, b in zip(run(m, x), run(plain(m), x)): assert torch.equal(a, b)
+    for a, b in zip(run(m, x), run(plain(m).double(), x.double())):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+    for dt in (torch.bfloat16, torch.float16):
+        ours, ref = run(m, x, dt), run(plain(m), x, dt)
+        assert ours[0].dtype == dt and all(p.grad.dtype == torch.float32 for p in m.parameters())
+        for a, b in zip(ours, ref): torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bad_width():
+    with pytest.raises(ValueError, match='expects 4 input features'): Mlp(4, 8, 2)(torch.randn(3, 5))
+
+
+def saved_bytes(f):
+    "Bytes of the activations stored for the backward pass while `f()` runs (parameters counted too)."
+    total = [0]
+    def pack(t): total[0] += t.numel() * t.element_size(); return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = f()
+    return out, total[0]
+
+
+def test_affmae_same_step_less_memory():
+    "affmae_tiny with its `Mlp`s against a copy whose MLPs are plain `nn.Sequential`s: same loss and gradients."
+    torch.manual_seed(0)
+    model = create_model('affmae_tiny')
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        for child, sub in list(mod.named_children()):
+            if isinstance(sub, Mlp): setattr(mod, child, plain(sub))
+    assert not any(isinstance(m, Mlp) for m in twin.modules()) and any(isinstance(m, Mlp) for m in model.modules())
+    img = torch.randn(2, 1, 64, 64)
+    mask = model.make_mask(img, torch.Generator().manual_seed(0))
+    losses = []
+    for mdl in (model, twin):
+        loss, nbytes = saved_bytes(lambda: mdl(img, mask)['loss'])
+        loss.backward()
+        losses.append((loss, nbytes, [p.grad for p in mdl.parameters()]))
+    (l1, b1, g1), (l2, b2, g2) = losses
+    torch.testing.assert_close(l1, l2)
+    for a, b in zip(g1, g2): torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert b1 < b2, (b1, b2)
