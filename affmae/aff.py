@@ -15,6 +15,7 @@ from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention
 from .core import init_weights, patchify
 from .mlp import Mlp
+from .layer_norm import LayerNorm
 from .registry import create_model, list_models, register_model
 
 # %% auto #0
@@ -206,9 +207,9 @@ class AFFBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto',
                  global_attn: bool = False, blank: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = (GlobalAttention if global_attn else ClusterAttention)(dim, heads, impl, blank)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         hid = int(dim * mlp_ratio)
         self.mlp = Mlp(dim, hid, dim)
         self.drop_path = DropPath(drop_path)

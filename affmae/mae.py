@@ -13,6 +13,7 @@ from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
 from .aff import AFFEncoder, Tokens, register_model, run_block
 from .mlp import Mlp
+from .layer_norm import LayerNorm
 
 # %% auto #0
 __all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets', 'masked_mse',
@@ -161,7 +162,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.impl = heads, impl
-        self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (nn.LayerNorm(dim) for _ in range(4))
+        self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (LayerNorm(dim) for _ in range(4))
         self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
         self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
@@ -295,7 +296,7 @@ class PointDecoder(nn.Module):
         layer = (lambda: DecoderLayer(dim, heads, mlp_ratio, impl, locality)) if kind == 'point' else \
                 (lambda: DeformableLayer(dim, heads, mlp_ratio, points, nearest, dropout))
         self.layers = nn.ModuleList(layer() for _ in enc_dims)
-        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans))
+        self.heads = nn.ModuleList(nn.Sequential(LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans))
                                    for _ in self.head_at)
         self._dense = {}
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
 from .neighbour_sum import neighbour_sum
 from .mlp import Mlp
+from .layer_norm import LayerNorm
 
 # %% auto #0
 __all__ = ['n_keep', 'Merged', 'TokenMerging']
@@ -42,7 +43,7 @@ class TokenMerging(nn.Module):
         self.score = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
         # no bias in the last layer: it would cancel in the softmax; from 2 inputs: recompute, do not keep, the hidden
         self.weight = Mlp(2, hidden, heads, bias_out=False, keep_hidden=False)
-        self.norm = nn.LayerNorm(heads * dim)
+        self.norm = LayerNorm(heads * dim)
         self.proj = nn.Linear(heads * dim, out_dim)
 
 # %% ../nbs/05_merging.ipynb #3731313a

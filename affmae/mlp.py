@@ -54,6 +54,7 @@ class Mlp(nn.Sequential):
         self.keep_hidden = keep_hidden
 
     def forward(self, x: Tensor) -> Tensor:
+        "`fc2(gelu(fc1(x)))` for `x` `(..., d_in)`."
         fc1, fc2 = self[0], self[2]
         if x.shape[-1] != fc1.in_features:
             raise ValueError(f"Mlp expects {fc1.in_features} input features, got shape {tuple(x.shape)}")

@@ -9,6 +9,7 @@ from torch import Tensor
 from .masking import mask_to_ids
 from .core import init_weights, patchify
 from .mlp import Mlp
+from .layer_norm import LayerNorm
 from .registry import register_model
 from .mae import MAEBase, grid_positions, sincos_embed
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
+        self.norm1, self.attn, self.norm2 = LayerNorm(dim), Attention(dim, heads), LayerNorm(dim)
         self.mlp = Mlp(dim, hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
