@@ -15,13 +15,17 @@ except ImportError: triton = None   # no Triton (e.g. macOS): only impl='torch' 
 __all__ = ['cluster_attention_ref', 'cluster_attention']
 
 # %% ../nbs/03_cluster_attention.ipynb #28b17c1b
-def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True):
+def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True, locality=None):
     "Validate shapes, dtypes, devices (and the index range if `check_idx`: a host sync on a GPU); `(B,H,N,Nk,D,G,M)`."
     named = [('q', q), ('k', k), ('v', v), ('nbhd_idx', nbhd_idx)] + ([('bias', bias)] if bias is not None else [])
     if blank is not None:
         if not (isinstance(blank, (tuple, list)) and len(blank) == 2):
             raise TypeError(f"blank must be a pair (k_blank, v_blank), got {type(blank).__name__}")
         named += [('k_blank', blank[0]), ('v_blank', blank[1])]
+    if locality is not None:
+        if not (isinstance(locality, (tuple, list)) and len(locality) == 3):
+            raise TypeError(f"locality must be a triple (qpos, kpos, coef), got {type(locality).__name__}")
+        named += list(zip(('qpos', 'kpos', 'coef'), locality))
     for name, t in named:
         if not isinstance(t, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != q.device: raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
@@ -42,10 +46,10 @@ def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True):
         raise ValueError(f"nbhd_idx must be (B, G, M) with B = {B}, got shape {tuple(nbhd_idx.shape)}")
     G, M = nbhd_idx.shape[1:]
     if G == 0 or M == 0 or N % G: raise ValueError(f"G = {G} must divide N = {N} (and M = {M} must be > 0)")
-    shapes = [('bias', bias, '(B, H, N, M)', (B, H, N, M))]
-    if blank is not None: shapes += [(n, t, '(H, D)', (H, D)) for n, t in named[-2:]]
-    for name, t, sym, shape in shapes:
-        if t is None: continue
+    shapes = dict(bias=('(B, H, N, M)', (B, H, N, M)), k_blank=('(H, D)', (H, D)), v_blank=('(H, D)', (H, D)),
+                  qpos=('(B, N, 2)', (B, N, 2)), kpos=('(B, Nk, 2)', (B, Nk, 2)), coef=('(H,)', (H,)))
+    for name, t in named[4:]:                                             # the optional tensors
+        sym, shape = shapes[name]
         if t.shape != shape: raise ValueError(f"{name} must be {sym} = {shape}, got {tuple(t.shape)}")
         if not t.is_floating_point(): raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if check_idx and nbhd_idx.numel() and not (nbhd_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -57,17 +61,24 @@ def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True):
 
 # %% ../nbs/03_cluster_attention.ipynb #bbdde5ee
 def cluster_attention_ref(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
-                          check_idx: bool = True, *, blank: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                          check_idx: bool = True, *, blank: tuple[Tensor, Tensor] | None = None,
+                          locality: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     "Readable PyTorch cluster attention: gather each cluster's keys/values (and the blank), mask padding, softmax, sum."
-    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx)
+    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx, locality)
     Q, dt = N // G, torch.promote_types(q.dtype, torch.float32)
     qc = q.to(dt).view(B, H, G, Q, D)                                     # queries by cluster
     valid = (nbhd_idx >= 0).view(B, 1, G, 1, M)
-    idx = nbhd_idx.clamp_min(0).long().view(B, 1, G * M, 1).expand(B, H, G * M, D)
+    ids = nbhd_idx.clamp_min(0).long().view(B, 1, G * M, 1)
+    idx = ids.expand(B, H, G * M, D)
     kg = k.to(dt).gather(2, idx).view(B, H, G, M, D)                      # (B,H,G,M,D): the gathered neighbours
     vg = v.to(dt).gather(2, idx).view(B, H, G, M, D)
     s = torch.einsum('bhgqd,bhgmd->bhgqm', qc, kg) * D**-0.5
     if bias is not None: s = s + bias.to(dt).view(B, H, G, Q, M)
+    if locality is not None:                                              # coef_h·|qpos − kpos|², positions constant
+        qpos, kpos, coef = locality
+        kp = kpos.detach().to(dt).gather(1, ids[:, 0].expand(B, G * M, 2)).view(B, 1, G, 1, M, 2)
+        d2 = (qpos.detach().to(dt).view(B, 1, G, Q, 1, 2) - kp).square().sum(-1)
+        s = s + coef.to(dt).view(1, H, 1, 1, 1) * d2
     s = torch.where(valid, s, float('-inf'))
     if blank is not None:                                                 # one more column, always valid, no bias
         kb, vb = (t.to(dt).view(1, H, 1, 1, D) for t in blank)
@@ -123,16 +134,31 @@ if triton is not None:
         vb = tl.load(VB + h * D + d, mask=d < D, other=0.).to(tl.float32)
         return kb, vb, tl.sum(q.to(tl.float32) * kb[None, :], 1) * qk_scale
 
+    @triton.jit
+    def _loc_rows(XP, COEF, b, h, n, row_ok, s_xb, s_xn):
+        "The tile's query positions `(x, y)` (fp32) and head `h`'s locality coefficient in base 2."
+        p = XP + b * s_xb + n * s_xn
+        return (tl.load(p, mask=row_ok, other=0.), tl.load(p + 1, mask=row_ok, other=0.),
+                tl.load(COEF + h) * 1.4426950408889634)
+
+    @triton.jit
+    def _loc_d2(YP, b, kid, col_ok, qx, qy, s_yb, s_yn):
+        "Squared distances (fp32) from the tile's query positions to the chunk's gathered key positions."
+        p = YP + b * s_yb + kid * s_yn
+        dx = qx[:, None] - tl.load(p, mask=col_ok, other=0.)[None, :]
+        dy = qy[:, None] - tl.load(p + 1, mask=col_ok, other=0.)[None, :]
+        return dx * dx + dy * dy
+
 # %% ../nbs/03_cluster_attention.ipynb #42a3af6e
 if triton is not None:
-    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK'])
+    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC'])
     @triton.jit
-    def _fwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, OUT, LSE,
+    def _fwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, LSE,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-                    s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm,
+                    s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm, s_xb, s_xn, s_yb, s_yn,
                     H, N, NK, G, M, QC, D, qk_scale,
-                    HAS_BIAS: tl.constexpr, HAS_BLANK: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                    P: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, HAS_BLANK: tl.constexpr, HAS_LOC: tl.constexpr, BD: tl.constexpr,
+                    BR: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
         t, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         g0, cl, n, row_ok = _tile_rows(t, G, QC, SUB, P, BR)
@@ -140,6 +166,7 @@ if triton is not None:
         rmask = row_ok[:, None] & (d < D)[None, :]
         q = tl.load(Qp + b * s_qb + h * s_qh + n[:, None] * s_qn + d[None, :], mask=rmask, other=0.)
         kb, vb = Kp + b * s_kb + h * s_kh, Vp + b * s_vb + h * s_vh
+        if HAS_LOC: qx, qy, coef = _loc_rows(XP, COEF, b, h, n, row_ok, s_xb, s_xn)
         if HAS_BLANK:   # the blank is the state before the first chunk: max = its score, sum = 1, output = its value
             _, v_blank, m_i = _blank_scores(q, KB, VB, h, d, D, qk_scale)
             l_i = tl.full([BR], 1., tl.float32)
@@ -159,6 +186,7 @@ if triton is not None:
                 bias = tl.load(BIAS + b * s_bb + h * s_bh + n[:, None] * s_bn + slot[None, :] * s_bm,
                                mask=ok & row_ok[:, None], other=0.)
                 s += bias.to(tl.float32) * 1.4426950408889634
+            if HAS_LOC: s += coef * _loc_d2(YP, b, kid, col_ok, qx, qy, s_yb, s_yn)
             s = tl.where(ok, s, float('-inf'))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float('-inf'), 0., m_new)          # never -inf - -inf
@@ -189,31 +217,39 @@ def _launch_args(q, idx, M):
 
 def _bias_strides(bias): return bias.stride() if bias is not None else (0, 0, 0, 0)
 
-def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None):
-    "Forward kernel: `(out, lse)`, lse fp32 `(B,H,N)` in natural log (`+inf` for all-padded queries, no blank)."
+def _loc_args(q, loc):
+    "Kernel arguments of `loc` = (qpos, kpos, coef), all fp32 with contiguous last dims (or None): pointers, strides."
+    if loc is None: return (q, q, q), (0, 0, 0, 0)
+    return loc, (*loc[0].stride()[:2], *loc[1].stride()[:2])
+
+def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None, loc=None):
+    """Forward kernel: `(out, lse)`, lse fp32 `(B,H,N)` in natural log (`+inf` for all-padded queries, no blank);
+    `loc`: the locality's `(qpos, kpos, coef)` in fp32, or None."""
     B, H, N, D = q.shape
     G, M = idx.shape[1:]
     out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     grid, meta = _launch_args(q, idx, M)
+    lp, ls = _loc_args(q, loc)
     _fwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
-                      vb if vb is not None else q, out, lse,
+                      vb if vb is not None else q, *lp, out, lse,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *idx.stride(),
-                      *_bias_strides(bias), H, N, k.shape[2], G, M, N // G, D, D**-0.5 * _LOG2E,
-                      HAS_BIAS=bias is not None, HAS_BLANK=kb is not None, **meta)
+                      *_bias_strides(bias), *ls, H, N, k.shape[2], G, M, N // G, D, D**-0.5 * _LOG2E,
+                      HAS_BIAS=bias is not None, HAS_BLANK=kb is not None, HAS_LOC=loc is not None, **meta)
     return out, lse
 
 # %% ../nbs/03_cluster_attention.ipynb #82bf5931
 if triton is not None:
-    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK'],
+    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC'],
                      reset_to_zero=['DK', 'DV'])
     @triton.jit
-    def _bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB,
+    def _bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB, DC,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
-                    s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm,
+                    s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm, s_xb, s_xn, s_yb, s_yn,
                     H, N, NK, G, M, QC, D, sm_scale,
-                    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_BLANK: tl.constexpr, BD: tl.constexpr,
-                    BR: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr, PREC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_BLANK: tl.constexpr, HAS_LOC: tl.constexpr,
+                    BD: tl.constexpr, BR: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr,
+                    PREC: tl.constexpr):
         t, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         g0, cl, n, row_ok = _tile_rows(t, G, QC, SUB, P, BR)
@@ -235,6 +271,9 @@ if triton is not None:
             tl.store(DVB + part, tl.sum(p_blank[:, None] * do.to(tl.float32), 0), mask=d < D)
         else:
             dq = tl.zeros([BR, BD], tl.float32)
+        if HAS_LOC:     # the coefficient's gradient: this tile's sum of dS·d², one store
+            qx, qy, coef = _loc_rows(XP, COEF, b, h, n, row_ok, s_xb, s_xn)
+            dc = tl.zeros([BR], tl.float32)
         kb, vb = Kp + b * s_kb + h * s_kh, Vp + b * s_vb + h * s_vh
         dkb, dvb = DK + bh * NK * D, DV + bh * NK * D
         for m0 in range(0, M, BM):
@@ -247,9 +286,13 @@ if triton is not None:
             bptr = b * s_bb + h * s_bh + n[:, None] * s_bn + slot[None, :] * s_bm
             if HAS_BIAS:
                 s += tl.load(BIAS + bptr, mask=ok & row_ok[:, None], other=0.).to(tl.float32) * 1.4426950408889634
+            if HAS_LOC:
+                d2 = _loc_d2(YP, b, kid, col_ok, qx, qy, s_yb, s_yn)
+                s += coef * d2
             p = tl.exp2(tl.where(ok, s, float('-inf')) - lse2[:, None])   # lse2 is finite or +inf
             dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
             ds = p * (dp - delta[:, None])
+            if HAS_LOC: dc += tl.sum(tl.where(ok & row_ok[:, None], ds * d2, 0.), 1)
             if BIAS_GRAD:
                 tl.store(DB + bptr, ds.to(DB.dtype.element_ty),
                          mask=(cl[:, None] == cc[None, :]) & row_ok[:, None] & (slot < M)[None, :])
@@ -259,10 +302,12 @@ if triton is not None:
             tl.atomic_add(dvb + kid[:, None] * D + d[None, :], dv_c, mask=cmask, sem='relaxed')
             tl.atomic_add(dkb + kid[:, None] * D + d[None, :], dk_c, mask=cmask, sem='relaxed')
         tl.store(DQ + bh * N * D + n[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+        if HAS_LOC: tl.store(DC + bh * tl.num_programs(0) + t, tl.sum(dc, 0))
 
 # %% ../nbs/03_cluster_attention.ipynb #af619b88
-def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad):
-    "Backward kernel: `(dq, dk, dv, dbias, dk_blank, dv_blank)`; dk/dv accumulate in fp32 by atomics."
+def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None):
+    """Backward kernel: `(dq, dk, dv, dbias, dk_blank, dv_blank, dcoef)`; dk/dv accumulate in fp32 by atomics;
+    `dcoef` is the fp32 `(H,)` gradient of the locality's coefficient (None without `loc`)."""
     B, H, N, D = q.shape
     Nk, (G, M) = k.shape[2], idx.shape[1:]
     do = _last_contig(do)
@@ -274,29 +319,38 @@ def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad):
     grid, meta = _launch_args(q, idx, M)
     dkb, dvb = (torch.empty(B, H, grid[0], D, device=q.device, dtype=torch.float32) if kb is not None else None
                 for _ in range(2))                      # the blank's gradients, one partial sum per tile
+    dc = torch.empty(B, H, grid[0], device=q.device, dtype=torch.float32) if loc is not None else None   # coef's
+    lp, ls = _loc_args(q, loc)
     _bwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
-                      vb if vb is not None else q, out, do, lse, dq, dk, dv, db if db is not None else dq,
-                      dkb if kb is not None else dk, dvb if kb is not None else dv,
+                      vb if vb is not None else q, *lp, out, do, lse, dq, dk, dv, db if db is not None else dq,
+                      dkb if kb is not None else dk, dvb if kb is not None else dv, dc if dc is not None else dq,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],
-                      *idx.stride(), *_bias_strides(bias), H, N, Nk, G, M, N // G, D, D**-0.5,
-                      HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, HAS_BLANK=kb is not None, **meta)
+                      *idx.stride(), *_bias_strides(bias), *ls, H, N, Nk, G, M, N // G, D, D**-0.5,
+                      HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, HAS_BLANK=kb is not None,
+                      HAS_LOC=loc is not None, **meta)
     if kb is not None: dkb, dvb = dkb.sum((0, 2)).to(kb.dtype), dvb.sum((0, 2)).to(vb.dtype)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), db, dkb, dvb
+    return dq, dk.to(k.dtype), dv.to(v.dtype), db, dkb, dvb, (dc.sum((0, 2)) if dc is not None else None)
+
+def _loc(qpos, kpos, coef):
+    "The kernels' `loc`: the positions and the coefficient in fp32 (None without locality)."
+    return None if coef is None else (qpos, kpos, coef.float().contiguous())
 
 class _ClusterAttention(torch.autograd.Function):
-    "The Triton kernels as one autograd op; `kb`, `vb` (the blank key and value, `(H, D)`) may be None."
+    """The Triton kernels as one autograd op; `kb`, `vb` (the blank key and value, `(H, D)`) and `qpos`, `kpos`, `coef`
+    (the locality: fp32 positions, which get no gradient, and the `(H,)` coefficient) may be None."""
     @staticmethod
-    def forward(ctx, q, k, v, idx, bias, kb, vb):
-        out, lse = _triton_fwd(q, k, v, idx, bias, kb, vb)
-        ctx.save_for_backward(q, k, v, idx, bias, kb, vb, out, lse)
+    def forward(ctx, q, k, v, idx, bias, kb, vb, qpos, kpos, coef):
+        out, lse = _triton_fwd(q, k, v, idx, bias, kb, vb, _loc(qpos, kpos, coef))
+        ctx.save_for_backward(q, k, v, idx, bias, kb, vb, qpos, kpos, coef, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, idx, bias, kb, vb, out, lse = ctx.saved_tensors
+        q, k, v, idx, bias, kb, vb, qpos, kpos, coef, out, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, db, dkb, dvb = _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad)
-        return dq, dk, dv, None, db, dkb, dvb
+        dq, dk, dv, db, dkb, dvb, dc = _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad,
+                                                   _loc(qpos, kpos, coef))
+        return dq, dk, dv, None, db, dkb, dvb, None, None, (dc.to(coef.dtype) if dc is not None else None)
 
 # %% ../nbs/03_cluster_attention.ipynb #9decc2e9
 def _triton_reason(q, D):
@@ -310,18 +364,25 @@ def _triton_reason(q, D):
 
 def cluster_attention(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
                       impl: str = "auto", check_idx: bool = True, *,
-                      blank: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                      blank: tuple[Tensor, Tensor] | None = None,
+                      locality: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """`softmax(q·k[idx]ᵀ/√D + bias over valid idx) @ v[idx]`, `(B,H,N,D)`; `impl` is 'torch', 'triton' or 'auto';
     `check_idx=False` skips the index-range check (a host sync) for trusted indices; `blank=(k_blank, v_blank)`,
-    each `(H, D)`: a learned key and value that every query also attends to (score `q·k_blank/√D`, no bias)."""
+    each `(H, D)`: a learned key and value that every query also attends to (score `q·k_blank/√D`, no bias);
+    `locality=(qpos, kpos, coef)`: query positions `(B, N, 2)`, key positions `(B, Nk, 2)` and one coefficient per
+    head `(H,)`, adding `coef[h]·‖qpos[n] − kpos[j]‖²` to the score of each neighbour `j` (not the blank's), computed
+    in fp32 inside the kernel; `coef` gets a gradient, the positions get none (they are constants)."""
     if impl not in ('auto', 'torch', 'triton'):
         raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx)
+    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx, locality)
     why = _triton_reason(q, D)
     if impl == 'auto': impl = 'triton' if q.is_cuda and why is None else 'torch'
-    if impl == 'torch': return cluster_attention_ref(q, k, v, nbhd_idx, bias, check_idx=False, blank=blank)
+    if impl == 'torch':
+        return cluster_attention_ref(q, k, v, nbhd_idx, bias, check_idx=False, blank=blank, locality=locality)
     if why is not None: raise (TypeError if 'dtype' in why else ValueError)(why)
     idx = nbhd_idx if nbhd_idx.dtype in (torch.int32, torch.int64) else nbhd_idx.int()
     q, k, v, bias = map(_last_contig, (q, k, v, bias))
     kb, vb = (t.to(q.dtype).contiguous() for t in blank) if blank is not None else (None, None)
-    return _ClusterAttention.apply(q, k, v, idx, bias, kb, vb)
+    qpos, kpos, coef = (None,) * 3 if locality is None else \
+        (*(_last_contig(t.detach().float()) for t in locality[:2]), locality[2])
+    return _ClusterAttention.apply(q, k, v, idx, bias, kb, vb, qpos, kpos, coef)

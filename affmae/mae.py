@@ -17,10 +17,9 @@ from .layer_norm import LayerNorm
 
 # %% auto #0
 __all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets', 'masked_mse',
-           'grid_positions', 'sincos_embed', 'MAEBase', 'neighbour_dist2', 'patch_ids', 'query_clusters',
-           'DecoderLayer', 'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE',
-           'affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_base_paper', 'affmae_small_paper', 'affmae_tiny_paper',
-           'stage_feature_stats']
+           'grid_positions', 'sincos_embed', 'MAEBase', 'patch_ids', 'query_clusters', 'DecoderLayer', 'idw_sample',
+           'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny', 'affmae_small',
+           'affmae_base', 'affmae_base_paper', 'affmae_small_paper', 'affmae_tiny_paper', 'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
 from .core import init_weights, patchify, unpatchify
@@ -128,12 +127,6 @@ class MAEBase(nn.Module):
                     recons=recons)
 
 # %% ../nbs/07_mae.ipynb #99ae915e
-def neighbour_dist2(qpos: Tensor, kpos: Tensor, idx: Tensor) -> Tensor:
-    "Squared distances `(B, G*Q, M)` from grouped queries `qpos` (B, G*Q, 2) to neighbours `kpos[idx]` (idx (B, G, M))."
-    B, G, M = idx.shape
-    kp = gather_rows(kpos, idx)   # (B, G, M, 2); -1 -> (0, 0), masked anyway
-    return (qpos.view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, -1, M)
-
 def patch_ids(mask: Tensor | None, h: int, w: int, n: int | None = None) -> tuple[Tensor, Tensor]:
     """Raster ids `(B, n)` of the masked patches of `mask` (B, h, w) (of every patch, batch 1, if None), -1 past an
     image's count, and their valid mask; `n`: the masked count of every image if known on the host (no sync)."""
@@ -156,7 +149,7 @@ def query_clusters(ids: Tensor, valid: Tensor, w: int, group: int = 16, window: 
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
     """Point-decoder layer: cross-attention of grouped queries to their nearest stage tokens, local self-attention, MLP;
-    both attentions with a learned distance bias."""
+    both attentions with a learned distance bias −softplus(r_h)·d² per head, computed in the kernel from positions."""
     def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto',
                  locality: bool = True):
         super().__init__()
@@ -169,12 +162,6 @@ class DecoderLayer(nn.Module):
         reach = lambda: nn.Parameter(torch.full((heads,), -2.)) if locality else None  # softplus(-2) ≈ 0.13 / patch²
         self.reach_cross, self.reach_self = reach(), reach()
 
-    def locality(self, reach: Tensor | None, d2: Tensor, dtype, B: int) -> Tensor | None:
-        """Attention bias `(B, H, N, M)` = −softplus(reach_h)·d² from squared distances `d2` (B or 1, N, M) in patch
-        units (a batch of 1 is broadcast, not copied); None without locality."""
-        if reach is None: return None
-        return (-F.softplus(reach)[:, None, None] * d2[:, None]).to(dtype).expand(B, -1, -1, -1)
-
     def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
         B, N, _ = t.shape
         return t.view(B, N, n, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)   # n x (B, H, N, D)
@@ -183,19 +170,20 @@ class DecoderLayer(nn.Module):
         B, H, N, D = o.shape
         return o.transpose(1, 2).reshape(B, N, H * D)
 
-    def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor, cross_d2: Tensor,
-                self_d2: Tensor) -> Tensor:
-        """Queries `x` (B, Nq, dim) attend to `mem` (B, Ns, dim) rows `cross_idx` (B, G, k), then to queries
-        `self_idx` (B, G, M); `*_d2`: squared distances (B or 1, Nq, k or M)."""
+    def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor, qpos: Tensor,
+                kpos: Tensor) -> Tensor:
+        """Queries `x` (B, Nq, dim) at `qpos` (B, Nq, 2) attend to `mem` (B, Ns, dim) at `kpos` (B, Ns, 2), rows
+        `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); positions in patch units."""
+        loc = lambda reach, kp: None if reach is None else (qpos, kp, -F.softplus(reach))   # coef_h = −softplus(r_h)
         q, = self._heads(self.q(self.norm_q(x)), 1)
         k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        bias = self.locality(self.reach_cross, cross_d2, q.dtype, q.shape[0])
         # memory rows: knn ids
-        x = x + self.cross_proj(self._merge(cluster_attention(q, k, v, cross_idx, bias, self.impl, check_idx=False)))
+        o = cluster_attention(q, k, v, cross_idx, impl=self.impl, check_idx=False, locality=loc(self.reach_cross, kpos))
+        x = x + self.cross_proj(self._merge(o))
         q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        bias = self.locality(self.reach_self, self_d2, q.dtype, q.shape[0])
         # query windows
-        x = x + self.self_proj(self._merge(cluster_attention(q, k, v, self_idx, bias, self.impl, check_idx=False)))
+        o = cluster_attention(q, k, v, self_idx, impl=self.impl, check_idx=False, locality=loc(self.reach_self, qpos))
+        x = x + self.self_proj(self._merge(o))
         return x + self.mlp(self.norm_m(x))
 
 # %% ../nbs/07_mae.ipynb #0dd3dbd5
@@ -322,8 +310,7 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
     B, dev = stages[0].x.shape[0], stages[0].x.device
     cl, rows = self.queries(mask, h, w, B, dev, n_masked)
     x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
-    if self.kind == 'point': self_d2 = neighbour_dist2(cl.pos, cl.pos, cl.nbhd)
-    else: qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
+    if self.kind == 'deformable': qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
     preds = []
     for s, (proj, layer, t) in enumerate(zip(self.proj, self.layers, reversed(stages))):
         pos = t.pos / self.patch                                                # pixels -> patch units
@@ -337,7 +324,7 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
             if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
             else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
                                     query=cl.centres)
-            x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, neighbour_dist2(cl.pos, pos, idx), self_d2)
+            x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, cl.pos, pos)
         if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
     return preds
 

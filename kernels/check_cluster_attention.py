@@ -1,6 +1,7 @@
 """GPU correctness check of affmae.cluster_attention's Triton kernels against the float64 reference: forward and the
-gradients of q, k, v, bias and the blank key/value on >= 200 random ragged cases at real sizes, in bf16, fp16 and
-fp32 (padding, duplicate indices, fully padded clusters, huge logits, strided q/k/v, with and without a blank token).
+gradients of q, k, v, bias, the blank key/value and the locality coefficients on >= 200 random ragged cases at real
+sizes, in bf16, fp16 and fp32 (padding, duplicate indices, fully padded clusters, huge logits, strided q/k/v, with and
+without a blank token, with and without the in-kernel locality bias from positions).
 Exit code 1 on any failure.
 Usage: AFFMAE_AUTOTUNE=0 PYTHONPATH=. python kernels/check_cluster_attention.py [--n 240] [--start 0]
 (compiling the many kernel variants dominates; run seed ranges in parallel processes to use the CPU cores)."""
@@ -29,6 +30,11 @@ def case(g, dev):
     else: q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (N, Nk, Nk))
     bias = torch.randn(B, H, N, M, generator=g) if r(0, 1) else None
     blank = [torch.randn(H, D, generator=g) for _ in range(2)] if r(0, 1) else None
+    loc = None
+    if r(0, 1):   # the decoder's locality: coef_h * |qpos - kpos|^2, positions in patch units
+        reach = 500. if huge else 60.
+        loc = [torch.rand(B, N, 2, generator=g) * reach, torch.rand(B, Nk, 2, generator=g) * reach,
+               -torch.rand(H, generator=g) * 0.3]
     if huge:
         q, k = q * 30, k * 30
         if bias is not None: bias = bias * 3e3
@@ -36,21 +42,26 @@ def case(g, dev):
     if r(0, 1): idx = idx.int()
     cvt = lambda t: t.to(dev, dtype)
     blank = [cvt(t) for t in blank] if blank is not None else None
-    return dtype, (cvt(q), cvt(k), cvt(v)), idx.to(dev), (cvt(bias) if bias is not None else None), blank, huge, strided
+    loc = [t.to(dev) for t in loc] if loc is not None else None      # positions and coefficients stay fp32
+    return dtype, (cvt(q), cvt(k), cvt(v)), idx.to(dev), (cvt(bias) if bias is not None else None), blank, loc, huge, \
+        strided
 
 def run(seed, dev):
     g = torch.Generator().manual_seed(seed)
-    dtype, (q, k, v), idx, bias, blank, huge, strided = case(g, dev)
-    ins = [q, k, v] + ([bias] if bias is not None else []) + (blank or [])
+    dtype, (q, k, v), idx, bias, blank, loc, huge, strided = case(g, dev)
+    ins = [q, k, v] + ([bias] if bias is not None else []) + (blank or []) + ([loc[2]] if loc else [])
     xs = [t.detach().clone().requires_grad_() for t in ins]
     if strided:   # keep the fused-projection layout for the kernel
         qkv = torch.stack([q, k, v]).detach().permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
         qkv.requires_grad_()
         xs[:3] = qkv.unbind(0)
     rs = [t.detach().double().requires_grad_() for t in ins]
-    opt = lambda ts: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[-2:]) if blank else None)
-    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs))
-    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs))
+    nb = 3 + (bias is not None)   # where the blank's pair starts among the inputs
+    opt = lambda ts, pos: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[nb:nb + 2]) if blank else None,
+                               locality=(*pos, ts[-1]) if loc else None)
+    pos = loc[:2] if loc else None
+    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs, pos))
+    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs, [t.double() for t in pos] if loc else None))
     go = torch.randn(ref.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev, dtype=torch.float64)
     grads = torch.autograd.grad(out, xs, go.to(dtype))
     rgrads = torch.autograd.grad(ref, rs, go)
@@ -61,7 +72,7 @@ def run(seed, dev):
     ok = finite and errs[0] < tf and all(e < tg for e in errs[1:])
     desc = (f"B={q.shape[0]} H={q.shape[1]} N={q.shape[2]} G={idx.shape[1]} M={idx.shape[2]} Nk={k.shape[2]} "
             f"D={q.shape[3]} {str(dtype)[6:]} bias={bias is not None} blank={blank is not None} huge={huge} "
-            f"strided={strided} idx={str(idx.dtype)[6:]}")
+            f"locality={loc is not None} strided={strided} idx={str(idx.dtype)[6:]}")
     return ok, errs, desc, dtype
 
 def main():
@@ -77,7 +88,7 @@ def main():
         if seed % 40 == 39: print(f"{seed + 1} cases, {fails} failures, {time.time() - t0:.0f} s", flush=True)
         if not ok:
             fails += 1
-            print(f"FAIL seed {seed}: {desc} errors (out, dq, dk, dv[, dbias][, dk_blank, dv_blank]) = "
+            print(f"FAIL seed {seed}: {desc} errors (out, dq, dk, dv[, dbias][, dk_blank, dv_blank][, dcoef]) = "
                   f"{[f'{e:.2e}' for e in errs]}")
     print(f"\ncluster attention check on {torch.cuda.get_device_name()}: {a.n} random cases, {fails} failures, "
           f"{time.time() - t0:.0f} s")

@@ -1,40 +1,57 @@
 #!/usr/bin/env bash
-# One device call: the fused LayerNorm's GPU check, then `affmae bench` of affmae_base beside vitmae_base (captured
-# and eager, no profile) with every size in a fresh process, so that no row inherits memory from the one before,
-# merged into $OUT/bench_results.json; then AFFMAE-Base at 2048² batch 4 under 24 GiB, and the captured-vs-eager check.
+# One device call: kernel checks (CHECKS: layer_norm, cluster_attention), then `affmae bench` of affmae_base beside
+# vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row inherits memory from
+# the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps the rows done); then, if
+# time is left (TOTAL_S), AFFMAE-Base at 2048² batch 4 under 24 GiB and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
+#   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 bash kernels/session_bench_fresh.sh
 #   ARCHS=affmae_tiny,vitmae_tiny ROWS="64:2 32:4" TINY=1 OUT=/tmp/o bash kernels/session_bench_fresh.sh   # CPU check
 set -uo pipefail
 t0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -z "${TINY:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
   export PYTHONPATH=.:/tmp/site
 else export PYTHONPATH=.; fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 log=$OUT/session_gpu.log
-step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" > /tmp/step.log 2>&1; local rc=$?; grep -v 'USDT\|SyncActivityProfilerHandler' /tmp/step.log | tail -40 >> "$log"; return $rc; }
+step() {   # step LIMIT_S COMMAND...: run with a time limit, log the command and the tail of its output
+  local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"
+  timeout "$t" "$@" > /tmp/step.log 2>&1; local rc=$?
+  grep -v 'USDT\|SyncActivityProfilerHandler' /tmp/step.log | tail -40 >> "$log"; return $rc
+}
+left() { echo $(( ${TOTAL_S:-585} - $(date +%s) + t0 )); }
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
-step 120 python3 kernels/check_layer_norm.py --out "$OUT" ${TINY:+--tiny}
+for c in ${CHECKS-layer_norm}; do
+  case $c in
+    layer_norm) step 120 python3 kernels/check_layer_norm.py --out "$OUT" ${TINY:+--tiny} ;;
+    cluster_attention)
+      step 120 env AFFMAE_AUTOTUNE=0 python3 kernels/check_cluster_attention.py --n "${CA_CASES:-120}" ;;
+  esac
+done
 parts=()
 for row in ${ROWS:-512:32 1024:8 2048:2 256:8 256:16 256:32 256:128}; do
-  s=${row%:*}; b=${row#*:}
+  [ "$(left)" -lt 60 ] && { echo "== no time left for $row" | tee -a "$log"; break; }
+  s=${row%:*}; b=${row#*:}; part=/tmp/bench_${s}_${b}.json
   step 90 python3 -m affmae.bench --archs "${ARCHS:-affmae_base,vitmae_base}" --sizes "$s" --bs "$b" --steps 10 \
-    --warmup 3 --no_profile --json "/tmp/bench_${s}_${b}.json" && parts+=("/tmp/bench_${s}_${b}.json")
-done
-python3 - "$OUT/bench_results.json" "${parts[@]}" <<'PY'
+    --warmup 3 --no_profile --json "$part" || continue
+  parts+=("$part")
+  python3 - "$OUT/bench_results.json" "${parts[@]}" <<'PY'
 import json, sys
 out, parts = sys.argv[1], [json.load(open(p)) for p in sys.argv[2:]]
 res = dict(parts[0], records=[r for p in parts for r in p['records']],
            command='; '.join(p['command'] for p in parts) + '  (one process per size)')
 open(out, 'w').write(json.dumps(res, indent=1))
-print(f'{len(res["records"])} records from {len(parts)} processes -> {out}')
 PY
-[ -z "${TINY:-}" ] && step 90 python3 -c "
+done
+if [ -z "${TINY:-}" ] && [ "$(left)" -gt 60 ]; then
+  step 90 python3 -c "
 from affmae.bench import run_bench
 run_bench(['affmae_base'], sizes=(2048,), bs=(4,), steps=3, warmup=3, profile=False, mem_gib=24,
           modes=('captured',), json_path='$OUT/bench_24gib.json')"
-left=$(( 585 - $(date +%s) + t0 ))
-[ -z "${TINY:-}" ] && [ "$left" -gt 30 ] && step "$left" python3 kernels/check_capture.py --out "$OUT/check_capture.json"
+fi
+[ -z "${TINY:-}" ] && [ "$(left)" -gt 30 ] && \
+  step "$(left)" python3 kernels/check_capture.py --out "$OUT/check_capture.json"
 echo "== $(date -u +%T) done in $(( $(date +%s) - t0 )) s" | tee -a "$log"

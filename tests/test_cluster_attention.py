@@ -30,18 +30,44 @@ def random_case(g: torch.Generator, dtype, huge=False):
     cast = lambda t: t.to(dtype) if t is not None else None
     return [cast(t) for t in (q, k, v)], idx, cast(bias), (None if blank is None else [cast(t) for t in blank])
 
-def check(seed, dtype, impl='triton', huge=False, blank=None):
-    "One random case against the float64 reference; `blank` forces the blank token on (True) or off (False)."
+def dense_locality(qpos, kpos, coef, idx):
+    "The locality term as a dense float64 bias `(B, H, N, M)`, built independently: coef_h·‖qpos_n − kpos_j‖²."
+    B, G, M = idx.shape
+    kp = kpos.double()[torch.arange(B)[:, None, None], idx.clamp_min(0)]          # (B, G, M, 2); padding masked anyway
+    d2 = (qpos.double().view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, -1, M)
+    return coef[:, None, None] * d2[:, None]
+
+def random_locality(g, B, H, N, Nk, large=False):
+    """fp32 positions and coefficients: within 8 patches, coefficients of either sign; or `large`, positions near 500
+    within 40 of each other and coefficients around -0.1, so that the term spans hundreds of logits."""
+    base, span = (460., 40.) if large else (0., 8.)
+    qpos, kpos = (base + span * torch.rand(B, n, 2, generator=g) for n in (N, Nk))
+    coef = -(0.05 + 0.1 * torch.rand(H, generator=g)) if large else 0.3 * torch.randn(H, generator=g)
+    return qpos, kpos, coef
+
+def check(seed, dtype, impl='triton', huge=False, blank=None, loc=None):
+    """One random case against the float64 reference; `blank` forces the blank token on (True) or off (False);
+    `loc` adds the locality term ('large': large positions), checked against its dense float64 bias."""
     g = torch.Generator().manual_seed(seed)
     (q, k, v), idx, bias, bl = random_case(g, dtype, huge)
     if blank is False: bl = None
     elif blank and bl is None: bl = [torch.randn(q.shape[1], q.shape[3], generator=g).to(dtype) for _ in range(2)]
-    ins = [q, k, v] + ([bias] if bias is not None else []) + (bl or [])
+    if loc:
+        qpos, kpos, coef = random_locality(g, q.shape[0], q.shape[1], q.shape[2], k.shape[2], loc == 'large')
+        idx[-1, -1] = -1                                                             # an all-padded cluster
+    ins = [q, k, v] + ([bias] if bias is not None else []) + (bl or []) + ([coef] if loc else [])
     xs = [t.clone().requires_grad_() for t in ins]
     rs = [t.double().requires_grad_() for t in ins]
-    opt = lambda ts: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[-2:]) if bl else None)
-    out = cluster_attention(*xs[:3], idx, impl=impl, **opt(xs))
-    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs))
+    opt = lambda ts: dict(bias=ts[3] if bias is not None else None,
+                          blank=tuple(ts[3 + (bias is not None):][:2]) if bl else None)
+    out = cluster_attention(*xs[:3], idx, impl=impl, **opt(xs), locality=(qpos, kpos, xs[-1]) if loc else None)
+    ro = opt(rs)
+    if loc:
+        d2 = dense_locality(qpos, kpos, torch.ones(q.shape[1], dtype=torch.float64), idx)   # (B, H, N, M)
+        dense = rs[-1][:, None, None] * d2
+        dense.retain_grad()                                                          # dS, to scale coef's error
+        ro['bias'] = dense if bias is None else ro['bias'] + dense
+    ref = cluster_attention_ref(*rs[:3], idx, **ro)
     assert out.dtype == dtype and out.shape == ref.shape
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     out.backward(go.to(dtype)); ref.backward(go)
@@ -49,8 +75,15 @@ def check(seed, dtype, impl='triton', huge=False, blank=None):
     if huge: tf, tg = 4 * tf, 4 * tg   # logits ~1e4 carry an absolute fp32 rounding of ~1e-3 into every exponent
     assert torch.isfinite(out).all() and all(torch.isfinite(x.grad).all() for x in xs)
     assert rel(out, ref) < tf, (seed, rel(out, ref))
-    names = ['q', 'k', 'v'] + (['bias'] if bias is not None else []) + (['k_blank', 'v_blank'] if bl else [])
-    for name, x, r in zip(names, xs, rs): assert rel(x.grad, r.grad) < tg, (seed, name, rel(x.grad, r.grad))
+    names = ['q', 'k', 'v'] + (['bias'] if bias is not None else []) + (['k_blank', 'v_blank'] if bl else []) + \
+            (['coef'] if loc else [])
+    for name, x, r in zip(names, xs, rs):
+        if name == 'coef':   # sums of dS·d²: the error relative to Σ|dS|·d² (floored for all-zero references)
+            d2v = d2[:, 0][(idx >= 0).repeat_interleave(q.shape[2] // idx.shape[1], 1)]   # valid pairs
+            scale = (dense.grad.abs() * d2).sum() + 1e-2 * d2v.square().mean().sqrt().nan_to_num()
+            err = ((x.grad - r.grad).abs().sum() / scale.clamp_min(1e-30)).item()
+        else: err = rel(x.grad, r.grad)
+        assert err < tg, (seed, name, err)
     empty = (idx < 0).all(-1)   # fully padded clusters: the blank's value (zeros without a blank), zero dq without
     rows = empty.repeat_interleave(q.shape[2] // idx.shape[1], 1)[:, None].expand(out.shape[:3])
     if bl is None: assert (out.detach()[rows] == 0).all() and (xs[0].grad[rows] == 0).all()
@@ -72,6 +105,53 @@ def test_torch_path(seed): check(seed, torch.float32, impl='torch')
 @pytest.mark.parametrize('seed', range(400, 410))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 def test_triton_blank(seed, dtype): check(seed, dtype, blank=True)
+
+@pytest.mark.parametrize('seed', range(500, 512))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_triton_locality(seed, dtype): check(seed, dtype, loc=True)
+
+@pytest.mark.parametrize('seed', range(520, 526))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_triton_locality_large(seed, dtype): check(seed, dtype, loc='large')
+
+@pytest.mark.parametrize('seed', range(540, 544))
+def test_torch_locality(seed): check(seed, torch.float32, impl='torch', loc=(True, 'large')[seed % 2])
+
+@pytest.mark.parametrize('seed', range(560, 564))
+def test_triton_locality_blank(seed): check(seed, torch.float32, blank=True, loc=True)
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+def test_locality_is_bias(impl):
+    """`locality` gives what the dense bias of the same positions gives, in outputs and gradients (`coef`'s through
+    the bias), with positions of any float dtype and strides (a batch-broadcast `qpos`, a `kpos` with padded rows);
+    the positions get no gradient."""
+    g = torch.Generator().manual_seed(13)
+    B, H, N, Nk, D, G, M = 2, 2, 24, 30, 16, 3, 13
+    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_() for n in (N, Nk, Nk))
+    idx = torch.randint(-1, Nk, (B, G, M), generator=g)
+    qpos = (torch.rand(1, N, 2, generator=g) * 10).double().expand(B, -1, -1).requires_grad_()
+    kpos = (torch.rand(B, Nk, 3, generator=g) * 10)[..., :2]
+    coef = torch.randn(H, generator=g).requires_grad_()
+    go = torch.randn(B, H, N, D, generator=g)
+    outs = []
+    for opt in (dict(locality=(qpos, kpos, coef)), dict(bias=dense_locality(qpos.detach(), kpos, coef, idx).float())):
+        for t in (q, k, v, coef): t.grad = None
+        o = cluster_attention(q, k, v, idx, impl=impl, **opt)
+        o.backward(go)
+        outs.append([o.detach()] + [t.grad.clone() for t in (q, k, v, coef)])
+    for a, b in zip(*outs): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)   # scores ~100: fp32 rounding
+    assert qpos.grad is None and outs[0][-1].dtype == torch.float32
+
+def test_locality_bf16_plumbing():
+    "bf16 q/k/v (the interpreter's bf16 dots are wrong: dtypes and finiteness only), fp32 coef: fp32 gradient."
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(1, 2, 16, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    qpos, kpos, coef = random_locality(g, 1, 2, 16, 16)
+    coef.requires_grad_()
+    out = cluster_attention(q, k, v, torch.randint(-1, 16, (1, 2, 8), generator=g), impl='triton',
+                            locality=(qpos.half(), kpos, coef))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and coef.grad.dtype == torch.float32 and torch.isfinite(coef.grad).all()
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
 def test_blank_only(impl):
@@ -100,6 +180,7 @@ def test_strided_inputs():
 def test_errors():
     q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
     idx = torch.zeros(1, 2, 4, dtype=torch.long)
+    pq, pk, c = torch.rand(1, 8, 2), torch.rand(1, 10, 2), torch.randn(2)
     f = lambda **kw: cluster_attention(**{**dict(q=q, k=k, v=v, nbhd_idx=idx, impl='triton'), **kw})
     for kw, err, msg in [(dict(k=torch.randn(1, 2, 10, 8)), ValueError, 'k and v must have the same shape'),
                          (dict(k=torch.randn(1, 3, 10, 16), v=torch.randn(1, 3, 10, 16)), ValueError, 'k/v must be'),
@@ -117,7 +198,13 @@ def test_errors():
                          (dict(blank=torch.randn(2, 16)), TypeError, 'blank must be a pair'),
                          (dict(blank=(torch.randn(2, 16), torch.randn(3, 16))), ValueError, 'v_blank must be (H, D)'),
                          (dict(blank=(torch.randn(2, 8), torch.randn(2, 16))), ValueError, 'k_blank must be (H, D)'),
-                         (dict(blank=(torch.randn(2, 16), None)), TypeError, 'v_blank must be a torch.Tensor')]:
+                         (dict(blank=(torch.randn(2, 16), None)), TypeError, 'v_blank must be a torch.Tensor'),
+                         (dict(locality=(pq, pk)), TypeError, 'locality must be a triple'),
+                         (dict(locality=(pq[:, :4], pk, c)), ValueError, 'qpos must be (B, N, 2)'),
+                         (dict(locality=(pq, pq, c)), ValueError, 'kpos must be (B, Nk, 2)'),
+                         (dict(locality=(pq, pk, c[:1])), ValueError, 'coef must be (H,)'),
+                         (dict(locality=(pq, pk.long(), c)), TypeError, 'kpos must be floating point'),
+                         (dict(locality=(pq, pk, 0.1)), TypeError, 'coef must be a torch.Tensor')]:
         with pytest.raises(err, match=None) as e: f(**kw)
         assert msg in str(e.value), (msg, str(e.value))
 
@@ -204,3 +291,26 @@ def test_blank_cast():
     cluster_attention_ref(q.double(), k.double(), v.double(), idx, blank=tuple(ref_blank)).sum().backward()
     for t, r in zip(blank, ref_blank):
         assert t.grad.dtype == torch.float32 and rel(t.grad, r.grad) < TOL[torch.float16][1]
+
+
+def test_decoder_locality():
+    """The point decoder's layers pass their distance bias as `locality`: the Triton path gives the torch path's
+    outputs and gradients, the distance parameters included, with queries at every patch (batch-broadcast positions)
+    and at the masked ones."""
+    from affmae.registry import create_model
+    torch.manual_seed(0)
+    img = torch.randn(2, 1, 64, 64)
+    models = [create_model('affmae_tiny', impl=impl) for impl in ('torch', 'triton')]
+    models[1].load_state_dict(models[0].state_dict())
+    mask = models[0].make_mask(img)
+    for m in models:
+        stages = m.encoder(img, mask)
+        m.zero_grad()
+        m.out = [m.decoder(stages, 8, 8, mask)[-1], m.decoder(stages, 8, 8)[-1]]
+        sum(p.square().sum() for p in m.out).backward()
+    for a, b in zip(models[0].out, models[1].out): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    for layer_a, layer_b in zip(models[0].decoder.layers, models[1].decoder.layers):
+        for name in ('reach_cross', 'reach_self'):
+            ga, gb = getattr(layer_a, name).grad, getattr(layer_b, name).grad
+            assert ga.abs().sum() > 0
+            torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
