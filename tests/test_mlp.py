@@ -17,7 +17,7 @@ def plain(m: Mlp) -> nn.Sequential:
 
 
 def run(model, x, dtype=None):
-    "Output and every gradient (input first) of `model(x)` for a fixed upstream gradient, under CPU autocast if `dtype`."
+    "Output and every gradient (input first) of `model(x)` for a fixed upstream gradient; CPU autocast if `dtype`."
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
     with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
