@@ -21,7 +21,7 @@ from .registry import create_model, list_models, register_model
 # %% auto #0
 __all__ = ['MAX_REL_OFFSET', 'Tokens', 'visible_ids', 'patch_positions', 'PatchEmbed', 'ConvStem', 'RelPosBias',
            'rel_pos_features', 'RelPosLinear', 'DropPath', 'ClusterAttention', 'global_nbhd', 'GlobalAttention',
-           'AFFBlock', 'run_block', 'AFFEncoder', 'aff_mini', 'aff_small', 'aff_base', 'show_stages']
+           'AFFBlock', 'stage_flags', 'run_block', 'AFFEncoder', 'aff_mini', 'aff_small', 'aff_base', 'show_stages']
 
 # %% ../nbs/06_aff.ipynb #f99825e4
 class Tokens(NamedTuple):
@@ -220,6 +220,13 @@ class AFFBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 # %% ../nbs/06_aff.ipynb #e901dee5
+def stage_flags(flag, n: int) -> tuple[bool, ...]:
+    "`flag` (one bool for every stage, or one per stage) as `n` per-stage bools."
+    if isinstance(flag, (bool, int)): return (bool(flag),) * n
+    flags = tuple(bool(f) for f in flag)
+    if len(flags) != n: raise ValueError(f"checkpoint needs one flag per stage ({n}), got {len(flags)}")
+    return flags
+
 def run_block(blk: nn.Module, checkpoint: bool, *args):
     "`blk(*args)`, recomputed in the backward instead of storing its activations if `checkpoint` (and training)."
     if not (checkpoint and torch.is_grad_enabled()): return blk(*args)
@@ -232,7 +239,7 @@ class AFFEncoder(nn.Module):
     def __init__(self, dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (1, 1, 2, 1),
                  heads: Sequence[int] = (1, 2, 4, 6), patch: int = 8, in_chans: int = 1, nbhd: int = 64,
                  cluster: int = 8, ds: float | Sequence[float] = 0.4, mlp_ratio: float = 3., drop_path: float = 0.,
-                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool = False,
+                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool | Sequence[bool] = False,
                  stem: str = 'linear', rpe: str = 'stage', global_last: bool = False, blank: bool = False):
         super().__init__()
         S = len(dims)
@@ -245,7 +252,7 @@ class AFFEncoder(nn.Module):
         if rpe not in ('stage', 'block'): raise ValueError(f"rpe must be 'stage' or 'block', got {rpe!r}")
         self.stem, self.rpe, self.global_last = stem, rpe, global_last
         self.dims, self.depths, self.heads, self.ds = tuple(dims), tuple(depths), tuple(heads), tuple(ds)
-        self.patch, self.in_chans, self.nbhd, self.cluster, self.checkpoint = patch, in_chans, nbhd, cluster, checkpoint
+        self.patch, self.in_chans, self.nbhd, self.cluster, self.checkpoint = patch, in_chans, nbhd, cluster, stage_flags(checkpoint, S)
         self.embed = (ConvStem if stem == 'conv' else PatchEmbed)(dims[0], patch, in_chans)
         dp = [drop_path * i / max(1, sum(depths) - 1) for i in range(sum(depths))]   # linear stochastic-depth schedule
         self.stages, self.rpes, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -293,7 +300,7 @@ def forward_tokens(self: AFFEncoder, x: Tensor, pos: Tensor, valid: Tensor | Non
         x, pos, valid = gather_rows(x, cl.order), cl.pos, cl.valid
         nbhd = global_nbhd(valid) if self.global_last and s == len(self.stages) - 1 else cl.nbhd
         for blk, bias in zip(blocks, self.block_biases(s, pos, nbhd)):
-            x = run_block(blk, self.checkpoint, x, nbhd, bias)
+            x = run_block(blk, self.checkpoint[s], x, nbhd, bias)
         outs.append(Tokens(self.norms[s](x) * valid[..., None], pos, valid))
         if clusters is not None: clusters.append(cl)
     return outs

@@ -5,13 +5,14 @@
 # %% ../nbs/07_mae.ipynb #860379f8
 from __future__ import annotations
 import math
+from typing import Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention
-from .aff import AFFEncoder, Tokens, register_model, run_block
+from .aff import AFFEncoder, Tokens, register_model, run_block, stage_flags
 from .mlp import Mlp
 from .layer_norm import LayerNorm
 
@@ -268,7 +269,7 @@ class PointDecoder(nn.Module):
     first, by `kind` layers: 'point' (`DecoderLayer`) or the published 'deformable' (`DeformableLayer`)."""
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
                  group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True,
-                 checkpoint: bool = False, kind: str = 'point', points: int = 4, nearest: int = 4,
+                 checkpoint: bool | Sequence[bool] = False, kind: str = 'point', points: int = 4, nearest: int = 4,
                  dropout: float = .1, supervised=None):
         super().__init__()
         if kind not in DECODERS: raise ValueError(f"decoder must be one of {DECODERS}, got {kind!r}")
@@ -278,7 +279,7 @@ class PointDecoder(nn.Module):
         if not self.head_at or not ok:
             raise ValueError(f"supervised must be increasing layer indices in [0, {S}), got {supervised!r}")
         self.patch, self.dim, self.k, self.group, self.window = patch, dim, k, group, window
-        self.checkpoint, self.kind = checkpoint, kind
+        self.checkpoint, self.kind = stage_flags(checkpoint, S)[::-1], kind     # per layer, coarsest first
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
         layer = (lambda: DecoderLayer(dim, heads, mlp_ratio, impl, locality)) if kind == 'point' else \
@@ -318,13 +319,13 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
         cs = None if clusters is None else clusters[-1 - s]
         if self.kind == 'deformable':
             kkeys = None if cs is None else (cs.centres / self.patch, cs.cluster_size)
-            x = _run_random(layer, self.checkpoint, x, cl.pos, cl.valid, qkeys, qscale, mem, pos, t.valid, kkeys,
+            x = _run_random(layer, self.checkpoint[s], x, cl.pos, cl.valid, qkeys, qscale, mem, pos, t.valid, kkeys,
                             _spacing(t.valid, h * w))
         else:
             if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
             else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
                                     query=cl.centres)
-            x = run_block(layer, self.checkpoint, x, mem, idx, cl.nbhd, cl.pos, pos)
+            x = run_block(layer, self.checkpoint[s], x, mem, idx, cl.nbhd, cl.pos, pos)
         if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
     return preds
 
@@ -349,8 +350,8 @@ class AFFMAE(MAEBase):
     'deformable') with deep supervision: `ds_weights` per stage, coarsest first; 0 = no head there."""
     def __init__(self, encoder: AFFEncoder, dec_dim: int = 384, dec_heads: int = 6, k: int = 64, group: int = 16,
                  window: int = 64, dec_mlp_ratio: float = 4., ds_weights=(.5, .5, .5, 1.), impl: str = 'auto',
-                 dec_locality: bool = True, checkpoint: bool = False, decoder: str = 'point', dec_points: int = 4,
-                 dec_nearest: int = 4, dec_dropout: float = .1, **kw):
+                 dec_locality: bool = True, checkpoint: bool | Sequence[bool] = False, decoder: str = 'point',
+                 dec_points: int = 4, dec_nearest: int = 4, dec_dropout: float = .1, **kw):
         S = len(encoder.dims)
         if len(ds_weights) != S:
             raise ValueError(f"ds_weights needs one weight per encoder stage ({S}), got {len(ds_weights)}")
