@@ -75,6 +75,17 @@ def mae_models() -> list[str]:
     from affmae.registry import list_models
     return list_models('pretraining')
 
+def _checkpoint_flags(arch: str, stages: str | None) -> bool | tuple[bool, ...]:
+    "`--checkpoint`'s per-stage flags for `arch` from `--checkpoint-stages` (None: every stage), checked."
+    if stages is None: return True
+    import torch
+    from affmae.registry import create_model
+    with torch.device('meta'): n = len(create_model(arch).encoder.dims)           # no weights allocated
+    ids = stages.split(',')
+    _require(all(s.strip().isdigit() and int(s) < n for s in ids),
+             f"--checkpoint-stages must be stage numbers in [0, {n}), comma-separated, got {stages!r}")
+    return tuple(str(s) in [i.strip() for i in ids] for s in range(n))
+
 def check_device(device: str | None = None) -> str:
     "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."
     import torch
@@ -134,6 +145,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              norm_pix: store_true = False, # MAE's per-patch normalised targets (default: raw pixels, see 07_mae)
              no_capture: store_true = False, # eager steps instead of one replayed CUDA graph per step (GPU)
              checkpoint: store_true = False, # activation checkpointing (affmae models): less memory, more compute
+             checkpoint_stages: str = None, # with --checkpoint, only these stages, fine to coarse: e.g. 0 or 0,1
              seed: int = 0):            # random seed (Python, NumPy, torch, data loaders)
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from fastai.torch_core import set_seed
@@ -160,6 +172,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
+    _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
+    ckpt = _checkpoint_flags(arch, checkpoint_stages) if checkpoint else None
     if isinstance(data, list) and len(data) == 1: data = data[0]
     for p in [] if data in (None, 'synthetic') or is_shards(data) else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")
@@ -176,7 +190,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision='fp32' if precision == 'none' else precision, recipe=recipe,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',
-                        capture=not no_capture, **(dict(checkpoint=True) if checkpoint else {}))
+                        capture=not no_capture, **(dict(checkpoint=ckpt) if checkpoint else {}))
     start = learn.load_checkpoint(resume) if resume else 0
     _require(start < epochs, f"--resume: the checkpoint ends epoch {start}; --epochs {epochs} leaves nothing to train")
     if resume:
