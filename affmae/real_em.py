@@ -19,14 +19,19 @@ def load_results(path):
     return json.loads(Path(path).read_text())
 
 def model_name(r):
-    "A run's label: `arch (init)`, or just `unet` (always from scratch); a `variant` (e.g. another head) appended."
+    "A run's label: `arch (init)`, or just `unet` (always from scratch); its `variant` and `seed`, if any, appended."
     name = r['arch'] if r['arch'] == 'unet' else f"{r['arch']} ({r['init']})"
-    return f"{name}, {r['variant']}" if r.get('variant') else name
+    return name + (f", {r['variant']}" if r.get('variant') else '') + (f", seed {r['seed']}" if 'seed' in r else '')
 
 def find_run(runs, arch, init, frac, variant=None):
-    "The run of `arch` from `init` at label fraction `frac`, of `variant` (None: the main runs); None if absent."
-    return next((r for r in runs if (r['arch'], r['init'], r.get('variant')) == (arch, init, variant)
-                 and np.isclose(r['label_frac'], frac)), None)
+    """The run of `arch` from `init` at label fraction `frac`, of `variant` (None: the main runs); None if absent.
+    Over several seeds: the first run's record with its scores averaged, `n_seeds` and the mIoU's spread `miou_sd`."""
+    rs = [r for r in runs if (r['arch'], r['init'], r.get('variant')) == (arch, init, variant)
+          and np.isclose(r['label_frac'], frac)]
+    if len(rs) < 2: return rs[0] if rs else None
+    mean = lambda k: None if any(r[k] is None for r in rs) else float(np.mean([r[k] for r in rs]))
+    return {**rs[0], **{k: mean(k) for k in ('miou', 'fg_iou', 'dice')}, 'n_seeds': len(rs),
+            'miou_sd': float(np.std([r['miou'] for r in rs]))}
 
 def results_table(res):
     "Markdown table of every fine-tuning run: set, labels, model, steps, seconds, held-out mIoU, fg IoU and fg Dice."

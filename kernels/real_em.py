@@ -21,7 +21,8 @@ few images per split).
    steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
    wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
    pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a `variant`. Same crops,
-   dihedral flips, CE + Dice loss, AdamW one-cycle for every model.
+   dihedral flips, CE + Dice loss, AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed
+   (its own labelled subset, initialisation and crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
@@ -58,7 +59,9 @@ p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per
 p.add_argument('--ft-lr', type=float, default=1e-3)
 p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
 p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay over this many levels (`decay_steps`)')
-p.add_argument('--seed', type=int, default=0)
+p.add_argument('--seed', type=int, default=0, help='seed of pretraining and of the loaders')
+p.add_argument('--ft-seeds', default=None,
+               help='fine-tuning seeds, comma-separated (each: labelled subset, initialisation, crops); default --seed')
 p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
 p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
@@ -74,6 +77,7 @@ PB, B = (4, 4) if tiny else (a.pre_bs, a.bs)
 ARCHS = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
 UNET_KW = dict(width=8) if tiny else {}
 FRACS = [float(f) for f in a.fracs.split(',')]
+SEEDS = [int(x) for x in a.ft_seeds.split(',')] if a.ft_seeds else [a.seed]
 PRE_LR = dict(zip(ARCHS, map(float, a.pre_lr.split(','))))
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
@@ -239,13 +243,13 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, variant=None, decay_depth=a.decay_depth, **kw):
-    "Fine-tune one model for `steps` steps on `frac` of the labels; scores on the held-out images, whole."
+def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, **kw):
+    "Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`); scores on the held-out images."
     tds = dls.train.dataset
     tds.idxs, tds.n = list(dls.all_idxs), B * steps
     dls.train.n = tds.n
-    label_subset(dls, frac, a.seed)
-    torch.manual_seed(a.seed)
+    label_subset(dls, frac, seed)
+    torch.manual_seed(seed)
     pre = init == 'pretrained'
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         lr_decay=a.lr_decay if pre else None, decay_depth=decay_depth, per_class=False, **kw)
@@ -265,7 +269,7 @@ def run(dls, s, arch, init, frac, steps, variant=None, decay_depth=a.decay_depth
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou),
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
-               **({'decay_depth': decay_depth} if decay_depth else {}))
+               **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
     del learn, model; free()
     return row, example
@@ -290,31 +294,34 @@ for si, name in enumerate(names):
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
                + T.get('compare_finetune_step_s', 0)
-    steps = a.ft_steps or (4 if tiny else max(20, int((left / (len(names) - si) / len(FRACS) - 5 * (eval_s + 4))
-                                                   / (per_step * OVERHEAD))))
+    runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
+    steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
     for frac in FRACS:
         if time.time() - t0 > a.budget:                      # over budget: keep what is done, skip the rest
             res['stopped_early'] = f'{name} at {frac:.0%} of labels'; log('budget spent, stopping'); break
-        for arch, init in CONFIGS:
-            row, examples[name, frac, arch, init] = run(dls, s, arch, init, frac, steps, **HEAD)
+        for seed in SEEDS:                                   # example predictions: the first seed's
+            tag = f' seed {seed}' if len(SEEDS) > 1 else ''
+            ex = examples if seed == SEEDS[0] else {}
+            for arch, init in CONFIGS:
+                row, ex[name, frac, arch, init] = run(dls, s, arch, init, frac, steps, seed, **HEAD)
+                res['sets'][name]['runs'].append(row); save()
+                log(f"{name} {frac:.0%}{tag} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
+                    f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
+            t_aff = next(r['train_s'] for r in reversed(res['sets'][name]['runs'])
+                         if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
+            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] * OVERHEAD)))
+            if tiny: u_steps = min(u_steps, 2 * steps)          # the CPU check: mechanics, not the match
+            row, ex[name, frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, seed, **UNET_KW)
+            row['matched_to_s'] = t_aff
             res['sets'][name]['runs'].append(row); save()
-            log(f"{name} {frac:.0%} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
-                f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
-        t_aff = next(r['train_s'] for r in res['sets'][name]['runs']
-                     if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
-        u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] * OVERHEAD)))
-        if tiny: u_steps = min(u_steps, 2 * steps)              # the CPU check: mechanics, not the match
-        row, examples[name, frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, **UNET_KW)
-        row['matched_to_s'] = t_aff
-        res['sets'][name]['runs'].append(row); save()
-        log(f"{name} {frac:.0%} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
-            f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
-        for variant, kw in VARIANTS:
-            row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, variant, **kw)
-            res['sets'][name]['runs'].append(row); save()
-            log(f"{name} {frac:.0%} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
-                f"{f3(row['fg_iou'])}")
+            log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
+                f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
+            for variant, kw in VARIANTS:
+                row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, seed, variant, **kw)
+                res['sets'][name]['runs'].append(row); save()
+                log(f"{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
+                    f"{f3(row['fg_iou'])}")
     if res.get('stopped_early'): break
     truths[name] = np.array(dls.test_src.image(0)), dls.test_src.mask(0)
     del dls; free()
