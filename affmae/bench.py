@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from fastcore.script import call_parse, store_true
 from .core import best_device
+from .cli import checkpoint_flags
 from .measure import (MODES, CATEGORIES, make_images, make_optimizer, make_step, step_flops, time_steps,
                             largest_fit, fits_step, profile_step, _free, _is_oom)
 
@@ -131,7 +132,7 @@ def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=
         torch.cuda.set_per_process_memory_fraction(min(1., mem_gib*2**30/total), idx)
     res = env_info(dev) | dict(command=command, records=[],
         config=dict(amp='bf16' if amp else None, optimizer='AdamW' + (' (fused)' if dev.type == 'cuda' else ''),
-                    steps=steps, warmup=warmup, mem_gib=mem_gib))
+                    steps=steps, warmup=warmup, mem_gib=mem_gib, model_kw=model_kw))
     for size, b in zip(sizes, bs):
         for mode in modes:
             for arch in archs:
@@ -225,6 +226,7 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
           no_profile:store_true=False, # skip the torch.profiler breakdown
           device:str=None, # 'cuda' or 'cpu' (default: cuda if available)
           modes:str=None, # step modes, comma-separated: captured (CUDA graph), eager (default: both on CUDA)
+          checkpoint:str=None, # affmae models only: activation checkpointing, 'all' or stages ('0' or '0,1')
           ):
     "Benchmark models side by side: FLOPs/img, peak memory, img/s (and the largest batch), with a profile breakdown."
     size_l = [int(s) for s in sizes.split(',')]
@@ -232,9 +234,15 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
     mode_l = None if not modes else [m.strip() for m in modes.split(',')]
     if mode_l and not set(mode_l) <= set(MODES):
         raise ValueError(f"--modes: choose from {', '.join(MODES)}, got {modes!r}")
+    arch_l, kw = archs.split(','), None
+    if checkpoint:
+        if not all(a.startswith('affmae') for a in arch_l):
+            raise ValueError(f"--checkpoint is an option of the affmae models: bench them alone, not {archs}")
+        kw = dict(checkpoint=checkpoint_flags(arch_l[0], None if checkpoint == 'all' else checkpoint,
+                                                       '--checkpoint'))
     command = ' '.join(['affmae bench'] + [a for a in sys.argv[1:] if a != 'bench'])
-    res = run_bench(archs.split(','), size_l, bs_l, auto=auto, steps=steps, warmup=warmup, profile=not no_profile,
-                    device=device, mem_gib=mem_gib, max_bs=max_bs, json_path=json, modes=mode_l, command=command)
+    res = run_bench(arch_l, size_l, bs_l, auto=auto, steps=steps, warmup=warmup, profile=not no_profile, device=device,
+                    mem_gib=mem_gib, max_bs=max_bs, model_kw=kw, json_path=json, modes=mode_l, command=command)
     print(f"\n{res['device']}, {res['date']}, torch {res['versions']['torch']}, triton {res['versions']['triton']}\n")
     print(bench_table(res))
     if not no_profile: print(); print(profile_table(res)); print(); print(top_ops_table(res))

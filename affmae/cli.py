@@ -9,8 +9,8 @@ from pathlib import Path
 from fastcore.script import call_parse, anno_parser, store_true, Param
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'check_device',
-           'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
+__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'checkpoint_flags',
+           'check_device', 'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
@@ -75,15 +75,15 @@ def mae_models() -> list[str]:
     from affmae.registry import list_models
     return list_models('pretraining')
 
-def _checkpoint_flags(arch: str, stages: str | None) -> bool | tuple[bool, ...]:
-    "`--checkpoint`'s per-stage flags for `arch` from `--checkpoint-stages` (None: every stage), checked."
+def checkpoint_flags(arch: str, stages: str | None, opt: str = '--checkpoint-stages') -> bool | tuple[bool, ...]:
+    "Activation checkpointing's per-stage flags for `arch` from the stage list `stages` of option `opt` (None: all)."
     if stages is None: return True
     import torch
     from affmae.registry import create_model
     with torch.device('meta'): n = len(create_model(arch).encoder.dims)           # no weights allocated
     ids = stages.split(',')
     _require(all(s.strip().isdigit() and int(s) < n for s in ids),
-             f"--checkpoint-stages must be stage numbers in [0, {n}), comma-separated, got {stages!r}")
+             f"{opt} must be stage numbers in [0, {n}), comma-separated, got {stages!r}")
     return tuple(str(s) in [i.strip() for i in ids] for s in range(n))
 
 def check_device(device: str | None = None) -> str:
@@ -173,7 +173,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
     _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
-    ckpt = _checkpoint_flags(arch, checkpoint_stages) if checkpoint else None
+    ckpt = checkpoint_flags(arch, checkpoint_stages) if checkpoint else None
     if isinstance(data, list) and len(data) == 1: data = data[0]
     for p in [] if data in (None, 'synthetic') or is_shards(data) else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")

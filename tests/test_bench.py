@@ -268,3 +268,17 @@ def test_real_tiny_models():
     f = {r['arch']: r['fwd_flops_by_module'] for r in res['records']}
     assert set(f['affmae_tiny']) == {'encoder', 'decoder'} and {'blocks', 'dec_blocks'} <= set(f['vitmae_tiny'])
     assert sum(f['affmae_tiny'].values()) == pytest.approx(res['records'][0]['fwd_flops_per_img'])
+
+
+def test_cli_checkpoint(tmp_path):
+    "`--checkpoint 0`: affmae models only, the first stage's flag recorded in the results; bad stage lists refused."
+    _registered('affmae_tiny')
+    out = tmp_path / 'ck.json'
+    p = _cli(tmp_path, '--archs', 'affmae_tiny', '--sizes', '32', '--bs', '2', '--steps', '1', '--warmup', '0',
+             '--no_profile', '--device', 'cpu', '--checkpoint', '0', '--json', str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(out.read_text())['config']['model_kw'] == {'checkpoint': [True, False, False, False]}
+    for archs, ck, msg in (('affmae_tiny,vitmae_tiny', 'all', 'option of the affmae models'),
+                           ('affmae_tiny', '0,9', '--checkpoint must be stage numbers in [0, 4)')):
+        bad = _cli(tmp_path, '--archs', archs, '--sizes', '32', '--bs', '2', '--device', 'cpu', '--checkpoint', ck)
+        assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-500:]
