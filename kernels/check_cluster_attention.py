@@ -12,6 +12,12 @@ TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2), torch.bfloat16:
 
 def rel(a, b): return ((a.double() - b).norm() / b.norm().clamp_min(1e-2 * b.numel()**.5)).item()
 
+def dense_d2(qpos, kpos, idx):
+    "Squared distances `(B, 1, N, M)` in float64 from each query to its cluster's neighbours (padding: any)."
+    B, G, M = idx.shape
+    kp = kpos.double()[torch.arange(B, device=idx.device)[:, None, None], idx.clamp_min(0).long()]
+    return (qpos.double().view(B, G, -1, 1, 2) - kp[:, :, None]).square().sum(-1).reshape(B, 1, -1, M)
+
 def case(g, dev):
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
     dtype = [torch.bfloat16, torch.float16, torch.float32][r(0, 2)]
@@ -58,16 +64,24 @@ def run(seed, dev):
     rs = [t.detach().double().requires_grad_() for t in ins]
     nb = 3 + (bias is not None)   # where the blank's pair starts among the inputs
     opt = lambda ts, pos: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[nb:nb + 2]) if blank else None,
-                               locality=(*pos, ts[-1]) if loc else None)
-    pos = loc[:2] if loc else None
-    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs, pos))
-    ref = cluster_attention_ref(*rs[:3], idx, **opt(rs, [t.double() for t in pos] if loc else None))
+                               locality=(*pos, ts[-1]) if pos is not None else None)
+    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs, loc[:2] if loc else None))
+    ro = opt(rs, None)
+    if loc:   # the reference's locality as a dense float64 bias, whose gradient dS scales the coefficient's error
+        d2 = dense_d2(*loc[:2], idx)
+        dense = rs[-1].view(1, -1, 1, 1) * d2
+        ro['bias'] = dense if bias is None else ro['bias'] + dense
+    ref = cluster_attention_ref(*rs[:3], idx, **ro)
     go = torch.randn(ref.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev, dtype=torch.float64)
     grads = torch.autograd.grad(out, xs, go.to(dtype))
-    rgrads = torch.autograd.grad(ref, rs, go)
+    rgrads = torch.autograd.grad(ref, rs + ([dense] if loc else []), go)
     tf, tg = TOL[dtype]
     if huge: tf, tg = 4 * tf, 4 * tg
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
+    if loc:   # the coefficient's gradient sums dS·d², which cancels: its error against Σ|dS|·d², as the CPU tests do
+        ds = rgrads[-1]
+        scale = (ds.abs() * d2).sum() + 1e-2 * d2.square().mean().sqrt()
+        errs[len(grads)] = ((grads[-1].double() - rgrads[len(grads) - 1]).abs().sum() / scale).item()
     finite = torch.isfinite(out).all().item() and all(torch.isfinite(x).all().item() for x in grads)
     ok = finite and errs[0] < tf and all(e < tg for e in errs[1:])
     desc = (f"B={q.shape[0]} H={q.shape[1]} N={q.shape[2]} G={idx.shape[1]} M={idx.shape[2]} Nk={k.shape[2]} "
