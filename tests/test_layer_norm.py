@@ -136,24 +136,27 @@ def test_ref_is_pytorch_layer_norm():
     assert layer_norm_ref(x.float(), w, b, out_dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def twins(C, impl='auto'):
+    "A `LayerNorm` and an `nn.LayerNorm` of width `C` holding the same random weight and bias."
+    ref = nn.LayerNorm(C)
+    with torch.no_grad(): ref.weight.normal_(), ref.bias.normal_()
+    ln = LayerNorm(C, impl=impl)
+    ln.load_state_dict(ref.state_dict())
+    return ln, ref
+
+
 def test_module_state_dict():
     "The same keys as nn.LayerNorm's, in each configuration, and nn.LayerNorm's checkpoints load."
     for kw in ({}, dict(bias=False), dict(elementwise_affine=False)):
         assert list(LayerNorm(16, **kw).state_dict()) == list(nn.LayerNorm(16, **kw).state_dict())
-    ref = nn.LayerNorm(16)
-    with torch.no_grad(): ref.weight.normal_(), ref.bias.normal_()
-    ln = LayerNorm(16)
-    ln.load_state_dict(ref.state_dict())
+    ln, ref = twins(16)
     assert all(torch.equal(a, b) for a, b in zip(ln.state_dict().values(), ref.state_dict().values()))
     assert ln.weight.dtype == F32 and ln.eps == ref.eps
 
 
 @pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
 def test_module_without_autocast_matches_nn(impl):
-    ref = nn.LayerNorm(48)
-    with torch.no_grad(): ref.weight.normal_(), ref.bias.normal_()
-    ln = LayerNorm(48, impl=impl)
-    ln.load_state_dict(ref.state_dict())
+    ln, ref = twins(48, impl)
     x = torch.randn(2, 5, 48)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ln(xa), ref(xb)
@@ -169,10 +172,7 @@ def test_module_without_autocast_matches_nn(impl):
 @pytest.mark.parametrize('impl', ['torch', pytest.param('triton', marks=needs_triton)])
 def test_module_under_autocast(impl):
     "Autocast bf16: a bf16 output with nn.LayerNorm's values, fp32 gradients for the fp32 input and parameters."
-    ref = nn.LayerNorm(48)
-    with torch.no_grad(): ref.weight.normal_(), ref.bias.normal_()
-    ln = LayerNorm(48, impl=impl)
-    ln.load_state_dict(ref.state_dict())
+    ln, ref = twins(48, impl)
     x = torch.randn(4, 7, 48)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast('cpu', dtype=torch.bfloat16):
