@@ -239,8 +239,9 @@ class AFFEncoder(nn.Module):
     def __init__(self, dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (1, 1, 2, 1),
                  heads: Sequence[int] = (1, 2, 4, 6), patch: int = 8, in_chans: int = 1, nbhd: int = 64,
                  cluster: int = 8, ds: float | Sequence[float] = 0.4, mlp_ratio: float = 3., drop_path: float = 0.,
-                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto', checkpoint: bool | Sequence[bool] = False,
-                 stem: str = 'linear', rpe: str = 'stage', global_last: bool = False, blank: bool = False):
+                 merge_heads: int = 16, rpe_hidden: int = 32, impl: str = 'auto',
+                 checkpoint: bool | Sequence[bool] = False, stem: str = 'linear', rpe: str = 'stage',
+                 global_last: bool = False, blank: bool = False):
         super().__init__()
         S = len(dims)
         if not (len(depths) == len(heads) == S):
@@ -252,7 +253,8 @@ class AFFEncoder(nn.Module):
         if rpe not in ('stage', 'block'): raise ValueError(f"rpe must be 'stage' or 'block', got {rpe!r}")
         self.stem, self.rpe, self.global_last = stem, rpe, global_last
         self.dims, self.depths, self.heads, self.ds = tuple(dims), tuple(depths), tuple(heads), tuple(ds)
-        self.patch, self.in_chans, self.nbhd, self.cluster, self.checkpoint = patch, in_chans, nbhd, cluster, stage_flags(checkpoint, S)
+        self.patch, self.in_chans, self.nbhd, self.cluster = patch, in_chans, nbhd, cluster
+        self.checkpoint = stage_flags(checkpoint, S)                                  # one flag per stage
         self.embed = (ConvStem if stem == 'conv' else PatchEmbed)(dims[0], patch, in_chans)
         dp = [drop_path * i / max(1, sum(depths) - 1) for i in range(sum(depths))]   # linear stochastic-depth schedule
         self.stages, self.rpes, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()

@@ -81,10 +81,11 @@ def checkpoint_flags(arch: str, stages: str | None, opt: str = '--checkpoint-sta
     import torch
     from affmae.registry import create_model
     with torch.device('meta'): n = len(create_model(arch).encoder.dims)           # no weights allocated
-    ids = stages.split(',')
-    _require(all(s.strip().isdigit() and int(s) < n for s in ids),
+    ids = [s.strip() for s in stages.split(',')]
+    _require(all(s.isdigit() and int(s) < n for s in ids),
              f"{opt} must be stage numbers in [0, {n}), comma-separated, got {stages!r}")
-    return tuple(str(s) in [i.strip() for i in ids] for s in range(n))
+    chosen = {int(s) for s in ids}
+    return tuple(s in chosen for s in range(n))
 
 def check_device(device: str | None = None) -> str:
     "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."

@@ -11,7 +11,7 @@ from torch import Tensor
 __all__ = ['Mlp']
 
 # %% ../nbs/02c_mlp.ipynb #31498b60
-def _grad_dtype(x: Tensor) -> torch.dtype:
+def _compute_dtype(x: Tensor) -> torch.dtype:
     "The dtype an autocast region would run a linear layer in for `x`, else `x`'s own."
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -58,4 +58,4 @@ class Mlp(nn.Sequential):
         fc1, fc2 = self[0], self[2]
         if x.shape[-1] != fc1.in_features:
             raise ValueError(f"Mlp expects {fc1.in_features} input features, got shape {tuple(x.shape)}")
-        return _GeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, _grad_dtype(x), self.keep_hidden)
+        return _GeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, _compute_dtype(x), self.keep_hidden)
