@@ -12,7 +12,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
-from .cluster_attention import cluster_attention
+from .cluster_attention import cluster_attention_packed
 from .core import init_weights, patchify
 from .mlp import Mlp
 from .layer_norm import LayerNorm
@@ -174,10 +174,10 @@ class ClusterAttention(nn.Module):
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
         "Each token of `x` (B, N, C) attends to its cluster's neighbours `nbhd`, plus the attention `bias` if given."
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)
         blank = None if self.blank_k is None else (self.blank_k, self.blank_v)
-        o = cluster_attention(q, k, v, nbhd, bias=bias, impl=self.impl, check_idx=False,   # nbhd from cluster_tokens
-                              blank=blank)
+        o = cluster_attention_packed(None, qkv, nbhd, bias=bias, impl=self.impl, check_idx=False,  # trusted nbhd
+                                     blank=blank)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 # %% ../nbs/06_aff.ipynb #67fd20a7

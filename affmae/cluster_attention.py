@@ -12,7 +12,7 @@ try:
 except ImportError: triton = None   # no Triton (e.g. macOS): only impl='torch' is available
 
 # %% auto #0
-__all__ = ['cluster_attention_ref', 'cluster_attention']
+__all__ = ['cluster_attention_ref', 'cluster_attention', 'cluster_attention_packed']
 
 # %% ../nbs/03_cluster_attention.ipynb #28b17c1b
 def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True, locality=None):
@@ -222,12 +222,12 @@ def _loc_args(q, loc):
     if loc is None: return (q, q, q), (0, 0, 0, 0)
     return loc, (*loc[0].stride()[:2], *loc[1].stride()[:2])
 
-def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None, loc=None):
+def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None, loc=None, out=None):
     """Forward kernel: `(out, lse)`, lse fp32 `(B,H,N)` in natural log (`+inf` for all-padded queries, no blank);
-    `loc`: the locality's `(qpos, kpos, coef)` in fp32, or None."""
+    `loc`: the locality's `(qpos, kpos, coef)` in fp32, or None; `out`: a `(B,H,N,D)` view to write into, or None."""
     B, H, N, D = q.shape
     G, M = idx.shape[1:]
-    out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    if out is None: out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     grid, meta = _launch_args(q, idx, M)
     lp, ls = _loc_args(q, loc)
@@ -245,6 +245,7 @@ if triton is not None:
     @triton.jit
     def _bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB, DC,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
+                    s_gqb, s_gqh, s_gqn, s_gkb, s_gkh, s_gkn,
                     s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm, s_xb, s_xn, s_yb, s_yn,
                     H, N, NK, G, M, QC, D, sm_scale,
                     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_BLANK: tl.constexpr, HAS_LOC: tl.constexpr,
@@ -275,7 +276,7 @@ if triton is not None:
             qx, qy, coef = _loc_rows(XP, COEF, b, h, n, row_ok, s_xb, s_xn)
             dc = tl.zeros([BR], tl.float32)
         kb, vb = Kp + b * s_kb + h * s_kh, Vp + b * s_vb + h * s_vh
-        dkb, dvb = DK + bh * NK * D, DV + bh * NK * D
+        dkb, dvb = DK + b * s_gkb + h * s_gkh, DV + b * s_gkb + h * s_gkh   # dk and dv: same strides
         for m0 in range(0, M, BM):
             kid, col_ok, slot, cc = _gather_idx(IDX, b, g0, m0, G, M, NK, s_ib, s_ig, s_im, P, BM)
             cmask = col_ok[:, None] & (d < D)[None, :]
@@ -299,21 +300,22 @@ if triton is not None:
             dq += tl.dot(ds.to(kk.dtype), kk, input_precision=PREC)
             dv_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk_c = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
-            tl.atomic_add(dvb + kid[:, None] * D + d[None, :], dv_c, mask=cmask, sem='relaxed')
-            tl.atomic_add(dkb + kid[:, None] * D + d[None, :], dk_c, mask=cmask, sem='relaxed')
-        tl.store(DQ + bh * N * D + n[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
+            tl.atomic_add(dvb + kid[:, None] * s_gkn + d[None, :], dv_c, mask=cmask, sem='relaxed')
+            tl.atomic_add(dkb + kid[:, None] * s_gkn + d[None, :], dk_c, mask=cmask, sem='relaxed')
+        dq_ptr = DQ + b * s_gqb + h * s_gqh + n[:, None] * s_gqn + d[None, :]
+        tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
         if HAS_LOC: tl.store(DC + bh * tl.num_programs(0) + t, tl.sum(dc, 0))
 
 # %% ../nbs/03_cluster_attention.ipynb #af619b88
-def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None):
-    """Backward kernel: `(dq, dk, dv, dbias, dk_blank, dv_blank, dcoef)`; dk/dv accumulate in fp32 by atomics;
-    `dcoef` is the fp32 `(H,)` gradient of the locality's coefficient (None without `loc`)."""
+def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None, dq=None, dk=None, dv=None):
+    """Backward kernel: `(dq, dk, dv, dbias, dk_blank, dv_blank, dcoef)`; dk/dv accumulate in fp32 by atomics and come
+    back in fp32; `dcoef` is the fp32 `(H,)` gradient of the locality's coefficient (None without `loc`).
+    `dq` (q's dtype) and `dk`, `dv` (fp32, zeroed, with the same strides) may be `(B,H,·,D)` views to write into."""
     B, H, N, D = q.shape
     Nk, (G, M) = k.shape[2], idx.shape[1:]
     do = _last_contig(do)
-    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-    dk = torch.zeros(B, H, Nk, D, device=q.device, dtype=torch.float32)
-    dv = torch.zeros(B, H, Nk, D, device=q.device, dtype=torch.float32)
+    if dq is None: dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    if dk is None: dk, dv = (torch.zeros(B, H, Nk, D, device=q.device, dtype=torch.float32) for _ in range(2))
     db = torch.empty(B, H, N, M, device=q.device, dtype=bias.dtype) if bias_grad else None
     if bias_grad: bias = bias.contiguous()              # dbias is stored with bias's strides: same layout as db
     grid, meta = _launch_args(q, idx, M)
@@ -325,11 +327,12 @@ def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None):
                       vb if vb is not None else q, *lp, out, do, lse, dq, dk, dv, db if db is not None else dq,
                       dkb if kb is not None else dk, dvb if kb is not None else dv, dc if dc is not None else dq,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],
-                      *idx.stride(), *_bias_strides(bias), *ls, H, N, Nk, G, M, N // G, D, D**-0.5,
+                      *dq.stride()[:3], *dk.stride()[:3], *idx.stride(), *_bias_strides(bias), *ls,
+                      H, N, Nk, G, M, N // G, D, D**-0.5,
                       HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, HAS_BLANK=kb is not None,
                       HAS_LOC=loc is not None, **meta)
     if kb is not None: dkb, dvb = dkb.sum((0, 2)).to(kb.dtype), dvb.sum((0, 2)).to(vb.dtype)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), db, dkb, dvb, (dc.sum((0, 2)) if dc is not None else None)
+    return dq, dk, dv, db, dkb, dvb, (dc.sum((0, 2)) if dc is not None else None)
 
 def _loc(qpos, kpos, coef):
     "The kernels' `loc`: the positions and the coefficient in fp32 (None without locality)."
@@ -350,7 +353,41 @@ class _ClusterAttention(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         dq, dk, dv, db, dkb, dvb, dc = _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad,
                                                    _loc(qpos, kpos, coef))
-        return dq, dk, dv, None, db, dkb, dvb, None, None, (dc.to(coef.dtype) if dc is not None else None)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, db, dkb, dvb, None, None, \
+               (dc.to(coef.dtype) if dc is not None else None)
+
+# %% ../nbs/03_cluster_attention.ipynb #539cc058
+def _unpack(q, kv):
+    "`(q, k, v)` as `(B,H,·,D)` views of `kv` `(B,Nk,2,H,D)` beside `q`, or of `kv` `(B,N,3,H,D)` if `q` is None."
+    kq = kv.unbind(2)
+    return tuple(t.transpose(1, 2) for t in kq) if q is None else (q, *(t.transpose(1, 2) for t in kq))
+
+class _PackedAttention(torch.autograd.Function):
+    """`_ClusterAttention` on packed projections: `kv` `(B,Nk,2,H,D)` with `q` `(B,H,N,D)`, or `kv` `(B,N,3,H,D)`
+    holding the queries too (`q` None); the gradient of `kv` comes back in its own layout, with no stacking."""
+    @staticmethod
+    def forward(ctx, q, kv, idx, bias, kb, vb, qpos, kpos, coef):
+        q_, k, v = _unpack(q, kv)
+        B, H, N, D = q_.shape
+        out = torch.empty(B, N, H, D, device=kv.device, dtype=kv.dtype).transpose(1, 2)   # (B,N,H,D) in memory
+        out, lse = _triton_fwd(q_, k, v, idx, bias, kb, vb, _loc(qpos, kpos, coef), out)
+        ctx.save_for_backward(q, kv, idx, bias, kb, vb, qpos, kpos, coef, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kv, idx, bias, kb, vb, qpos, kpos, coef, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        q_, k, v = _unpack(q, kv)
+        dkv = torch.empty_like(kv)
+        acc = torch.zeros(*kv.shape[:2], 2, *kv.shape[3:], device=kv.device, dtype=torch.float32)   # dk, dv
+        dk, dv = (t.transpose(1, 2) for t in acc.unbind(2))
+        dq = dkv[:, :, 0].transpose(1, 2) if q is None else None
+        dq, _, _, db, dkb, dvb, dc = _triton_bwd(q_, k, v, idx, bias, kb, vb, out, lse, do, bias_grad,
+                                                 _loc(qpos, kpos, coef), dq, dk, dv)
+        dkv[:, :, -2:] = acc                                                    # one cast into place
+        return (None if q is None else dq), dkv, None, db, dkb, dvb, None, None, \
+               (dc.to(coef.dtype) if dc is not None else None)
 
 # %% ../nbs/03_cluster_attention.ipynb #9decc2e9
 def _triton_reason(q, D):
@@ -362,6 +399,23 @@ def _triton_reason(q, D):
         return f"unsupported dtype {q.dtype} for impl='triton'"
     if not 16 <= D <= 128: return f"unsupported head dim D={D} for impl='triton' (needs 16 <= D <= 128)"
 
+def _dispatch(q, k, v, nbhd_idx, bias, impl, check_idx, blank, locality):
+    """Check the arguments and pick the path: `(out, None)` from the reference, or `(None, args)` with the Triton
+    path's `(idx, bias, kb, vb, qpos, kpos, coef)`."""
+    if impl not in ('auto', 'torch', 'triton'):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx, locality)
+    why = _triton_reason(q, D)
+    if impl == 'auto': impl = 'triton' if q.is_cuda and why is None else 'torch'
+    if impl == 'torch':
+        return cluster_attention_ref(q, k, v, nbhd_idx, bias, check_idx=False, blank=blank, locality=locality), None
+    if why is not None: raise (TypeError if 'dtype' in why else ValueError)(why)
+    idx = nbhd_idx if nbhd_idx.dtype in (torch.int32, torch.int64) else nbhd_idx.int()
+    kb, vb = (t.to(q.dtype).contiguous() for t in blank) if blank is not None else (None, None)
+    qpos, kpos, coef = (None,) * 3 if locality is None else \
+        (*(_last_contig(t.detach().float()) for t in locality[:2]), locality[2])
+    return None, (idx, _last_contig(bias), kb, vb, qpos, kpos, coef)
+
 def cluster_attention(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
                       impl: str = "auto", check_idx: bool = True, *,
                       blank: tuple[Tensor, Tensor] | None = None,
@@ -372,17 +426,23 @@ def cluster_attention(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: T
     `locality=(qpos, kpos, coef)`: query positions `(B, N, 2)`, key positions `(B, Nk, 2)` and one coefficient per
     head `(H,)`, adding `coef[h]·‖qpos[n] − kpos[j]‖²` to the score of each neighbour `j` (not the blank's), computed
     in fp32 inside the kernel; `coef` gets a gradient, the positions get none (they are constants)."""
-    if impl not in ('auto', 'torch', 'triton'):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
-    B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx, locality)
-    why = _triton_reason(q, D)
-    if impl == 'auto': impl = 'triton' if q.is_cuda and why is None else 'torch'
-    if impl == 'torch':
-        return cluster_attention_ref(q, k, v, nbhd_idx, bias, check_idx=False, blank=blank, locality=locality)
-    if why is not None: raise (TypeError if 'dtype' in why else ValueError)(why)
-    idx = nbhd_idx if nbhd_idx.dtype in (torch.int32, torch.int64) else nbhd_idx.int()
-    q, k, v, bias = map(_last_contig, (q, k, v, bias))
-    kb, vb = (t.to(q.dtype).contiguous() for t in blank) if blank is not None else (None, None)
-    qpos, kpos, coef = (None,) * 3 if locality is None else \
-        (*(_last_contig(t.detach().float()) for t in locality[:2]), locality[2])
-    return _ClusterAttention.apply(q, k, v, idx, bias, kb, vb, qpos, kpos, coef)
+    out, args = _dispatch(q, k, v, nbhd_idx, bias, impl, check_idx, blank, locality)
+    if args is None: return out
+    q, k, v = map(_last_contig, (q, k, v))
+    return _ClusterAttention.apply(q, k, v, args[0], *args[1:])
+
+def cluster_attention_packed(q: Tensor | None, kv: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
+                             impl: str = "auto", check_idx: bool = True, *,
+                             blank: tuple[Tensor, Tensor] | None = None,
+                             locality: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """`cluster_attention` on packed projections: keys and values `kv` `(B, Nk, 2, H, D)` with queries `q`
+    `(B, H, N, D)`, or `kv` `(B, N, 3, H, D)` holding queries, keys and values (`q` None). The output `(B, H, N, D)` is
+    a view of a `(B, N, H, D)` tensor; on the Triton path `kv`'s gradient is written in its own layout."""
+    n = 3 if q is None else 2
+    if not isinstance(kv, Tensor) or kv.ndim != 5 or kv.shape[2] != n:
+        what = 'queries, keys and values' if q is None else 'keys and values'
+        raise ValueError(f"kv must hold the {what} as (B, N, {n}, H, D), got "
+                         f"{tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__}")
+    out, args = _dispatch(*_unpack(q, kv), nbhd_idx, bias, impl, check_idx, blank, locality)
+    if args is None: return out
+    return _PackedAttention.apply(_last_contig(q), _last_contig(kv), *args)

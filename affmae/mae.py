@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcore.basics import patch
 from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
-from .cluster_attention import cluster_attention
+from .cluster_attention import cluster_attention_packed
 from .aff import AFFEncoder, Tokens, register_model, run_block, stage_flags
 from .mlp import Mlp
 from .layer_norm import LayerNorm
@@ -163,9 +163,10 @@ class DecoderLayer(nn.Module):
         reach = lambda: nn.Parameter(torch.full((heads,), -2.)) if locality else None  # softplus(-2) ≈ 0.13 / patch²
         self.reach_cross, self.reach_self = reach(), reach()
 
-    def _heads(self, t: Tensor, n: int) -> tuple[Tensor, ...]:
+    def _heads(self, t: Tensor, n: int) -> Tensor:
+        "Packed projections `(B, N, n, H, D)` of `t` `(B, N, n·dim)`."
         B, N, _ = t.shape
-        return t.view(B, N, n, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)   # n x (B, H, N, D)
+        return t.view(B, N, n, self.heads, -1)
 
     def _merge(self, o: Tensor) -> Tensor:
         B, H, N, D = o.shape
@@ -176,14 +177,14 @@ class DecoderLayer(nn.Module):
         """Queries `x` (B, Nq, dim) at `qpos` (B, Nq, 2) attend to `mem` (B, Ns, dim) at `kpos` (B, Ns, 2), rows
         `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); positions in patch units."""
         loc = lambda reach, kp: None if reach is None else (qpos, kp, -F.softplus(reach))   # coef_h = −softplus(r_h)
-        q, = self._heads(self.q(self.norm_q(x)), 1)
-        k, v = self._heads(self.kv(self.norm_kv(mem)), 2)
-        # memory rows: knn ids
-        o = cluster_attention(q, k, v, cross_idx, impl=self.impl, check_idx=False, locality=loc(self.reach_cross, kpos))
+        q = self._heads(self.q(self.norm_q(x)), 1)[:, :, 0].transpose(1, 2)       # (B, H, Nq, D)
+        kv = self._heads(self.kv(self.norm_kv(mem)), 2)
+        o = cluster_attention_packed(q, kv, cross_idx, impl=self.impl, check_idx=False,   # memory rows: knn ids
+                                     locality=loc(self.reach_cross, kpos))
         x = x + self.cross_proj(self._merge(o))
-        q, k, v = self._heads(self.qkv(self.norm_s(x)), 3)
-        # query windows
-        o = cluster_attention(q, k, v, self_idx, impl=self.impl, check_idx=False, locality=loc(self.reach_self, qpos))
+        qkv = self._heads(self.qkv(self.norm_s(x)), 3)
+        o = cluster_attention_packed(None, qkv, self_idx, impl=self.impl, check_idx=False,   # query windows
+                                     locality=loc(self.reach_self, qpos))
         x = x + self.self_proj(self._merge(o))
         return x + self.mlp(self.norm_m(x))
 

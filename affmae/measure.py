@@ -117,10 +117,12 @@ def patch_functions(wrappers):
         for d, n, f in reversed(saved): d[n] = f
 
 _MARKERS = {'cluster_attention': lambda q, k, v, nbhd_idx, *a: (attn_cost, q, nbhd_idx),   # marker op, its inputs
+            'cluster_attention_packed': lambda q, kv, nbhd_idx, *a:
+                (attn_cost, kv[:, :, 0].transpose(1, 2) if q is None else q, nbhd_idx),
             'neighbour_sum': lambda w, x, *a: (nsum_cost, w, x)}
 
 def count_invisible(fn, counter):
-    """Wrap `cluster_attention` and `neighbour_sum` so that a call `counter` (a `FlopCounterMode`) does not see
+    """Wrap `cluster_attention` (also packed) and `neighbour_sum` so that a call `counter` (a `FlopCounterMode`) does not see
     (a Triton launch) emits its marker operator, `attn_cost` or `nsum_cost`."""
     if fn.__name__ not in _MARKERS: return fn
     @functools.wraps(fn)
@@ -226,7 +228,8 @@ CATEGORIES = ('attention', 'clustering', 'merging', 'mlp', 'norm', 'embed', 'mas
 _DECODER = r'decod|^dec_|^heads?$'
 _MOD_RULES = (('attention', r'attn|attention|relpos|\brpes?\b'), ('clustering', r'cluster|knn|neighbo'),
               ('merging', r'merg|downsampl'), ('mlp', r'mlp|ffn|feedforward'), ('norm', r'norm'), ('embed', r'embed'))
-FN_LABELS = {'affmae.cluster_attention': dict(cluster_attention='attention', cluster_attention_ref='attention'),
+FN_LABELS = {'affmae.cluster_attention': dict(cluster_attention='attention', cluster_attention_packed='attention',
+                                              cluster_attention_ref='attention'),
              'affmae.clustering': dict(cluster_tokens='clustering', knn='clustering'),
              'affmae.masking': dict(perlin_mask='masking', random_mask='masking')}
 

@@ -1,12 +1,13 @@
 """GPU correctness check of affmae.cluster_attention's Triton kernels against the float64 reference: forward and the
 gradients of q, k, v, bias, the blank key/value and the locality coefficients on >= 200 random ragged cases at real
 sizes, in bf16, fp16 and fp32 (padding, duplicate indices, fully padded clusters, huge logits, strided q/k/v, with and
-without a blank token, with and without the in-kernel locality bias from positions).
+without a blank token, with and without the in-kernel locality bias from positions; the fused (B, N, 3, H, D)
+projection through `cluster_attention_packed`).
 Exit code 1 on any failure.
 Usage: AFFMAE_AUTOTUNE=0 PYTHONPATH=. python kernels/check_cluster_attention.py [--n 240] [--start 0]
 (compiling the many kernel variants dominates; run seed ranges in parallel processes to use the CPU cores)."""
 import argparse, sys, time, torch
-from affmae.cluster_attention import cluster_attention, cluster_attention_ref
+from affmae.cluster_attention import cluster_attention, cluster_attention_packed, cluster_attention_ref
 
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
 
@@ -57,15 +58,17 @@ def run(seed, dev):
     dtype, (q, k, v), idx, bias, blank, loc, huge, strided = case(g, dev)
     ins = [q, k, v] + ([bias] if bias is not None else []) + (blank or []) + ([loc[2]] if loc else [])
     xs = [t.detach().clone().requires_grad_() for t in ins]
-    if strided:   # keep the fused-projection layout for the kernel
-        qkv = torch.stack([q, k, v]).detach().permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
-        qkv.requires_grad_()
-        xs[:3] = qkv.unbind(0)
+    packed = None
+    if strided:   # the fused projection (B, N, 3, H, D) through cluster_attention_packed; its gradient unpacked below
+        packed = torch.stack(ins[:3], 2).permute(0, 3, 2, 1, 4).contiguous().requires_grad_()
+        xs[:3] = [t.transpose(1, 2) for t in packed.unbind(2)]
     rs = [t.detach().double().requires_grad_() for t in ins]
     nb = 3 + (bias is not None)   # where the blank's pair starts among the inputs
     opt = lambda ts, pos: dict(bias=ts[3] if bias is not None else None, blank=tuple(ts[nb:nb + 2]) if blank else None,
                                locality=(*pos, ts[-1]) if pos is not None else None)
-    out = cluster_attention(*xs[:3], idx, impl='triton', **opt(xs, loc[:2] if loc else None))
+    kw = opt(xs, loc[:2] if loc else None)
+    out = cluster_attention_packed(None, packed, idx, impl='triton', **kw) if strided else \
+        cluster_attention(*xs[:3], idx, impl='triton', **kw)
     ro = opt(rs, None)
     if loc:   # the reference's locality as a dense float64 bias, whose gradient dS scales the coefficient's error
         d2 = dense_d2(*loc[:2], idx)
@@ -73,7 +76,8 @@ def run(seed, dev):
         ro['bias'] = dense if bias is None else ro['bias'] + dense
     ref = cluster_attention_ref(*rs[:3], idx, **ro)
     go = torch.randn(ref.shape, generator=torch.Generator(dev).manual_seed(seed), device=dev, dtype=torch.float64)
-    grads = torch.autograd.grad(out, xs, go.to(dtype))
+    grads = torch.autograd.grad(out, [packed] + xs[3:] if strided else xs, go.to(dtype))
+    if strided: grads = (*(t.transpose(1, 2) for t in grads[0].unbind(2)), *grads[1:])
     rgrads = torch.autograd.grad(ref, rs + ([dense] if loc else []), go)
     tf, tg = TOL[dtype]
     if huge: tf, tg = 4 * tf, 4 * tg

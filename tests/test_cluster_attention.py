@@ -3,7 +3,7 @@ against the float64 reference, forward and every gradient, on random ragged case
 import os
 os.environ.setdefault('TRITON_INTERPRET', '1')   # must be set before the kernels are defined
 import pytest, torch
-from affmae.cluster_attention import cluster_attention, cluster_attention_ref
+from affmae.cluster_attention import cluster_attention, cluster_attention_packed, cluster_attention_ref
 
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (4e-3, 2e-2)}   # (forward, gradients) relative errors
 
@@ -119,6 +119,46 @@ def test_torch_locality(seed): check(seed, torch.float32, impl='torch', loc=(Tru
 
 @pytest.mark.parametrize('seed', range(560, 564))
 def test_triton_locality_blank(seed): check(seed, torch.float32, blank=True, loc=True)
+
+@pytest.mark.parametrize('seed', range(580, 584))
+@pytest.mark.parametrize('self_attn', [True, False])
+@pytest.mark.parametrize('impl', ['triton', 'torch'])
+def test_packed(seed, self_attn, impl):
+    """`cluster_attention_packed` on `(B, N, 3, H, D)` (self-attention) or `(B, Nk, 2, H, D)` beside `q`: output and
+    the packed gradient against the float64 reference on the unpacked views; bias, blank and locality in turn."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, G, Q, D, M = 2, 2, 3, (3, 8)[seed % 2], (16, 24)[seed // 2 % 2], 7
+    N = G * Q
+    Nk = N if self_attn else N + 5
+    idx = torch.randint(-1, Nk, (B, G, M), generator=g)
+    idx[0, 1] = -1                                                                   # an all-padded cluster
+    q = None if self_attn else torch.randn(B, H, N, D, generator=g)
+    kv = torch.randn(B, Nk, 3 if self_attn else 2, H, D, generator=g)
+    bias = torch.randn(B, H, N, M, generator=g) if seed % 2 else None
+    blank = [torch.randn(H, D, generator=g) for _ in range(2)] if seed >= 582 else []
+    qpos, kpos, coef = random_locality(g, B, H, N, Nk)
+    xs = [t.requires_grad_() for t in (q, kv, bias, *blank, coef) if t is not None]
+    ref = {id(t): t.detach().double().requires_grad_() for t in xs}
+    r = lambda t: None if t is None else ref[id(t)]
+    out = cluster_attention_packed(q, kv, idx, bias, impl=impl, blank=tuple(blank) or None,
+                                   locality=(qpos, kpos, coef))
+    if impl == 'triton': assert out.transpose(1, 2).is_contiguous()               # (B, N, H, D): a free reshape
+    views = [t.transpose(1, 2) for t in r(kv).unbind(2)]
+    expect = cluster_attention_ref(*([] if self_attn else [r(q)]), *views, idx, r(bias),
+                                   blank=tuple(map(r, blank)) or None, locality=(qpos, kpos, r(coef)))
+    go = torch.randn(expect.shape, generator=g, dtype=torch.float64)
+    out.backward(go.float()); expect.backward(go)
+    assert rel(out, expect) < 1e-4
+    for x in xs: assert rel(x.grad, r(x).grad) < 1e-3, x.shape
+
+def test_packed_errors():
+    q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 8, 2, 2, 16)
+    idx = torch.zeros(1, 1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r'kv must hold the queries, keys and values as \(B, N, 3, H, D\)'):
+        cluster_attention_packed(None, kv, idx)
+    with pytest.raises(ValueError, match=r'kv must hold the keys and values as \(B, N, 2, H, D\)'):
+        cluster_attention_packed(q, kv[:, :, :1], idx)
+    with pytest.raises(ValueError, match='kv must hold'): cluster_attention_packed(q, kv[0], idx)
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
 def test_locality_is_bias(impl):
