@@ -6,7 +6,7 @@
 # first stage only) and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
-#   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 bash kernels/session_bench_fresh.sh
+#   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
 #   ARCHS=affmae_tiny,vitmae_tiny ROWS="64:2 32:4" TINY=1 OUT=/tmp/o bash kernels/session_bench_fresh.sh   # CPU check
 set -uo pipefail
 t0=$(date +%s)
@@ -36,7 +36,7 @@ parts=()
 for row in ${ROWS:-512:32 1024:8 2048:2 256:8 256:16 256:32 256:128}; do
   [ "$(left)" -lt 60 ] && { echo "== no time left for $row" | tee -a "$log"; break; }
   s=${row%:*}; b=${row#*:}; part=/tmp/bench_${s}_${b}.json
-  step 90 python3 -m affmae.bench --archs "${ARCHS:-affmae_base,vitmae_base}" --sizes "$s" --bs "$b" --steps 10 \
+  step "${ROW_S:-110}" python3 -m affmae.bench --archs "${ARCHS:-affmae_base,vitmae_base}" --sizes "$s" --bs "$b" --steps 10 \
     --warmup 3 --no_profile --json "$part" || continue
   parts+=("$part")
   python3 - "$OUT/bench_results.json" "${parts[@]}" <<'PY'
