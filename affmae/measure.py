@@ -308,9 +308,10 @@ def split_profile(events, gpu=True, steps=1, top=10):
     syncs = sum(e.name in SYNC_OPS for e in cpu_evts)/steps
     return dict(ms=ms, top_ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])[:top]), syncs=syncs)
 
-def profile_step(model, opt, img, amp=True, steps=1, step=None):
+def profile_step(model, opt, img, amp=True, steps=1, step=None, top=10):
     """Profile `steps` training steps (`step`, default `train_step`): `dict(wall_ms, busy_ms, idle_frac, ms={category:
-    ms}, top_ops={op: ms}, syncs)` per step. A replayed graph runs no Python: its kernels all count as 'other'."""
+    ms}, top_ops={op: ms} (the `top` costliest), syncs)` per step. A replayed graph runs no Python: its kernels all
+    count as 'other'."""
     dev = img.device
     step = step or functools.partial(train_step, model, opt, amp=amp)
     Act = torch.profiler.ProfilerActivity
@@ -321,6 +322,6 @@ def profile_step(model, opt, img, amp=True, steps=1, step=None):
             t0 = time.perf_counter()
             for _ in range(steps): step(img)
             _sync(dev); wall = 1e3*(time.perf_counter() - t0)/steps
-    sp = split_profile(prof.events(), gpu=dev.type == 'cuda', steps=steps)
+    sp = split_profile(prof.events(), gpu=dev.type == 'cuda', steps=steps, top=top)
     busy = sum(sp['ms'].values())
     return dict(wall_ms=wall, busy_ms=busy, idle_frac=(wall - busy)/wall if dev.type == 'cuda' else None, **sp)
