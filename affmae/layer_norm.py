@@ -65,8 +65,9 @@ def _tile(C: int):
 if triton is not None:
     @triton.autotune(configs=_configs(), key=['C'])
     @triton.jit
-    def _fwd_kernel(X, W, B, Y, MEAN, RSTD, s_x, R, C, eps,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
+    def _fwd_kernel(X, W, B, Y, XH, MEAN, RSTD, s_x, R, C, eps,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE_XH: tl.constexpr, BC: tl.constexpr,
+                    BR: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         cols = tl.arange(0, BC)
         rm, cm = rows < R, cols < C
@@ -76,6 +77,7 @@ if triton is not None:
         xc = tl.where(m, x - mean[:, None], 0.)                           # centred; zero on the padding
         rstd = tl.rsqrt(tl.sum(xc * xc, 1) / C + eps)
         y = xc * rstd[:, None]
+        if SAVE_XH: tl.store(XH + rows[:, None] * C + cols[None, :], y.to(XH.dtype.element_ty), mask=m)
         if HAS_W: y = y * tl.load(W + cols, mask=cm, other=0.).to(tl.float32)[None, :]
         if HAS_B: y = y + tl.load(B + cols, mask=cm, other=0.).to(tl.float32)[None, :]
         tl.store(Y + rows[:, None] * C + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
@@ -83,17 +85,20 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=rm)
 
 # %% ../nbs/03a_layer_norm.ipynb #15fdf319
-def _triton_fwd(x, weight, bias, eps, out_dtype):
-    "Forward kernel on rows `x` `(R, C)`: `(y, mean, rstd)`, y in `out_dtype`, the row statistics in fp32."
+def _triton_fwd(x, weight, bias, eps, out_dtype, xhat_dtype=None):
+    """Forward kernel on rows `x` `(R, C)`: `(y, mean, rstd, xhat)`, y in `out_dtype`, the row statistics in fp32;
+    `xhat`, the normalised rows before the affine, in `xhat_dtype` (None: not stored)."""
     R, C = x.shape
     y = torch.empty(R, C, device=x.device, dtype=out_dtype)
+    xh = None if xhat_dtype is None else torch.empty(R, C, device=x.device, dtype=xhat_dtype)
     mean, rstd = (torch.empty(R, device=x.device, dtype=torch.float32) for _ in range(2))
     if R:
         BC, BR = _tile(C)
         _fwd_kernel[(triton.cdiv(R, BR),)](x, weight if weight is not None else x, bias if bias is not None else x,
-                                           y, mean, rstd, x.stride(0), R, C, eps, HAS_W=weight is not None,
-                                           HAS_B=bias is not None, BC=BC, BR=BR)
-    return y, mean, rstd
+                                           y, y if xh is None else xh, mean, rstd, x.stride(0), R, C, eps,
+                                           HAS_W=weight is not None, HAS_B=bias is not None, SAVE_XH=xh is not None,
+                                           BC=BC, BR=BR)
+    return y, mean, rstd, xh
 
 # %% ../nbs/03a_layer_norm.ipynb #68cfc60d
 def _programs(R: int, device):
@@ -107,7 +112,8 @@ if triton is not None:
     @triton.autotune(configs=_configs(), key=['C'])
     @triton.jit
     def _bwd_kernel(X, W, DY, DX, MEAN, RSTD, DWP, DBP, s_x, s_dy, R, C, P,
-                    HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
+                    HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr, FROM_XH: tl.constexpr,
+                    BC: tl.constexpr, BR: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BC)
         cm = cols < C
@@ -121,9 +127,11 @@ if triton is not None:
             m = rm[:, None] & cm[None, :]
             x = tl.load(X + rows[:, None] * s_x + cols[None, :], mask=m, other=0.).to(tl.float32)
             dy = tl.load(DY + rows[:, None] * s_dy + cols[None, :], mask=m, other=0.).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=rm, other=0.)
             rstd = tl.load(RSTD + rows, mask=rm, other=0.)
-            xh = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.)
+            if FROM_XH: xh = x                                            # X holds x̂ itself
+            else:
+                mean = tl.load(MEAN + rows, mask=rm, other=0.)
+                xh = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.)
             gh = dy
             if HAS_W: gh = dy * w[None, :]
             c1 = tl.sum(xh * gh, 1) / C
@@ -136,27 +144,31 @@ if triton is not None:
         if DB: tl.store(DBP + p * C + cols, db, mask=cm)
 
 # %% ../nbs/03a_layer_norm.ipynb #3c4a8426
-def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype):
-    """Backward kernel: `(dx, dweight, dbias)`, dx in x's dtype, the parameters' gradients summed from fp32 partials
-    and cast to `dw_dtype`, `db_dtype` (None: not wanted, not computed)."""
+def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
+    """Backward kernel: `(dx, dweight, dbias)`, dx in `dx_dtype` (default x's), the parameters' gradients summed from
+    fp32 partials and cast to `dw_dtype`, `db_dtype` (None: not wanted, not computed). `mean` None: `x` is x̂."""
     R, C = x.shape
     G, P = _programs(R, x.device) if R else (0, 0)
-    dx = torch.empty(R, C, device=x.device, dtype=x.dtype)
+    dx = torch.empty(R, C, device=x.device, dtype=dx_dtype or x.dtype)
     dwp, dbp = (None if dt is None else torch.empty(G, C, device=x.device, dtype=torch.float32)
                 for dt in (dw_dtype, db_dtype))
     if R:
         BC, BR = _tile(C)
-        _bwd_kernel[(G,)](x, weight if weight is not None else x, dy, dx, mean, rstd,
+        _bwd_kernel[(G,)](x, weight if weight is not None else x, dy, dx, rstd if mean is None else mean, rstd,
                           dx if dwp is None else dwp, dx if dbp is None else dbp, x.stride(0), dy.stride(0), R, C, P,
-                          HAS_W=weight is not None, DW=dwp is not None, DB=dbp is not None, BC=BC, BR=BR)
+                          HAS_W=weight is not None, DW=dwp is not None, DB=dbp is not None, FROM_XH=mean is None,
+                          BC=BC, BR=BR)
     return dx, *(None if t is None else t.sum(0).to(dt) for t, dt in ((dwp, dw_dtype), (dbp, db_dtype)))
 
 class _LayerNorm(torch.autograd.Function):
-    "The Triton kernels as one autograd op on rows `(R, C)`; saves x, the parameters and the rows' mean and rstd."
+    """The Triton kernels as one autograd op on rows `(R, C)`. It saves the parameters, the rows' rstd and either x
+    and the rows' means, or, when the output is narrower than x (fp32 in, bf16 out), x̂ in the output's dtype."""
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        y, mean, rstd = _triton_fwd(x, weight, bias, eps, out_dtype)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        lean = out_dtype.itemsize < x.dtype.itemsize
+        y, mean, rstd, xh = _triton_fwd(x, weight, bias, eps, out_dtype, out_dtype if lean else None)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(xh if lean else x, weight, bias, None if lean else mean, rstd)
         return y
 
     @staticmethod
@@ -164,7 +176,7 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if dy.stride(-1) != 1: dy = dy.contiguous()                       # e.g. the expanded gradient of a sum
         dw_dtype, db_dtype = (t.dtype if need else None for t, need in zip((weight, bias), ctx.needs_input_grad[1:3]))
-        return *_triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype), None, None
+        return *_triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, ctx.x_dtype), None, None
 
 # %% ../nbs/03a_layer_norm.ipynb #6cc4b66f
 def _triton_reason(x, weight, bias, out_dtype):

@@ -13,7 +13,7 @@ import torch, torch.nn as nn
 
 SHAPES = [(65536, 128), (32768, 256), (16384, 512), (8192, 768), (65536, 384), (262144, 384)]
 TINY = [(37, 130), (64, 384)]
-TOL = dict(y=1e-2, dx=1e-4, dw=1e-4, db=1e-4)   # ||a-b||/||b||: y is bf16, the gradients fp32
+TOL = dict(y=1e-2, dx=1e-2, dw=1e-2, db=1e-4)   # ||a-b||/||b||: y bf16; dx, dw read x̂ saved in bf16; db fp32
 BF16 = torch.bfloat16
 
 
