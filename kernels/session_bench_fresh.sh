@@ -3,7 +3,7 @@
 # vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row inherits memory from
 # the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps the rows done); then, if
 # time is left (TOTAL_S), AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the
-# first stage only) and the captured-vs-eager check; PROFILE="S:B ...": operator profiles of those rows first.
+# first stage only), operator profiles of the PROFILE="S:B ..." rows, and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
@@ -47,15 +47,15 @@ res = dict(parts[0], records=[r for p in parts for r in p['records']],
 open(out, 'w').write(json.dumps(res, indent=1))
 PY
 done
-for row in ${PROFILE-}; do   # PROFILE="256:8 512:32": one eager step of each arch profiled (kernels/profile_ops.py)
-  [ "$(left)" -lt 60 ] && break
-  step 90 python3 kernels/profile_ops.py --archs "${ARCHS:-affmae_base,vitmae_base}" --size "${row%:*}" \
-    --bs "${row#*:}" --out "$OUT"
-done
 for ck in none 0; do   # AFFMAE-Base at 2048² batch 4 under 24 GiB: no checkpointing, then only the first stage's
   [ -z "${TINY:-}" ] && [ "$(left)" -gt 60 ] && step 90 python3 -m affmae.bench --archs affmae_base --sizes 2048 \
     --bs 4 --steps 3 --warmup 3 --mem_gib 24 --modes captured --no_profile \
     $([ "$ck" = none ] || echo --checkpoint "$ck") --json "$OUT/bench_24gib_ck$ck.json"
+done
+for row in ${PROFILE-}; do   # PROFILE="256:8 512:32": one eager step of each arch profiled (kernels/profile_ops.py)
+  [ "$(left)" -lt 60 ] && break
+  step 90 python3 kernels/profile_ops.py --archs "${ARCHS:-affmae_base,vitmae_base}" --size "${row%:*}" \
+    --bs "${row#*:}" --out "$OUT"
 done
 [ -z "${TINY:-}" ] && [ "$(left)" -gt 30 ] && \
   step "$(left)" python3 kernels/check_capture.py --out "$OUT/check_capture.json"
