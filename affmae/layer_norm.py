@@ -111,7 +111,7 @@ def _programs(R: int, device):
 if triton is not None:
     @triton.autotune(configs=_configs(), key=['C'])
     @triton.jit
-    def _bwd_kernel(X, W, DY, DX, MEAN, RSTD, DWP, DBP, s_x, s_dy, R, C, P,
+    def _bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, s_x, s_dy, R, C, P,
                     HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr, FROM_XH: tl.constexpr,
                     BC: tl.constexpr, BR: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
@@ -140,8 +140,8 @@ if triton is not None:
             tl.store(DX + rows[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
             if DW: dw += tl.sum(dy * xh, 0)
             if DB: db += tl.sum(dy, 0)
-        if DW: tl.store(DWP + p * C + cols, dw, mask=cm)
-        if DB: tl.store(DBP + p * C + cols, db, mask=cm)
+        if DW: tl.store(PART + p * 2 * C + cols, dw, mask=cm)               # row p of the (G, 2, C) partials
+        if DB: tl.store(PART + p * 2 * C + C + cols, db, mask=cm)
 
 # %% ../nbs/03a_layer_norm.ipynb #3c4a8426
 def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
@@ -150,15 +150,16 @@ def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
     R, C = x.shape
     G, P = _programs(R, x.device) if R else (0, 0)
     dx = torch.empty(R, C, device=x.device, dtype=dx_dtype or x.dtype)
-    dwp, dbp = (None if dt is None else torch.empty(G, C, device=x.device, dtype=torch.float32)
-                for dt in (dw_dtype, db_dtype))
+    want = (dw_dtype is not None, db_dtype is not None)
+    part = torch.empty(G, 2, C, device=x.device, dtype=torch.float32) if any(want) else None   # dw's, db's partials
     if R:
         BC, BR = _tile(C)
         _bwd_kernel[(G,)](x, weight if weight is not None else x, dy, dx, rstd if mean is None else mean, rstd,
-                          dx if dwp is None else dwp, dx if dbp is None else dbp, x.stride(0), dy.stride(0), R, C, P,
-                          HAS_W=weight is not None, DW=dwp is not None, DB=dbp is not None, FROM_XH=mean is None,
+                          dx if part is None else part, x.stride(0), dy.stride(0), R, C, P,
+                          HAS_W=weight is not None, DW=want[0], DB=want[1], FROM_XH=mean is None,
                           BC=BC, BR=BR)
-    return dx, *(None if t is None else t.sum(0).to(dt) for t, dt in ((dwp, dw_dtype), (dbp, db_dtype)))
+    sums = part.sum(0) if part is not None else None                   # one reduction for both
+    return dx, *(sums[i].to(dt) if dt is not None else None for i, dt in enumerate((dw_dtype, db_dtype)))
 
 class _LayerNorm(torch.autograd.Function):
     """The Triton kernels as one autograd op on rows `(R, C)`. It saves the parameters, the rows' rstd and either x
