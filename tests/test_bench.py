@@ -282,3 +282,23 @@ def test_cli_checkpoint(tmp_path):
                            ('affmae_tiny', '0,9', '--checkpoint must be stage numbers in [0, 4)')):
         bad = _cli(tmp_path, '--archs', archs, '--sizes', '32', '--bs', '2', '--device', 'cpu', '--checkpoint', ck)
         assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-500:]
+
+
+def test_profile_and_saved_tensor_scripts(tmp_path):
+    "The GPU analysis scripts run on the CPU at tiny sizes and write what the results files hold."
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'TRITON_INTERPRET': '1'}
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, env=env,
+                                    cwd=ROOT, timeout=300)
+    r = run(ROOT / 'kernels' / 'profile_ops.py', '--archs', 'affmae_tiny', '--size', 32, '--bs', 2, '--top', 5,
+            '--warmup', 1, '--out', tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads((tmp_path / 'profile_ops_affmae_tiny_32_2.json').read_text())
+    assert set(prof['profile']['ms']) == set(CATEGORIES) and len(prof['kernels']) == 5 and prof['events'] > 0
+    r = run(ROOT / 'kernels' / 'saved_tensors.py', '--archs', 'affmae_tiny,vitmae_tiny', '--size', 32, '--bs', 2,
+            '--out', tmp_path / 'saved.json')
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / 'saved.json').read_text())
+    aff = saved['archs']['affmae_tiny']
+    assert aff['activations_mib'] > 0 and any(k.startswith('encoder.stages.0') for k in aff['by_module_mib'])
+    assert saved['activation_ratio'] == pytest.approx(aff['activations_mib'] /
+                                                      saved['archs']['vitmae_tiny']['activations_mib'])
