@@ -240,7 +240,7 @@ def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None, loc=None, out=None):
 
 # %% ../nbs/03_cluster_attention.ipynb #82bf5931
 if triton is not None:
-    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC'],
+    @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC', 'ONE_CHUNK'],
                      reset_to_zero=['DK', 'DV'])
     @triton.jit
     def _bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB, DC,
@@ -250,7 +250,7 @@ if triton is not None:
                     H, N, NK, G, M, QC, D, sm_scale,
                     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_BLANK: tl.constexpr, HAS_LOC: tl.constexpr,
                     BD: tl.constexpr, BR: tl.constexpr, P: tl.constexpr, BM: tl.constexpr, SUB: tl.constexpr,
-                    PREC: tl.constexpr):
+                    ONE_CHUNK: tl.constexpr, PREC: tl.constexpr):
         t, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         g0, cl, n, row_ok = _tile_rows(t, G, QC, SUB, P, BR)
@@ -258,20 +258,18 @@ if triton is not None:
         rmask = row_ok[:, None] & (d < D)[None, :]
         q = tl.load(Qp + b * s_qb + h * s_qh + n[:, None] * s_qn + d[None, :], mask=rmask, other=0.)
         do = tl.load(DO + b * s_db + h * s_dh + n[:, None] * s_dn + d[None, :], mask=rmask, other=0.)
-        o = tl.load(OUT + b * s_ob + h * s_oh + n[:, None] * s_on + d[None, :], mask=rmask, other=0.)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        if ONE_CHUNK:   # Δ = Σ P·dP over the one chunk (and the blank), in fp32 from this tile's own P
+            delta = tl.zeros([BR], tl.float32)
+        else:           # Δ = dO·O, O as stored (rounded to its dtype)
+            o = tl.load(OUT + b * s_ob + h * s_oh + n[:, None] * s_on + d[None, :], mask=rmask, other=0.)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse2 = tl.load(LSE + bh * N + n, mask=row_ok, other=float('inf')) * 1.4426950408889634
         qk_scale = sm_scale * 1.4426950408889634
-        if HAS_BLANK:   # the blank column: its dS feeds dq; its dk, dv are this tile's row sums, one store each
+        if HAS_BLANK:
             k_blank, v_blank, s_blank = _blank_scores(q, KB, VB, h, d, D, qk_scale)
             p_blank = tl.exp2(s_blank - lse2)
-            ds_blank = p_blank * (tl.sum(do.to(tl.float32) * v_blank[None, :], 1) - delta)
-            dq = ds_blank[:, None] * k_blank[None, :]
-            part = (bh * tl.num_programs(0) + t) * D + d
-            tl.store(DKB + part, tl.sum(ds_blank[:, None] * q.to(tl.float32), 0) * sm_scale, mask=d < D)
-            tl.store(DVB + part, tl.sum(p_blank[:, None] * do.to(tl.float32), 0), mask=d < D)
-        else:
-            dq = tl.zeros([BR, BD], tl.float32)
+            dp_blank = tl.sum(do.to(tl.float32) * v_blank[None, :], 1)
+        dq = tl.zeros([BR, BD], tl.float32)
         if HAS_LOC:     # the coefficient's gradient: this tile's sum of dS·d², one store
             qx, qy, coef = _loc_rows(XP, COEF, b, h, n, row_ok, s_xb, s_xn)
             dc = tl.zeros([BR], tl.float32)
@@ -292,6 +290,15 @@ if triton is not None:
                 s += coef * d2
             p = tl.exp2(tl.where(ok, s, float('-inf')) - lse2[:, None])   # lse2 is finite or +inf
             dp = tl.dot(do, tl.trans(vv), input_precision=PREC)
+            if ONE_CHUNK:   # the whole row is here: normalise P to sum to one (L carries the scores' rounding)
+                if HAS_BLANK: l = tl.sum(p, 1) + p_blank
+                else: l = tl.sum(p, 1)
+                l = tl.where(l > 0, l, 1.)
+                p = p / l[:, None]
+                if HAS_BLANK:
+                    p_blank = p_blank / l
+                    delta += p_blank * dp_blank
+                delta += tl.sum(p * dp, 1)
             ds = p * (dp - delta[:, None])
             if HAS_LOC: dc += tl.sum(tl.where(ok & row_ok[:, None], ds * d2, 0.), 1)
             if BIAS_GRAD:
@@ -302,6 +309,12 @@ if triton is not None:
             dk_c = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale
             tl.atomic_add(dvb + kid[:, None] * s_gkn + d[None, :], dv_c, mask=cmask, sem='relaxed')
             tl.atomic_add(dkb + kid[:, None] * s_gkn + d[None, :], dk_c, mask=cmask, sem='relaxed')
+        if HAS_BLANK:   # the blank column: its dS feeds dq; its dk, dv are this tile's row sums, one store each
+            ds_blank = p_blank * (dp_blank - delta)
+            dq += ds_blank[:, None] * k_blank[None, :]
+            part = (bh * tl.num_programs(0) + t) * D + d
+            tl.store(DKB + part, tl.sum(ds_blank[:, None] * q.to(tl.float32), 0) * sm_scale, mask=d < D)
+            tl.store(DVB + part, tl.sum(p_blank[:, None] * do.to(tl.float32), 0), mask=d < D)
         dq_ptr = DQ + b * s_gqb + h * s_gqh + n[:, None] * s_gqn + d[None, :]
         tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask)
         if HAS_LOC: tl.store(DC + bh * tl.num_programs(0) + t, tl.sum(dc, 0))
@@ -330,7 +343,7 @@ def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None, d
                       *dq.stride()[:3], *dk.stride()[:3], *idx.stride(), *_bias_strides(bias), *ls,
                       H, N, Nk, G, M, N // G, D, D**-0.5,
                       HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, HAS_BLANK=kb is not None,
-                      HAS_LOC=loc is not None, **meta)
+                      HAS_LOC=loc is not None, ONE_CHUNK=M <= meta['BM'], **meta)
     if kb is not None: dkb, dvb = dkb.sum((0, 2)).to(kb.dtype), dvb.sum((0, 2)).to(vb.dtype)
     return dq, dk, dv, db, dkb, dvb, (dc.sum((0, 2)) if dc is not None else None)
 
