@@ -310,7 +310,10 @@ for si, name in enumerate(names):
                     f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
             t_aff = next(r['train_s'] for r in reversed(res['sets'][name]['runs'])
                          if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
-            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] * OVERHEAD)))
+            # the same seconds: the U-Net's captured step plus the Learner's cost per step, as affmae's run measured it
+            # (a fixed few tens of ms, not a multiple of the step: scaling by OVERHEAD gave the U-Net ~1.6x the time)
+            loop_s = max(0., t_aff / steps - T[f'{ARCHS[0]}_finetune_step_s'])
+            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] + loop_s)))
             if tiny: u_steps = min(u_steps, 2 * steps)          # the CPU check: mechanics, not the match
             row, ex[name, frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, seed, **UNET_KW)
             row['matched_to_s'] = t_aff
