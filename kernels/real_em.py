@@ -13,8 +13,8 @@ few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
    (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
-   splits, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the held-out images are
-   never seen, not even unlabelled. Recorded: per-step training loss, per-epoch validation loss per head, the trivial
+   splits of the `--pre-sets`, all three by default whatever `--sets` fine-tunes on, unlabelled images and stacks,
+   podocyte TEM), the same number of steps for both; the held-out images are never seen, not even unlabelled. Recorded: per-step training loss, per-epoch validation loss per head, the trivial
    level (predicting the dataset mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
@@ -47,6 +47,8 @@ p.add_argument('--out', default='runs/real_em')
 p.add_argument('--budget', type=float, default=450., help='seconds for the whole script')
 p.add_argument('--tiny', action='store_true', help='tiny models, crops and step counts on the CPU: checks the script')
 p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
+p.add_argument('--pre-sets', default='drosophila-vnc,sbem-mito,kidney-gbm',
+               help='labelled sets whose training splits join the pretraining corpus (held-out splits never do)')
 p.add_argument('--fracs', default='0.1,1.0', help='label fractions')
 p.add_argument('--size', type=int, default=256, help='crop size for pretraining and fine-tuning (and the eval tile)')
 p.add_argument('--pre-bs', type=int, default=32)
@@ -111,6 +113,8 @@ def find(name): return next((r / name for r in roots if (r / name).is_dir()), No
 SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation'), 'kidney-gbm': ('train', 'test')}
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
 work = Path(tempfile.mkdtemp(prefix='real_em_'))
+unknown = sorted({n for n in f'{a.sets},{a.pre_sets}'.split(',') if n} - set(SPLITS))
+if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {', '.join(SPLITS)}")
 
 def to_tiff(planes, dst):
     "Write `planes` (a 2-D array or a stack) as an uncompressed TIFF; `--tiny`: their centre 96² crops."
@@ -134,7 +138,8 @@ def copy_unlabelled(src, dst):
 
 t = time.time()
 sets, pre_paths = {}, []
-for name in a.sets.split(','):
+wanted = [n for n in a.sets.split(',') if n]
+for name in dict.fromkeys(wanted + [n for n in a.pre_sets.split(',') if n]):   # fine-tuned sets first, in order
     root = find(name)
     if root is None: log(f'{name}: not found under {a.data}, skipped'); continue
     tr, te = SPLITS[name]
@@ -142,12 +147,14 @@ for name in a.sets.split(','):
     if te is None: train, test = pairs(root)[:-4], pairs(root)[-4:]   # split the sections by index: last 4 held out
     else: train, test = pairs(root / tr), pairs(root / te)
     if tiny: train, test = train[:3], test[:1]
-    copy_pairs(train, work / name / 'train'); copy_pairs(test, work / name / 'test')
+    copy_pairs(train, work / name / 'train')
+    if name in a.pre_sets.split(','): pre_paths.append(work / name / 'train' / 'images')
+    if name not in wanted: continue
+    copy_pairs(test, work / name / 'test')
     classes = [l.strip() for l in (root / 'classes.txt').read_text().splitlines() if l.strip()]
     sets[name] = dict(train=work / name / 'train', test=work / name / 'test', classes=classes)
     res['sets'][name] = dict(classes=classes, n_train=len(train), n_test=len(test),
                              test_images=[f.name for f, _ in test], runs=[])
-    pre_paths.append(work / name / 'train' / 'images')
 for name, sub in UNLABELLED.items():
     root = find(name)
     src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
