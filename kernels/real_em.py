@@ -14,8 +14,9 @@ few images per split).
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
    (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
    splits of the `--pre-sets`, all three by default whatever `--sets` fine-tunes on, unlabelled images and stacks,
-   podocyte TEM), the same number of steps for both; the held-out images are never seen, not even unlabelled. Recorded: per-step training loss, per-epoch validation loss per head, the trivial
-   level (predicting the dataset mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
+   podocyte TEM), the same number of steps for both; the held-out images are never seen, not even unlabelled.
+   Recorded: per-step training loss, per-epoch validation loss per head, the trivial level (predicting the dataset
+   mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
    steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the

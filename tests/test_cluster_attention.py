@@ -108,7 +108,7 @@ def test_triton_several_chunks(seed, dtype):
     check(seed, dtype, blank=seed % 2 == 0, loc=seed % 4 < 2, wide=True)
 
 def blank_dominated(dtype, seed, M=48):
-    "Queries that put almost all their weight on the blank key (dS = P·(dP − Δ) cancels there); float64 copies."
+    "q, k, v, blank key, blank value in `dtype`, and neighbour lists of `M`: most of the weight on the blank key."
     g = torch.Generator().manual_seed(seed)
     B, H, G, Q, Nk, D = 1, 2, 6, 8, 300, 32
     q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (G * Q, Nk, Nk))
