@@ -153,7 +153,7 @@ if triton is not None:
 if triton is not None:
     @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC'])
     @triton.jit
-    def _fwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, LSE,
+    def _attn_fwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, LSE,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
                     s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm, s_xb, s_xn, s_yb, s_yn,
                     H, N, NK, G, M, QC, D, qk_scale,
@@ -231,7 +231,7 @@ def _triton_fwd(q, k, v, idx, bias, kb=None, vb=None, loc=None, out=None):
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     grid, meta = _launch_args(q, idx, M)
     lp, ls = _loc_args(q, loc)
-    _fwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
+    _attn_fwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
                       vb if vb is not None else q, *lp, out, lse,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *idx.stride(),
                       *_bias_strides(bias), *ls, H, N, k.shape[2], G, M, N // G, D, D**-0.5 * _LOG2E,
@@ -243,7 +243,7 @@ if triton is not None:
     @triton.autotune(configs=_configs(), key=['QC', 'M', 'BD', 'HAS_BIAS', 'HAS_BLANK', 'HAS_LOC', 'ONE_CHUNK'],
                      reset_to_zero=['DK', 'DV'])
     @triton.jit
-    def _bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB, DC,
+    def _attn_bwd_kernel(Qp, Kp, Vp, IDX, BIAS, KB, VB, XP, YP, COEF, OUT, DO, LSE, DQ, DK, DV, DB, DKB, DVB, DC,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
                     s_gqb, s_gqh, s_gqn, s_gkb, s_gkh, s_gkn,
                     s_ib, s_ig, s_im, s_bb, s_bh, s_bn, s_bm, s_xb, s_xn, s_yb, s_yn,
@@ -336,7 +336,7 @@ def _triton_bwd(q, k, v, idx, bias, kb, vb, out, lse, do, bias_grad, loc=None, d
                 for _ in range(2))                      # the blank's gradients, one partial sum per tile
     dc = torch.empty(B, H, grid[0], device=q.device, dtype=torch.float32) if loc is not None else None   # coef's
     lp, ls = _loc_args(q, loc)
-    _bwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
+    _attn_bwd_kernel[grid](q, k, v, idx, bias if bias is not None else q, kb if kb is not None else q,
                       vb if vb is not None else q, *lp, out, do, lse, dq, dk, dv, db if db is not None else dq,
                       dkb if kb is not None else dk, dvb if kb is not None else dv, dc if dc is not None else dq,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],

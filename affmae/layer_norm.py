@@ -65,7 +65,7 @@ def _tile(C: int):
 if triton is not None:
     @triton.autotune(configs=_configs(), key=['C'])
     @triton.jit
-    def _fwd_kernel(X, W, B, Y, XH, MEAN, RSTD, s_x, R, C, eps,
+    def _ln_fwd_kernel(X, W, B, Y, XH, MEAN, RSTD, s_x, R, C, eps,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE_XH: tl.constexpr, BC: tl.constexpr,
                     BR: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -94,7 +94,7 @@ def _triton_fwd(x, weight, bias, eps, out_dtype, xhat_dtype=None):
     mean, rstd = (torch.empty(R, device=x.device, dtype=torch.float32) for _ in range(2))
     if R:
         BC, BR = _tile(C)
-        _fwd_kernel[(triton.cdiv(R, BR),)](x, weight if weight is not None else x, bias if bias is not None else x,
+        _ln_fwd_kernel[(triton.cdiv(R, BR),)](x, weight if weight is not None else x, bias if bias is not None else x,
                                            y, y if xh is None else xh, mean, rstd, x.stride(0), R, C, eps,
                                            HAS_W=weight is not None, HAS_B=bias is not None, SAVE_XH=xh is not None,
                                            BC=BC, BR=BR)
@@ -111,7 +111,7 @@ def _programs(R: int, device):
 if triton is not None:
     @triton.autotune(configs=_configs(), key=['C'])
     @triton.jit
-    def _bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, s_x, s_dy, R, C, P,
+    def _ln_bwd_kernel(X, W, DY, DX, MEAN, RSTD, PART, s_x, s_dy, R, C, P,
                     HAS_W: tl.constexpr, DW: tl.constexpr, DB: tl.constexpr, FROM_XH: tl.constexpr,
                     BC: tl.constexpr, BR: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
@@ -154,7 +154,7 @@ def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
     part = torch.empty(G, 2, C, device=x.device, dtype=torch.float32) if any(want) else None   # dw's, db's partials
     if R:
         BC, BR = _tile(C)
-        _bwd_kernel[(G,)](x, weight if weight is not None else x, dy, dx, rstd if mean is None else mean, rstd,
+        _ln_bwd_kernel[(G,)](x, weight if weight is not None else x, dy, dx, rstd if mean is None else mean, rstd,
                           dx if part is None else part, x.stride(0), dy.stride(0), R, C, P,
                           HAS_W=weight is not None, DW=want[0], DB=want[1], FROM_XH=mean is None,
                           BC=BC, BR=BR)

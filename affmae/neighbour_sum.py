@@ -72,7 +72,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(backward=False), key=['M', 'H', 'C'])
     @triton.jit
-    def _fwd_kernel(W, X, NB, OUT, s_wb, s_wk, s_wm, s_wh, s_xb, s_xn, s_nb, s_nk, s_nm, s_ob, s_ok, s_oh,
+    def _nsum_fwd_kernel(W, X, NB, OUT, s_wb, s_wk, s_wm, s_wh, s_xb, s_xn, s_nb, s_nk, s_nm, s_ob, s_ok, s_oh,
                     K, M, H, N, C, BH: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         bk = tl.program_id(0).to(tl.int64)
         b, k = bk // K, bk % K
@@ -102,7 +102,7 @@ def _triton_fwd(w, x, nb):
     N, C = x.shape[1:]
     out = torch.empty(B, K, H, C, device=x.device, dtype=x.dtype)
     if out.numel():
-        _fwd_kernel[(B * K,)](w, x, nb, out, *w.stride(), *x.stride()[:2], *nb.stride(), *out.stride()[:3],
+        _nsum_fwd_kernel[(B * K,)](w, x, nb, out, *w.stride(), *x.stride()[:2], *nb.stride(), *out.stride()[:3],
                               K, M, H, N, C, **_launch_meta(w, x))
     return out
 
@@ -110,7 +110,7 @@ def _triton_fwd(w, x, nb):
 if triton is not None:
     @triton.autotune(configs=_configs(backward=True), key=['M', 'H', 'C'], reset_to_zero=['DX'])
     @triton.jit
-    def _bwd_kernel(W, X, NB, DO, DW, DX, s_wb, s_wk, s_wm, s_wh, s_xb, s_xn, s_nb, s_nk, s_nm,
+    def _nsum_bwd_kernel(W, X, NB, DO, DW, DX, s_wb, s_wk, s_wm, s_wh, s_xb, s_xn, s_nb, s_nk, s_nm,
                     s_db, s_dk, s_dh, s_dc, K, M, H, N, C,
                     BH: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
         bk = tl.program_id(0).to(tl.int64)
@@ -139,7 +139,7 @@ def _triton_bwd(w, x, nb, dout):
     dw = torch.empty(B, K, M, H, device=x.device, dtype=w.dtype)
     dx = torch.zeros(B, N, C, device=x.device, dtype=torch.float32)
     if dw.numel():
-        _bwd_kernel[(B * K,)](w, x, nb, dout, dw, dx, *w.stride(), *x.stride()[:2], *nb.stride(), *dout.stride(),
+        _nsum_bwd_kernel[(B * K,)](w, x, nb, dout, dw, dx, *w.stride(), *x.stride()[:2], *nb.stride(), *dout.stride(),
                               K, M, H, N, C, **_launch_meta(w, x))
     return dw, dx.to(x.dtype)
 

@@ -145,7 +145,7 @@ def main():
                baseline='nn.LayerNorm under autocast (fp32 out) then .to(bfloat16), as a Linear casts its input',
                tolerance=TOL, cases=rows,
                configs={k.fn.__name__: {str(key): str(c) for key, c in k.cache.items()}
-                        for k in (ln_mod._fwd_kernel, ln_mod._bwd_kernel)},
+                        for k in (ln_mod._ln_fwd_kernel, ln_mod._ln_bwd_kernel)},
                seconds=round(time.time() - t0, 1))
     print(f"{res['device']}: torch {res['torch']}, triton {res['triton']}; fp32 in, bf16 out, under autocast")
     print(f"{'rows':>7} {'C':>4} | {'max abs err: y':>14} {'dx':>8} {'dw':>8} {'db':>8} | "

@@ -148,7 +148,7 @@ def main():
                date=datetime.datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv),
                timing=f'median of {n} calls after {warm} warm-ups, synchronised around each', cases=rows,
                configs={k.fn.__name__: {str(key): str(c) for key, c in k.cache.items()}
-                        for k in (ns._fwd_kernel, ns._bwd_kernel)},
+                        for k in (ns._nsum_fwd_kernel, ns._nsum_bwd_kernel)},
                capture_rel_error=capture, seconds=round(time.time() - t0, 1))
     print(f"{res['device']}: torch {res['torch']}, triton {res['triton']}")
     print(f"{'K':>5} {'C':>4} {'dtype':>8} {'err out':>8} {'err dw':>8} {'err dx':>8} | {'fwd ms: triton':>14} "
