@@ -4,14 +4,15 @@ Keeps the layout of `../shared/data` (folders, file names, classes.txt, licences
 centre `--max`² pixels (lossless PNG); `--skip` leaves out folders by name (default: the unlabelled stacks);
 `--limit N` keeps the first N images (and their masks) of each folder; `--clahe` equalises the images (not the masks)
 with `affmae.prep.clahe` (the published preprocessing; OpenCV, which the GPU machine lacks, so it runs here).
+A multi-page TIFF (a stack) keeps every plane, each cut the same way, as a multi-page TIFF.
 
     python kernels/prep_data_em.py ../shared/data data_em --max 512
     PYTHONPATH=. python kernels/prep_data_em.py data_em data_abl_clahe --limit 50 --clahe   # the ablation's copy
 """
 import argparse, shutil
 from pathlib import Path
-import numpy as np
-from PIL import Image
+import numpy as np, tifffile
+from PIL import Image, ImageSequence
 
 p = argparse.ArgumentParser()
 p.add_argument('src'); p.add_argument('dst')
@@ -37,12 +38,14 @@ for f in sorted(src.rglob('*')):
     out.parent.mkdir(parents=True, exist_ok=True)
     if f.suffix.lower() in ('.png', '.tif', '.tiff'):
         if a.limit is not None and sorted(f.parent.iterdir()).index(f) >= a.limit: continue
-        im = crop(np.asarray(Image.open(f)))
+        planes = [np.asarray(im) for im in ImageSequence.Iterator(Image.open(f))]
+        planes = [crop(im) for im in planes]
         if a.clahe and 'masks' not in rel.parts:
             from affmae.prep import clahe
-            im = clahe(im)
-        Image.fromarray(im).save(out.with_suffix('.png'), optimize=True)
-        n += 1
+            planes = [clahe(im) for im in planes]
+        if len(planes) > 1: tifffile.imwrite(out.with_suffix('.tif'), np.stack(planes), photometric='minisblack')
+        else: Image.fromarray(planes[0]).save(out.with_suffix('.png'), optimize=True)
+        n += len(planes)
     else: shutil.copy(f, out)
 size = sum(g.stat().st_size for g in dst.rglob('*') if g.is_file())
-print(f"{n} images into {dst}: {size / 2**20:.1f} MiB")
+print(f"{n} planes into {dst}: {size / 2**20:.1f} MiB")
