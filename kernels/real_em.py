@@ -114,7 +114,8 @@ def find(name): return next((r / name for r in roots if (r / name).is_dir()), No
 SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation'), 'kidney-gbm': ('train', 'test')}
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
 work = Path(tempfile.mkdtemp(prefix='real_em_'))
-unknown = sorted({n for n in f'{a.sets},{a.pre_sets}'.split(',') if n} - set(SPLITS))
+wanted, pre_sets = ([n for n in arg.split(',') if n] for arg in (a.sets, a.pre_sets))   # fine-tune; pretrain on
+unknown = sorted(set(wanted + pre_sets) - set(SPLITS))
 if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {', '.join(SPLITS)}")
 
 def to_tiff(planes, dst):
@@ -139,8 +140,7 @@ def copy_unlabelled(src, dst):
 
 t = time.time()
 sets, pre_paths = {}, []
-wanted = [n for n in a.sets.split(',') if n]
-for name in dict.fromkeys(wanted + [n for n in a.pre_sets.split(',') if n]):   # fine-tuned sets first, in order
+for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets first, in order
     root = find(name)
     if root is None: log(f'{name}: not found under {a.data}, skipped'); continue
     tr, te = SPLITS[name]
@@ -149,7 +149,7 @@ for name in dict.fromkeys(wanted + [n for n in a.pre_sets.split(',') if n]):   #
     else: train, test = pairs(root / tr), pairs(root / te)
     if tiny: train, test = train[:3], test[:1]
     copy_pairs(train, work / name / 'train')
-    if name in a.pre_sets.split(','): pre_paths.append(work / name / 'train' / 'images')
+    if name in pre_sets: pre_paths.append(work / name / 'train' / 'images')
     if name not in wanted: continue
     copy_pairs(test, work / name / 'test')
     classes = [l.strip() for l in (root / 'classes.txt').read_text().splitlines() if l.strip()]
