@@ -4,14 +4,16 @@
 
 # %% ../nbs/12_real_em.ipynb #049259ea
 from __future__ import annotations
-import json
+import json, math
 from pathlib import Path
 import numpy as np
+import torch
+import torch.nn.functional as F
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'check_targets', 'targets_table', 'plot_scores',
-           'plot_pretraining']
+__all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
+           'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -44,6 +46,43 @@ def results_table(res):
                         f"{r['train_s']:.1f} | {f(r['miou'])} | {f(r['fg_iou'])} | {f(r['dice'])} |")
     return '\n'.join(rows)
 
+# %% ../nbs/12_real_em.ipynb #fe0703ac
+def gaussian_blur(x, sigma):
+    "`x` (B, C, H, W) convolved with a separable Gaussian of std `sigma` pixels (cut at 3 sigma), zero-padded."
+    if not sigma > 0: raise ValueError(f"sigma must be positive, got {sigma!r}")
+    r = max(1, math.ceil(3*sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)**2/(2*sigma**2))
+    k, C = k/k.sum(), x.shape[1]
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)
+
+def blur_inpaint(img, visible, sigma):
+    "Each pixel of `img` (B, C, H, W) as the Gaussian-weighted mean of the nearby `visible` (0/1, same shape) pixels."
+    return gaussian_blur(img*visible, sigma)/gaussian_blur(visible, sigma).clamp_min(1e-12)
+
+# %% ../nbs/12_real_em.ipynb #170bcb97
+def recon_levels(model, batches, sigmas=(1, 2, 4, 8, 16), seed=0):
+    """Masked-patch MSE of the trivial prediction (0, the dataset mean: `trivial`) and of `blur_inpaint` per sigma
+    (`blur`) over `batches` of normalised images `(B, 1, S, S)` (tuples, as loaders give them) under `model`'s masks
+    (`make_mask`, seeded); `floor`, `floor_sigma`: the best blur."""
+    from affmae.mae import patch_targets, masked_mse
+    gen, sums, n = None, {'trivial': 0., **{s: 0. for s in sigmas}}, 0
+    with torch.no_grad():
+        for b in batches:
+            x = (b[0] if isinstance(b, (tuple, list)) else b).float()
+            if gen is None: gen = torch.Generator(x.device).manual_seed(seed)
+            mask = model.make_mask(x, generator=gen)
+            p = x.shape[-1]//mask.shape[-1]
+            vis = (~mask)[:, None].float().repeat_interleave(p, -2).repeat_interleave(p, -1)
+            tgt, m = patch_targets(x, p), mask.flatten(1)
+            sums['trivial'] += masked_mse(torch.zeros_like(tgt), tgt, m).item()*len(x)
+            for s in sigmas: sums[s] += masked_mse(patch_targets(blur_inpaint(x, vis, s), p), tgt, m).item()*len(x)
+            n += len(x)
+    if not n: raise ValueError("recon_levels needs at least one batch")
+    blur = {s: sums[s]/n for s in sigmas}
+    best = min(blur, key=blur.get)
+    return dict(trivial=sums['trivial']/n, blur=blur, floor=blur[best], floor_sigma=best)
+
 # %% ../nbs/12_real_em.ipynb #7e1731fb
 def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below=0.9):
     "The issue's targets, one dict per check: `what`, `set`, `value`, `against`, `met`."
@@ -67,6 +106,10 @@ def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below
         v = p['valid'][-1][1]
         out.append(dict(what=f'{a} validation loss < {below} x trivial', set='pretraining', label_frac=None, value=v,
                         against=p['trivial_total'], met=v < below*p['trivial_total']))
+        if 'floor_finest' in p:
+            f = p['valid'][-1][-1]                                  # the finest head's loss comes last
+            out.append(dict(what=f'{a} finest head < best blur of the visible pixels', set='pretraining',
+                            label_frac=None, value=f, against=p['floor_finest'], met=f < p['floor_finest']))
     return out
 
 def targets_table(checks):
@@ -98,18 +141,24 @@ def plot_scores(res, metric='miou', axs=None):
     return axs[0].figure
 
 def plot_pretraining(res, axs=None):
-    "Training loss per step and validation loss per epoch of each pretrained model, against the trivial level."
+    """Each pretrained model's training loss per step and validation loss per epoch (weighted over heads), as a share
+    of the trivial level; with several heads the finest head's validation loss and, if recorded, its best blur."""
     archs = list(res['pretrain'])
     if axs is None: axs = plt.subplots(1, len(archs), figsize=(5.5*len(archs), 3.4), squeeze=False)[1][0]
     for ax, a in zip(axs, archs):
         r = res['pretrain'][a]
-        per_epoch = r['steps']//r['epochs']
-        ax.plot(r['train_loss'], lw=1, label='training loss (smoothed)')
-        ax.plot([per_epoch*(i + 1) for i in range(len(r['valid']))], [v[1] for v in r['valid']], 'o-',
-                label='validation loss')
-        ax.axhline(r['trivial_total'], color='k', ls='--', lw=1, label='trivial: predict the mean')
+        per_epoch, tt, tf = r['steps']//r['epochs'], r['trivial_total'], r['trivial_finest']
+        ends = [per_epoch*(i + 1) for i in range(len(r['valid']))]
+        ax.plot(np.array(r['train_loss'])/tt, lw=1, label='training loss (smoothed)')
+        ax.plot(ends, [v[1]/tt for v in r['valid']], 'o-', label='validation loss')
+        if len(r['valid'][-1]) > 2:                                 # several heads: the finest one's loss comes last
+            ax.plot(ends, [v[-1]/tf for v in r['valid']], 's-', ms=4, label='validation, finest head')
+        ax.axhline(1, color='k', ls='--', lw=1, label='trivial: predict the mean')
+        if 'floor_finest' in r:
+            ax.axhline(r['floor_finest']/tf, color='C3', ls=':', lw=1.5,
+                       label=f"best blur of the visible pixels ($\\sigma$ = {r['floor_sigma']} px)")
         ax.set_title(f"{a}: {r['steps']} steps, {r['seconds']:.0f} s", fontsize=10); ax.set_xlabel('step')
         ax.legend(fontsize=7)
-    axs[0].set_ylabel('loss (weighted over heads)')
+    axs[0].set_ylabel('loss / trivial level')
     axs[0].figure.tight_layout()
     return axs[0].figure

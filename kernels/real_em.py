@@ -12,11 +12,15 @@ Everything is first copied into a work folder as uncompressed TIFF (memory-mappe
 few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
-   (bf16, warm-up + cosine, 50 % Perlin masks, raw-pixel targets) on every image that is not held out (training
-   splits of the `--pre-sets`, all three by default whatever `--sets` fine-tunes on, unlabelled images and stacks,
-   podocyte TEM), the same number of steps for both; the held-out images are never seen, not even unlabelled.
-   Recorded: per-step training loss, per-epoch validation loss per head, the trivial level (predicting the dataset
-   mean everywhere: E[x²] of the normalised pixels), reconstruction figures.
+   (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel
+   targets) on every image that is not held out (training splits of the `--pre-sets`, all three by default whatever
+   `--sets` fine-tunes on, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the
+   held-out images are never seen, not even unlabelled. A share `--pre-valid` of the pretraining images validates it.
+   Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to
+   beat (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of
+   the visible pixels; reconstruction figures.
+   `--save-pretrained DIR` keeps the pretrained models and their records; a later call (the same warm machine, with
+   more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
    steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
@@ -35,6 +39,7 @@ pretrain_curves.png, recon_<arch>.png (first and last epoch's reconstructions, o
 Run from the repository root:
   PYTHONPATH=.:$PYTHONPATH python kernels/real_em.py --data data_em --out $OUT --budget 450
   PYTHONPATH=. python kernels/real_em.py --data ../shared/data --out /tmp/real_em_tiny --tiny   # CPU check, < 2 min
+  In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre
 """
 import argparse, json, math, shutil, tempfile, time, warnings
 from pathlib import Path
@@ -57,6 +62,12 @@ p.add_argument('--bs', type=int, default=8, help='fine-tuning batch size')
 p.add_argument('--pre-frac', type=float, default=0.4, help='share of the budget left after timing spent pretraining')
 p.add_argument('--pre-lr', default='1e-3,6e-4', help='peak pretraining lr of affmae, vitmae')
 p.add_argument('--pre-epochs', type=int, default=5, help='pretraining epochs (one validation and figure each)')
+p.add_argument('--pre-valid', type=float, default=0.1, help='share of the pretraining images held out to validate it')
+p.add_argument('--mask', default='perlin_quarters', help='pretraining masks (`affmae.mae.MASKERS`) of both models')
+p.add_argument('--save-pretrained', default=None, help='folder to keep the pretrained models and their records in')
+p.add_argument('--load-pretrained', default=None,
+               help='folder of an earlier --save-pretrained: fine-tune those models instead of pretraining')
+p.add_argument('--pretrain-only', action='store_true', help='stop after pretraining (with --save-pretrained)')
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
@@ -64,7 +75,7 @@ p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay
 p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay over this many levels (`decay_steps`)')
 p.add_argument('--seed', type=int, default=0, help='seed of pretraining and of the loaders')
 p.add_argument('--ft-seeds', default=None,
-               help='fine-tuning seeds, comma-separated (each: labelled subset, initialisation, crops); default --seed')
+               help='fine-tuning seeds, comma-separated (each: labelled subset, init, crops); default --seed')
 p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
 p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
@@ -94,7 +105,7 @@ from affmae.inference import evaluate_model, predict_plane
 from affmae.seg_io import overlay, to_uint8
 from affmae.graphs import StepGraph
 from affmae.seg_metrics import CEDiceLoss
-from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table
+from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table, recon_levels
 
 HEAD = dict(head_skip=a.head)
 res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
@@ -117,6 +128,10 @@ work = Path(tempfile.mkdtemp(prefix='real_em_'))
 wanted, pre_sets = ([n for n in arg.split(',') if n] for arg in (a.sets, a.pre_sets))   # fine-tune; pretrain on
 unknown = sorted(set(wanted + pre_sets) - set(SPLITS))
 if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {', '.join(SPLITS)}")
+LOAD = Path(a.load_pretrained) if a.load_pretrained else None
+if LOAD and a.pretrain_only: p.error("--load-pretrained and --pretrain-only exclude each other")
+if LOAD and not (LOAD / 'pretrain.json').is_file(): p.error(f"{LOAD}: no pretrain.json (written by --save-pretrained)")
+if LOAD: pre_sets = []                                         # the pretraining data is not needed again
 
 def to_tiff(planes, dst):
     "Write `planes` (a 2-D array or a stack) as an uncompressed TIFF; `--tiny`: their centre 96² crops."
@@ -156,7 +171,7 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
     sets[name] = dict(train=work / name / 'train', test=work / name / 'test', classes=classes)
     res['sets'][name] = dict(classes=classes, n_train=len(train), n_test=len(test),
                              test_images=[f.name for f, _ in test], runs=[])
-for name, sub in UNLABELLED.items():
+for name, sub in ({} if LOAD else UNLABELLED).items():
     root = find(name)
     src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
     if src is None or not src.exists(): continue
@@ -192,53 +207,75 @@ def ft_timing(arch, **kw):
 
 T = res['timing']
 for arch in ARCHS:
-    T[f'{arch}_pretrain_step_s'] = pre_timing(arch)
-    T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
-if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
-if a.compare_decay_depth: T['compare_finetune_step_s'] = T.get('compare_finetune_step_s', 0) + \
-    T[f'{ARCHS[0]}_finetune_step_s']                         # the same model: the same step
-T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
+    if not LOAD: T[f'{arch}_pretrain_step_s'] = pre_timing(arch)
+    if not a.pretrain_only: T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
+if not a.pretrain_only:
+    if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
+    if a.compare_decay_depth: T['compare_finetune_step_s'] = T.get('compare_finetune_step_s', 0) + \
+        T[f'{ARCHS[0]}_finetune_step_s']                     # the same model: the same step
+    T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
 OVERHEAD = 1.5                                               # fastai's per-step work, Learner set-up, loaders
 left = a.budget - (time.time() - t0) - (5 if tiny else 30)   # slack for figures and the last JSON
-pre_steps = a.pre_steps or (4 if tiny else max(50, int(a.pre_frac * left / len(ARCHS) / (max(
+pre_steps = 0 if LOAD else a.pre_steps or (4 if tiny else max(50, int(a.pre_frac * left / len(ARCHS) / (max(
     T[f'{x}_pretrain_step_s'] for x in ARCHS) * OVERHEAD))))
 res.update(pretrain_steps=pre_steps)
 save()
 
 # ---- 1. pretraining ----
 states = {}
-EPOCHS = 2 if tiny else a.pre_epochs
-per_epoch = max(1, pre_steps // EPOCHS)
-for arch in ARCHS:
-    torch.manual_seed(a.seed)
-    dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=0.05, seed=a.seed, device=dev, epoch_len=PB * per_epoch)
-    with torch.no_grad():                                    # trivial level: predict 0 (the dataset mean) everywhere
-        trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
-    learn = mae_learner(dls, arch, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
-                        figs_dir=work / 'figures' / arch)
-    t = time.time()
-    with learn.no_bar(): learn.fit_one_cycle(EPOCHS, PRE_LR[arch], pct_start=.1, moms=(.9, .9, .9))
-    secs = time.time() - t
-    w = learn.model.loss_weights
-    res['pretrain'][arch] = dict(
-        steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], seconds=round(secs, 1),
-        n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
-        loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w),
-        train_loss=[float(l) for l in learn.recorder.losses],
-        valid=[[None if v is None else float(v) for v in vals] for vals in learn.recorder.values],
-        valid_names=list(learn.recorder.metric_names[1:-1]))
-    states[arch] = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
-    v = res['pretrain'][arch]['valid'][-1]
-    log(f'pretrained {arch}: {v} (names {res["pretrain"][arch]["valid_names"]}), trivial {trivial:.3f} x {sum(w)}')
-    del learn, dls; free(); save()
-    figs = sorted((work / 'figures' / arch).glob('recon_*.png'))      # first and last epoch, one above the other
-    ims = [Image.open(f).convert('RGB') for f in (figs[0], figs[-1])]
-    both = Image.new('RGB', (max(i.width for i in ims), sum(i.height for i in ims)), 'white')
-    both.paste(ims[0], (0, 0)); both.paste(ims[1], (0, ims[0].height)); both.save(out / f'recon_{arch}.png')
-
-fig = plot_pretraining(res); fig.savefig(out / 'pretrain_curves.png', dpi=90); plt.close(fig)
+if LOAD:                                                     # pretrained in an earlier call: its models, records
+    saved = json.loads((LOAD / 'pretrain.json').read_text())
+    res.update({k: saved[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}, pretrained_in=saved['run'])
+    T.update({k: v for k, v in saved['timing'].items() if 'pretrain' in k})
+    states = {arch: torch.load(LOAD / f'{arch}.pt', map_location='cpu', weights_only=True) for arch in ARCHS}
+    for f in LOAD.glob('*.png'): shutil.copy(f, out / f.name)
+    log(f'pretrained models from {LOAD} ({saved["run"]["date"]}, {saved["pretrain_steps"]} steps)')
+else:
+    EPOCHS = 2 if tiny else a.pre_epochs
+    per_epoch = max(1, pre_steps // EPOCHS)
+    for arch in ARCHS:
+        torch.manual_seed(a.seed)
+        dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev,
+                           epoch_len=PB * per_epoch)
+        learn = mae_learner(dls, arch, mask=a.mask, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
+                            figs_dir=work / 'figures' / arch)
+        levels = recon_levels(learn.model, dls.valid)          # on the validation images: trivial and best blur levels
+        trivial = levels['trivial']
+        t = time.time()
+        with learn.no_bar(): learn.fit_one_cycle(EPOCHS, PRE_LR[arch], pct_start=.1, moms=(.9, .9, .9))
+        secs = time.time() - t
+        w = learn.model.loss_weights
+        res['pretrain'][arch] = dict(
+            steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], mask=a.mask, seconds=round(secs, 1),
+            n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
+            loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w), floor_finest=levels['floor'],
+            floor_sigma=levels['floor_sigma'], blur_levels=levels['blur'],
+            train_loss=[float(l) for l in learn.recorder.losses],
+            valid=[[None if v is None else float(v) for v in vals] for vals in learn.recorder.values],
+            valid_names=list(learn.recorder.metric_names[1:-1]))
+        states[arch] = {k: v.detach().cpu() for k, v in learn.model.state_dict().items()}
+        v = res['pretrain'][arch]['valid'][-1]
+        log(f'pretrained {arch}: {v} (names {res["pretrain"][arch]["valid_names"]}), trivial {trivial:.3f} x {sum(w)}')
+        del learn, dls; free(); save()
+        figs = sorted((work / 'figures' / arch).glob('recon_*.png'))      # first and last epoch, one above the other
+        ims = [Image.open(f).convert('RGB') for f in (figs[0], figs[-1])]
+        both = Image.new('RGB', (max(i.width for i in ims), sum(i.height for i in ims)), 'white')
+        both.paste(ims[0], (0, 0)); both.paste(ims[1], (0, ims[0].height)); both.save(out / f'recon_{arch}.png')
+    fig = plot_pretraining(res); fig.savefig(out / 'pretrain_curves.png', dpi=90); plt.close(fig)
+    if a.save_pretrained:
+        keep = Path(a.save_pretrained); keep.mkdir(parents=True, exist_ok=True)
+        for arch, st in states.items():                      # written whole, then renamed: never half a file
+            torch.save(st, keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
+        for f in out.glob('*.png'): shutil.copy(f, keep / f.name)
+        (keep / 'pretrain.json').write_text(json.dumps(dict(
+            run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=T,
+            **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}), indent=1))
+        log('pretrained models kept in', keep)
+if a.pretrain_only:
+    res['total_s'] = round(time.time() - t0, 1); save(); shutil.rmtree(work, ignore_errors=True)
+    log('done (pretraining only); results in', out / 'real_em.json'); raise SystemExit
 
 # ---- 2. fine-tuning and 3. held-out scores ----
 def set_dls(s):
