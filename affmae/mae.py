@@ -13,7 +13,7 @@ from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention_packed
 from .aff import AFFEncoder, Tokens, register_model, run_block, stage_flags
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
@@ -177,16 +177,16 @@ class DecoderLayer(nn.Module):
         """Queries `x` (B, Nq, dim) at `qpos` (B, Nq, 2) attend to `mem` (B, Ns, dim) at `kpos` (B, Ns, 2), rows
         `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); positions in patch units."""
         loc = lambda reach, kp: None if reach is None else (qpos, kp, -F.softplus(reach))   # coef_h = −softplus(r_h)
-        q = self._heads(self.q(self.norm_q(x)), 1)[:, :, 0].transpose(1, 2)       # (B, H, Nq, D)
-        kv = self._heads(self.kv(self.norm_kv(mem)), 2)
+        q = self._heads(norm_linear(self.norm_q, self.q, x), 1)[:, :, 0].transpose(1, 2)   # (B, H, Nq, D)
+        kv = self._heads(norm_linear(self.norm_kv, self.kv, mem), 2)
         o = cluster_attention_packed(q, kv, cross_idx, impl=self.impl, check_idx=False,   # memory rows: knn ids
                                      locality=loc(self.reach_cross, kpos))
         x = x + self.cross_proj(self._merge(o))
-        qkv = self._heads(self.qkv(self.norm_s(x)), 3)
+        qkv = self._heads(norm_linear(self.norm_s, self.qkv, x), 3)
         o = cluster_attention_packed(None, qkv, self_idx, impl=self.impl, check_idx=False,   # query windows
                                      locality=loc(self.reach_self, qpos))
         x = x + self.self_proj(self._merge(o))
-        return x + self.mlp(self.norm_m(x))
+        return x + self.mlp(x, self.norm_m)
 
 # %% ../nbs/07_mae.ipynb #0dd3dbd5
 def idw_sample(v: Tensor, kpos: Tensor, kvalid: Tensor, loc: Tensor, attn: Tensor, nearest: int = 4,
@@ -327,8 +327,15 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
             else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
                                     query=cl.centres)
             x = run_block(layer, self.checkpoint[s], x, mem, idx, cl.nbhd, cl.pos, pos)
-        if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
+        if s in self.head_at: preds.append(_to_grid(_head(self.heads[self.head_at.index(s)], x), rows, h * w))
     return preds
+
+def _head(head: nn.Module, x: Tensor) -> Tensor:
+    """A reconstruction head on `x`: a norm and a linear layer run as `norm_linear` (keeping one copy of `x`), any
+    other module (e.g. a fine-tuning model's replacement) as it is."""
+    if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.LayerNorm) and \
+       isinstance(head[1], nn.Linear): return norm_linear(head[0], head[1], x)
+    return head(x)
 
 def _spacing(valid: Tensor, area: int) -> Tensor:
     "Mean spacing of each image's points (`valid` (B, N) over `area` patches) in patch units, shaped (B, 1, 1, 1, 1)."
