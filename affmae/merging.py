@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
 from .neighbour_sum import neighbour_sum
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
@@ -88,7 +88,8 @@ def forward(self: TokenMerging, x: Tensor, cl: Clusters, spacing: float = 1., sc
     B, K = kept.shape
     if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
     m = neighbour_sum(w, x, nb, self.impl, check_idx=False)                         # (B, K, h, C); nb is trusted
-    out = self.proj(self.norm(m.reshape(B, K, -1))) * torch.sigmoid(gather_rows(score, kept))[..., None]
+    out = norm_linear(self.norm, self.proj, m.reshape(B, K, -1))                   # keeps x̂, not norm(m) too
+    out = out * torch.sigmoid(gather_rows(score, kept))[..., None]
     wbar = w.mean(-1).detach()
     pos = (wbar[..., None] * pn).sum(2)
     return Merged(out * valid[..., None], pos, valid, kept, wbar)
