@@ -66,16 +66,16 @@ def _affine(xh: Tensor, w: Tensor | None, b: Tensor | None, dt: torch.dtype) -> 
     if b is not None: y = y + b.to(y.dtype)
     return y.to(dt)
 
-def _norm_fwd(x: Tensor, w, b, eps: float, impl: str, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    "LayerNorm of rows `x` `(R, C)`: the output and x̂ in `dt`, the rows' rstd in fp32 (or wider)."
+def _norm_fwd(x: Tensor, w, b, eps: float, impl: str, dt: torch.dtype, xhat: bool = True):
+    "LayerNorm of rows `x` `(R, C)`: the output and (if `xhat`) x̂ in `dt`, the rows' rstd in fp32 (or wider)."
     if impl == 'triton':
-        y, _, rstd, xh = _triton_fwd(x, w, b, eps, dt, dt)
+        y, _, rstd, xh = _triton_fwd(x, w, b, eps, dt, dt if xhat else None)
         return y, xh, rstd
     xc = x.to(torch.promote_types(x.dtype, torch.float32))
     xc = xc - xc.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xc.square().mean(-1) + eps)
     xh = xc * rstd[:, None]
-    return _affine(xh, w, b, dt), xh.to(dt), rstd
+    return _affine(xh, w, b, dt), xh.to(dt) if xhat else None, rstd
 
 def _norm_bwd(xh: Tensor, rstd: Tensor, w, dy: Tensor, need_w: bool, need_b: bool, dx_dtype, impl: str):
     "LayerNorm's backward from x̂ and rstd: `(dx, dweight, dbias)`, the parameters' gradients in `w`'s dtype."
@@ -90,38 +90,63 @@ def _norm_bwd(xh: Tensor, rstd: Tensor, w, dy: Tensor, need_w: bool, need_b: boo
     return dx.to(dx_dtype), (d * xf).sum(0).to(pdt) if need_w else None, d.sum(0).to(pdt) if need_b else None
 
 class _NormLinear(torch.autograd.Function):
-    "`linear(layer_norm(x))` in dtype `dt` for rows `x` `(R, C)`, saving x̂ (in `dt`) and rstd, not the norm's output."
+    """`linear_i(layer_norm_i(x))` in dtype `dt` for rows `x` `(R, C)`, one output per `(lw, lb, w, b)` in `params`
+    (norms with the same `eps`: the same x̂), saving x̂ (in `dt`) and rstd once, not the norms' outputs."""
     @staticmethod
-    def forward(ctx, x, lw, lb, w, b, eps, impl, dt):
+    def forward(ctx, x, eps, impl, dt, *params):
+        outs = []
         with torch.autocast(x.device.type, enabled=False):
-            y, xh, rstd = _norm_fwd(x, lw, lb, eps, impl, dt)
-            out = F.linear(y, w.to(dt), None if b is None else b.to(dt))
-        ctx.save_for_backward(xh, rstd, lw, lb, w)
+            for i in range(0, len(params), 4):
+                lw, lb, w, b = params[i:i + 4]
+                y, xh_, rstd_ = _norm_fwd(x, lw, lb, eps, impl, dt, xhat=i == 0)    # the first pair's x̂, rstd
+                if i == 0: xh, rstd = xh_, rstd_
+                outs.append(F.linear(y, w.to(dt), None if b is None else b.to(dt)))
+        ctx.save_for_backward(xh, rstd, *params)
         ctx.x_dtype, ctx.impl = x.dtype, impl
-        return out
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, dout):
-        xh, rstd, lw, lb, w = ctx.saved_tensors
-        dt, need = xh.dtype, ctx.needs_input_grad
+    def backward(ctx, *douts):
+        xh, rstd, *params = ctx.saved_tensors
+        dt, need, grads, dys = xh.dtype, ctx.needs_input_grad[4:], [], []
         with torch.autocast(xh.device.type, enabled=False):
-            dout = dout.to(dt)
-            dw = (dout.t() @ _affine(xh, lw, lb, dt)).to(w.dtype) if need[3] else None
-            db = dout.sum(0).to(w.dtype) if need[4] else None
-            dx, dlw, dlb = _norm_bwd(xh, rstd, lw, dout @ w.to(dt), need[1], need[2], ctx.x_dtype, ctx.impl)
-        return dx, dlw, dlb, dw, db, None, None, None
+            for i, dout in enumerate(douts):
+                lw, lb, w, b = params[4 * i:4 * i + 4]
+                dout = dout.to(dt)
+                dw = (dout.t() @ _affine(xh, lw, lb, dt)).to(w.dtype) if need[4 * i + 2] else None
+                grads += [None, None, dw, dout.sum(0).to(b.dtype) if need[4 * i + 3] else None]
+                dys.append(dout @ w.to(dt))
+            if len(dys) == 1:                                                   # the fused kernel, γ's gradients too
+                dx, grads[0], grads[1] = _norm_bwd(xh, rstd, params[0], dys[0], need[0], need[1], ctx.x_dtype,
+                                                   ctx.impl)
+            else:                                                               # x̂'s gradient summed over the norms
+                ft = torch.promote_types(dt, torch.float32)
+                xf, ds = xh.to(ft), [dy.to(ft) for dy in dys]
+                g = sum(d if params[4 * i] is None else d * params[4 * i].to(ft) for i, d in enumerate(ds))
+                dx = _norm_bwd(xh, rstd, None, g, False, False, ctx.x_dtype, ctx.impl)[0]
+                for i, d in enumerate(ds):
+                    lw, lb = params[4 * i:4 * i + 2]
+                    if need[4 * i]: grads[4 * i] = (d * xf).sum(0).to(lw.dtype)
+                    if need[4 * i + 1]: grads[4 * i + 1] = d.sum(0).to(lb.dtype)
+        return dx, None, None, None, *grads
 
 def _rows(x: Tensor) -> Tensor: return x.reshape(-1, x.shape[-1]).contiguous()
 
-def norm_linear(norm: nn.LayerNorm, lin: nn.Linear, x: Tensor) -> Tensor:
+def norm_linear(norm: nn.LayerNorm, lin: nn.Linear, x: Tensor, *more) -> Tensor | tuple[Tensor, ...]:
     """`lin(norm(x))` for `x` `(..., C)`, in the autocast dtype under autocast, keeping only x̂ and the rows' rstd for
-    the backward pass (the norm's output is recomputed from them); `norm` is a `LayerNorm` or `nn.LayerNorm`."""
-    if x.shape[-1] != lin.in_features:
-        raise ValueError(f"norm_linear expects {lin.in_features} input features, got shape {tuple(x.shape)}")
+    the backward pass (the norm's output is recomputed from them); `norm` is a `LayerNorm` or `nn.LayerNorm`. `more`:
+    further `(norm, lin)` pairs on the same `x`, all sharing the one saved x̂ (then a tuple of outputs)."""
+    pairs = ((norm, lin), *more)
+    for n, l in pairs:
+        if x.shape[-1] != l.in_features:
+            raise ValueError(f"norm_linear expects {l.in_features} input features, got shape {tuple(x.shape)}")
+        if n.eps != norm.eps: raise ValueError(f"norms sharing x̂ need one eps, got {norm.eps} and {n.eps}")
     dt = _compute_dtype(x)
-    out = _NormLinear.apply(_rows(x), norm.weight, norm.bias, lin.weight, lin.bias, norm.eps, _norm_impl(norm, x, dt),
-                            dt)
-    return out.view(*x.shape[:-1], -1)
+    outs = _NormLinear.apply(_rows(x), norm.eps, _norm_impl(norm, x, dt), dt,
+                             *(t for n, l in pairs for t in (n.weight, n.bias, l.weight, l.bias)))
+    outs = tuple(o.view(*x.shape[:-1], -1) for o in outs)
+    return outs if more else outs[0]
+
 
 # %% ../nbs/02c_mlp.ipynb #2eedf509
 class Mlp(nn.Sequential):
