@@ -63,6 +63,21 @@ def select(self: TokenMerging, x: Tensor, cl: Clusters, score: Tensor | None = N
     return score, kept, valid
 
 # %% ../nbs/05_merging.ipynb #4e5b6c42
+class _MaskedSoftmax(torch.autograd.Function):
+    """`a.masked_fill(~ok, -1e9).softmax(dim) * ok` (zero on rows with nothing `ok`), saving its output alone, which
+    the weighted sum keeps anyway, instead of the softmax's output and the product apart."""
+    @staticmethod
+    def forward(ctx, a, ok, dim):
+        w = a.masked_fill(~ok, -1e9).softmax(dim) * ok
+        ctx.save_for_backward(w)
+        ctx.dim = dim
+        return w
+
+    @staticmethod
+    def backward(ctx, g):
+        w, = ctx.saved_tensors                                  # the softmax's gradient; 0 where w is
+        return w * (g - (g * w).sum(ctx.dim, keepdim=True)), None, None
+
 @patch
 def merge_weights(self: TokenMerging, cl: Clusters, score: Tensor, kept: Tensor, valid: Tensor, spacing: float):
     """`(w, nb, pn)`: weights `w` (B, K, M, heads) of each kept token's neighbours `nb` (B, K, M), curve positions
@@ -74,7 +89,7 @@ def merge_weights(self: TokenMerging, cl: Clusters, score: Tensor, kept: Tensor,
     a = self.weight(d.to(self.proj.weight.dtype))
     a = (a.float() if a.element_size() < 4 else a) - d.square().sum(-1, keepdim=True) / 2
     a = a + gather_rows(score, nb)[..., None]
-    w = a.masked_fill(~ok[..., None], -1e9).softmax(2) * ok[..., None]               # (B, K, M, h)
+    w = _MaskedSoftmax.apply(a, ok[..., None], 2)                                    # (B, K, M, h)
     return w, nb, pn
 
 # %% ../nbs/05_merging.ipynb #b95b9a53
