@@ -296,7 +296,7 @@ def mae_learner(dls, arch: str | MAEBase = 'affmae_base', mask: str | None = Non
     """A fastai `Learner` that pretrains the MAE model `arch` on `dls` (batches `(img,)`) with the optimisation
     `recipe` (`RECIPES`; `lr` ... `betas` left at None take its values; `clip=0`: none); `capture`: CUDA-graph steps.
     `mask`, `ratio`: the masking (`MASKERS`) and mask ratio; None: the model's own
-    (`perlin` at ½ unless a preset says)."""
+    (`perlin_quarters` at ½ unless a preset says)."""
     name = arch if isinstance(arch, str) else getattr(arch, 'arch', (None,))[0]
     r = resolve_recipe(recipe, name, dls.train.bs, lr=lr, wd=wd, accum=accum, clip=clip, precision=precision,
                        betas=betas)

@@ -65,7 +65,7 @@ MASKERS = dict(perlin=perlin_mask, random=random_mask, perlin_quarters=perlin_qu
 class MAEBase(nn.Module):
     """Masking, targets, weighted per-head losses and reconstructions shared by the MAE models;
     subclasses implement `predict`."""
-    def __init__(self, patch: int = 8, in_chans: int = 1, mask: str = 'perlin', ratio: float = .5,
+    def __init__(self, patch: int = 8, in_chans: int = 1, mask: str = 'perlin_quarters', ratio: float = .5,
                  norm_pix: bool = False, loss_weights=(1.,)):
         super().__init__()
         if mask not in MASKERS: raise ValueError(f"mask must be one of {tuple(MASKERS)}, got {mask!r}")

@@ -231,7 +231,8 @@ _MOD_RULES = (('attention', r'attn|attention|relpos|\brpes?\b'), ('clustering', 
 FN_LABELS = {'affmae.cluster_attention': dict(cluster_attention='attention', cluster_attention_packed='attention',
                                               cluster_attention_ref='attention'),
              'affmae.clustering': dict(cluster_tokens='clustering', knn='clustering'),
-             'affmae.masking': dict(perlin_mask='masking', random_mask='masking')}
+             'affmae.masking': dict(perlin_quarters_mask='masking', perlin_mask='masking',
+                                       random_mask='masking')}
 
 def module_category(name, module):
     "Profile category of a submodule from its attribute name, its path and its class name (or None)."

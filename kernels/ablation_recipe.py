@@ -7,9 +7,9 @@ the held-out sections whole. Recorded per variant: the pretraining loss curve, t
 the trivial level (predicting the mean everywhere: E[x²] of the normalised pixels; heads differ between variants, the
 finest is common to all), step time, peak memory, held-out mIoU and foreground IoU.
 
-Variants: `ours` (defaults), `paper` (the preset: `affmae_base_paper`, `recipe='paper'`, CLAHE + fixed normalisation,
-quarter-lattice Perlin masks), and `ours` with one published choice each: deep-supervision weights, mask family, conv
-stem, deformable decoder.
+Variants: `ours` (defaults, with the 3-octave `perlin` masks that were the default when recorded), `paper` (the
+preset: `affmae_base_paper`, `recipe='paper'`, CLAHE + fixed normalisation, quarter-lattice Perlin masks), and `ours`
+with one published choice each: deep-supervision weights, mask family, conv stem, deformable decoder.
 
 The published preprocessing is CLAHE (OpenCV) before the fixed normalisation. The GPU machine has no OpenCV, so the
 `paper` variant reads `--paper-data`, a copy of `--data` equalised here by `kernels/prep_data_em.py --clahe` (same
@@ -61,13 +61,14 @@ from fastai.callback.core import Callback
 from affmae.prep import PAPER_STATS, CLAHE_CLIP
 PAPER_DATA = dict(norm=PAPER_STATS) if a.paper_data else dict(clahe=CLAHE_CLIP, norm=PAPER_STATS)
 PAPER_MODEL = {**PAPER_ENCODER, **PAPER_DECODER, **(dict(dec_dim=64, dec_heads=2) if a.tiny else {})}
+OURS = dict(mask='perlin')   # the masks of `ours` when recorded (affmae's default then; now `perlin_quarters`)
 VARIANTS = {   # name: (arch, model options, learner options, data options); `paper` is `affmae_*_paper` spelled out
-    'ours': (f'affmae_{SIZE}', {}, {}, {}),
+    'ours': (f'affmae_{SIZE}', {}, OURS, {}),
     'paper': (f'affmae_{SIZE}', PAPER_MODEL, dict(recipe='paper', mask='perlin_quarters'), PAPER_DATA),
-    'ds_paper': (f'affmae_{SIZE}', dict(ds_weights=(.05, .12, 0., 1.)), {}, {}),
+    'ds_paper': (f'affmae_{SIZE}', dict(ds_weights=(.05, .12, 0., 1.)), OURS, {}),
     'mask_quarters': (f'affmae_{SIZE}', {}, dict(mask='perlin_quarters'), {}),
-    'conv_stem': (f'affmae_{SIZE}', dict(stem='conv'), {}, {}),
-    'deformable': (f'affmae_{SIZE}', dict(decoder='deformable'), {}, {}),
+    'conv_stem': (f'affmae_{SIZE}', dict(stem='conv'), OURS, {}),
+    'deformable': (f'affmae_{SIZE}', dict(decoder='deformable'), OURS, {}),
 }
 names = a.variants.split(',')
 if bad := [n for n in names if n not in VARIANTS]: raise SystemExit(f'unknown variants {bad}; known: {list(VARIANTS)}')

@@ -98,7 +98,8 @@ for c in cands:
 res['run'].update(arch=arch, size=size, bs=bs, steps=10 * per_epoch, epochs=10, lr=a.lr or (1e-3 if 'small' in arch or smoke else 6e-4), norm_pix=bool(a.norm_pix),
                   mask='perlin', ratio=.5, precision='bf16', warmup=.1)
 torch.manual_seed(0)
-learn = mae_learner(dls, arch, lr=res['run']['lr'], precision='bf16', ckpt_dir=out / 'ckpt', ckpt_every=10, norm_pix=bool(a.norm_pix),
+learn = mae_learner(dls, arch, mask=res['run']['mask'],
+                    lr=res['run']['lr'], precision='bf16', ckpt_dir=out / 'ckpt', ckpt_every=10, norm_pix=bool(a.norm_pix),
                     figs_dir=out / 'figures')
 t = time.time()
 learn.fit_one_cycle(10, res['run']['lr'], pct_start=.1, moms=(.9, .9, .9))
