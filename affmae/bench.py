@@ -38,7 +38,8 @@ def _model_info(model):
     get = lambda *names: next((getattr(model, n) for n in names if getattr(model, n, None) is not None), None)
     ps = get('patch_size', 'patch')
     return dict(params=sum(p.numel() for p in model.parameters()),
-                patch_size=ps[0] if isinstance(ps, (tuple, list)) else ps, mask_ratio=get('mask_ratio', 'ratio'))
+                patch_size=ps[0] if isinstance(ps, (tuple, list)) else ps, mask_ratio=get('mask_ratio', 'ratio'),
+                mask=get('mask_kind'))
 
 def bench_one(arch, size, bs, device=None, steps=10, warmup=3, amp=None, auto=False, profile=True,
               max_bs=4096, rel_tol=1/32, model_kw=None, log=print, mode='eager'):

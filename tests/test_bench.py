@@ -198,7 +198,7 @@ def _check_schema(res, archs, sizes):
         for k in ('bs', 'params', 'patch_size', 'mask_ratio', 'flops_per_img', 'fwd_flops_per_img', 'step_ms',
                   'times_ms', 'img_per_s', 'peak_mem_gib', 'profile'): assert k in r, k
         assert r['img_per_s'] > 0 and r['flops_per_img'] > r['fwd_flops_per_img'] > 0
-        assert r['patch_size'] == 8 and r['mask_ratio'] == 0.5
+        assert r['patch_size'] == 8 and r['mask_ratio'] == 0.5 and r['mask'] == 'perlin_quarters'
 
 
 def test_run_bench_cpu(tmp_path):
