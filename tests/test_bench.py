@@ -198,7 +198,15 @@ def _check_schema(res, archs, sizes):
         for k in ('bs', 'params', 'patch_size', 'mask_ratio', 'flops_per_img', 'fwd_flops_per_img', 'step_ms',
                   'times_ms', 'img_per_s', 'peak_mem_gib', 'profile'): assert k in r, k
         assert r['img_per_s'] > 0 and r['flops_per_img'] > r['fwd_flops_per_img'] > 0
-        assert r['patch_size'] == 8 and r['mask_ratio'] == 0.5 and r['mask'] == 'perlin_quarters'
+        assert r['patch_size'] == 8 and r['mask_ratio'] == 0.5 and 'mask' in r
+
+
+def test_model_info_mask():
+    "A record names the model's mask kind (None for a model without one)."
+    from affmae.bench import build_model, _model_info
+    assert _model_info(build_model('affmae_tiny', 'cpu'))['mask'] == 'perlin_quarters'
+    assert _model_info(build_model('vitmae_tiny', 'cpu', mask='random'))['mask'] == 'random'
+    assert _model_info(tiny_shallow())['mask'] is None
 
 
 def test_run_bench_cpu(tmp_path):
