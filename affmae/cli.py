@@ -156,6 +156,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     from affmae.distributed import init_distributed, data_parallel, accum_steps
     from affmae.shards import is_shards
+    from affmae.real_em import levels_report
     arch = arch or ('affmae_base_paper' if recipe == 'paper' else 'affmae_base')
     _require(ratio is None or 0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask is None or mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
@@ -201,6 +202,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
                              "resume into the resumed run's folder")
     data_parallel(learn)
     learn.fit_recipe(epochs, warmup=warmup, start_epoch=start)
+    if rank == 0 and (line := levels_report(learn)): print(line)   # did it learn more than the mean, the blur?
     return learn
 
 # %% ../nbs/09b_cli.ipynb #96390b89

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
-           'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining']
+           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -82,6 +82,20 @@ def recon_levels(model, batches, sigmas=(1, 2, 4, 8, 16), seed=0):
     blur = {s: sums[s]/n for s in sigmas}
     best = min(blur, key=blur.get)
     return dict(trivial=sums['trivial']/n, blur=blur, floor=blur[best], floor_sigma=best)
+
+# %% ../nbs/12_real_em.ipynb #8cf6a6b6
+def levels_report(learn):
+    """One line comparing `learn`'s (an MAE Learner) last validation loss of its finest head with the trivial level
+    and the best blur of the visible pixels on its validation images (`recon_levels`); None without validation."""
+    vals = learn.recorder.values
+    if not len(learn.dls.valid) or not vals or vals[-1][-1] is None: return None
+    model = getattr(learn.model, 'module', learn.model)                  # unwrapped from DistributedDataParallel
+    finest, lv = float(vals[-1][-1]), recon_levels(model, learn.dls.valid)
+    triv, blur = lv['trivial'], lv['floor']
+    verdict = ('below both' if finest < blur else 'below the mean, not yet below the blur' if finest < triv
+               else 'not below the mean yet')
+    return (f"validation, finest head: {finest:.3f} = {finest/triv:.2f} x the trivial level ({triv:.3f}, predicting "
+            f"the mean); the best blur of the visible pixels: {blur:.3f} = {blur/triv:.2f} x ({verdict})")
 
 # %% ../nbs/12_real_em.ipynb #7e1731fb
 def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below=0.9):
