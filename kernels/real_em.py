@@ -67,7 +67,8 @@ p.add_argument('--mask', default='perlin_quarters', help='pretraining masks (`af
 p.add_argument('--save-pretrained', default=None, help='folder to keep the pretrained models and their records in')
 p.add_argument('--load-pretrained', default=None,
                help='folder of an earlier --save-pretrained: fine-tune those models instead of pretraining')
-p.add_argument('--pretrain-only', action='store_true', help='stop after pretraining (add --save-pretrained to keep the models)')
+p.add_argument('--pretrain-only', action='store_true',
+               help='stop after pretraining (add --save-pretrained to keep the models)')
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
