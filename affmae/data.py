@@ -16,6 +16,7 @@ from fastai.torch_core import default_device
 from .masking import _grid
 from .synth import EM_CLASSES, EM_COLORS, synth_em
 from .readers import EMDataError, image_files, image_info, _file_dtype, check_image, read_plane, read_mask
+from .augment import AUGMENTS, distort
 from .prep import robust_range, norm_stats, clahe, resize_whole, full_range
 
 # %% auto #0
@@ -139,7 +140,7 @@ def pretrain_files(path):
     return files
 
 class EMSources:
-    "Every 2-D slice of every image file under `paths` (folders, stacks, images), masks skipped; decoded slices cached."
+    "Every 2-D slice of every image file under `paths` (folders, stacks, images), masks skipped; slices cached."
     def __init__(self, paths, min_size=0, cache_mb=1024):
         self.paths, self.cache_bytes, self._cache, self._cached = data_paths(paths), cache_mb*2**20, {}, 0
         files = list(dict.fromkeys(f for p in self.paths for f in pretrain_files(p)))   # each file once
@@ -244,16 +245,25 @@ def dihedral(x, *ys, generator=None):
     return (tfm(x), *map(tfm, ys))
 
 class EMBatch:
-    "Batch transform on the device: clip and scale by each crop's range, `dihedral` (if `augment`), `(x - mean)/std`."
+    """Batch transform on the device: clip and scale by each crop's range, augment, `(x - mean)/std`. `augment`:
+    'none' (or False), 'flips' (or True: `dihedral`), 'full' (`dihedral`, then `affmae.augment.distort`)."""
     def __init__(self, mean, std, augment=True): self.mean, self.std, self.augment = mean, std, augment
+    @property
+    def augment(self): return self._augment
+    @augment.setter
+    def augment(self, v):
+        kind = {True: 'flips', False: 'none'}.get(v, v)
+        if kind not in AUGMENTS: raise ValueError(f"augment must be one of {AUGMENTS}, got {v!r}")
+        self._augment = kind
     def __call__(self, b):
         x, r, *ms = b
         lo, hi = r[:, 0, None, None, None], r[:, 1, None, None, None]
         x = ((x.float() - lo)/(hi - lo)).clamp_(0, 1)
-        if self.augment: x, *ms = dihedral(x, *ms)
+        if self.augment != 'none': x, *ms = dihedral(x, *ms)
+        if self.augment == 'full': x, *ms = distort(x, *ms)
         return ((x - self.mean)/self.std, *[m.long() for m in ms])
     def decode(self, b): return (b[0]*self.std + self.mean, *b[1:])
-    def __repr__(self): return f"EMBatch(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment})"
+    def __repr__(self): return f"EMBatch(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment!r})"
 
 # %% ../nbs/00_data.ipynb #46778e12
 def split_items(src, valid_pct=0.1, seed=0):

@@ -18,6 +18,7 @@ from fastai.torch_core import set_seed
 import matplotlib.pyplot as plt
 from .synth import EM_CLASSES
 from .readers import image_info, read_plane
+from .augment import AUGMENTS
 from .data import read_classes, segment_dls
 from .registry import create_model, list_models
 from .checkpoint import load_model, save_checkpoint
@@ -32,8 +33,9 @@ from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
 __all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps', 'LayerDecay',
-           'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'finetune_grid', 'grid_table', 'plot_grid',
-           'finetune_options', 'finetune', 'load_segmenter', 'predict', 'evaluate']
+           'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'class_frequencies', 'balanced_weights',
+           'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune', 'load_segmenter', 'predict',
+           'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -132,6 +134,29 @@ def label_subset(dls, frac, seed=0):
     tds.idxs = sorted(random.Random(seed).sample(list(tds.idxs), k))
     return dls
 
+# %% ../nbs/10e_finetune.ipynb #c1a55e02
+def class_frequencies(dls, n_classes: int) -> torch.Tensor:
+    "Share `(n_classes,)` of each class among the labelled pixels of the training images of `segment_dls` loaders."
+    tds = dls.train.dataset
+    counts = torch.zeros(n_classes, dtype=torch.float64)
+    for j in sorted(set(tds.idxs)):
+        m = torch.as_tensor(np.asarray(tds.src.mask(j))).flatten().long()
+        counts += torch.bincount(m[(m >= 0) & (m < n_classes)], minlength=n_classes).double()
+    if not counts.sum(): raise ValueError("the training images have no labelled pixels")
+    return counts / counts.sum()
+
+def balanced_weights(freq, power: float = .5) -> tuple[float, ...]:
+    """Class weights proportional to `freq`**-`power`, scaled so that the average labelled pixel weighs 1; a class
+    absent from `freq` (0) gets the largest weight of a present one."""
+    f = torch.as_tensor(freq, dtype=torch.float64)
+    if f.ndim != 1 or len(f) < 2 or (f < 0).any() or not f.sum() > 0:
+        raise ValueError(f"class frequencies must be a vector of two or more values >= 0, some > 0; got {freq}")
+    if power < 0: raise ValueError(f"power must be >= 0, got {power}")
+    f = f / f.sum()
+    w = torch.where(f > 0, f.clamp_min(1e-300) ** -power, 0.)
+    w = w / (f * w).sum()
+    return tuple(torch.where(f > 0, w, w.max()).tolist())
+
 # %% ../nbs/10e_finetune.ipynb #0a83cd69
 def _grid_run(dls, arch, init, frac, steps, lr, lr_decay, seed, pretrained, kw) -> dict:
     "One run of `finetune_grid`: scores on the validation set."
@@ -191,10 +216,11 @@ def plot_grid(rows, ax=None, title='held-out mIoU'):
 
 # %% ../nbs/10e_finetune.ipynb #e38d6a42
 FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=1e-3, lr_final=None, warmup=.25,
-                         wd=.05, clip=None, lr_decay=.75, epochs=20, bs=8)
+                         wd=.05, clip=None, lr_decay=.75, epochs=20, bs=8, augment='flips')
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
-                                   lr_final=1e-8, warmup=25/700, wd=.0075, clip=5., epochs=700, bs=24))
+                                   lr_final=1e-8, warmup=25/700, wd=.0075, clip=5., epochs=700, bs=24,
+                                   augment='full'))
 
 def finetune_options(recipe: str | None = None, **given) -> dict:
     "The fine-tuning options: `FINETUNE_DEFAULTS`, updated by the preset `recipe`, then by the `given` that are set."
@@ -212,7 +238,7 @@ def _loss_kw(opts) -> dict:
 
 # %% ../nbs/10e_finetune.ipynb #86b5f936
 def _floats(s: str | None, what: str):
-    if s is None: return None
+    if s is None or s == 'auto': return s
     try: return tuple(float(v) for v in s.split(','))
     except ValueError: raise ValueError(f"{what} must be comma-separated numbers, got {s!r}") from None
 
@@ -232,6 +258,7 @@ def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_sy
     _require(0 <= o['warmup'] < 1 and o['wd'] >= 0,
              f"--warmup must be in [0, 1) and --wd >= 0: {o['warmup']}, {o['wd']}")
     _require(o['clip'] is None or o['clip'] > 0, f"--clip must be positive, got {o['clip']}")
+    _require(o['augment'] in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {o['augment']!r}")
     _require(o['loss'] in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {o['loss']!r}")
     _require(num_workers >= 0, f"--num-workers must be >= 0, got {num_workers}")
     _require(names is None or (len(names) > 1 and all(names) and len(set(names)) == len(names)),
@@ -254,7 +281,8 @@ def finetune(
     bs:int=None,               # batch size (default 8)
     loss:str=None,             # ce_dice (default) or focal_dice
     focal_gamma:float=None,    # focal loss exponent (default 2)
-    class_weights:str=None,    # per-class loss weights, comma-separated, class 0 first (default: none)
+    class_weights:str=None,    # per-class loss weights, comma-separated, class 0 first, or auto (from the labels)
+    augment:str=None,          # none, flips (default: dihedral) or full (flips, affine, elastic, photometric)
     lr:float=None,             # peak learning rate, of the head with lr_decay (default 1e-3)
     lr_final:float=None,       # final learning rate (default: lr/1e5, fastai's one-cycle)
     warmup:float=None,         # fraction of training spent warming up (default 0.25)
@@ -279,7 +307,7 @@ def finetune(
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
     o = finetune_options(recipe, epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma, lr=lr, lr_final=lr_final,
                          class_weights=_floats(class_weights, '--class-weights'), warmup=warmup, wd=wd, clip=clip,
-                         lr_decay=lr_decay) | dict(arch=arch)
+                         lr_decay=lr_decay, augment=augment) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
@@ -293,11 +321,14 @@ def finetune(
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                      num_workers=num_workers, codes=names)
+                      num_workers=num_workers, codes=names, augment=o['augment'])
     classes = names or tuple(dls.codes)
-    _require(o['class_weights'] is None or len(o['class_weights']) == len(classes),
+    _require(o['class_weights'] in (None, 'auto') or len(o['class_weights']) == len(classes),
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")
     label_subset(dls, label_frac, seed)
+    if o['class_weights'] == 'auto':
+        o['class_weights'] = balanced_weights(class_frequencies(dls, len(classes)))
+        print('class weights from the labels:', ', '.join(f'{c} {w:.2f}' for c, w in zip(classes, o['class_weights'])))
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
                         accum=accum, capture=not no_capture, decay_depth=decay_depth,

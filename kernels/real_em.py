@@ -26,7 +26,9 @@ few images per split).
    steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
    wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
    pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a `variant`. Same crops,
-   dihedral flips, CE + Dice loss, AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed
+   augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE +
+   Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for
+   every model. With `--ft-seeds`, all of this once per seed
    (its own labelled subset, initialisation and crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
@@ -72,6 +74,10 @@ p.add_argument('--pretrain-only', action='store_true',
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
+p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
+p.add_argument('--loss', default='ce_dice', help='fine-tuning loss of every model (`affmae.seg_metrics.LOSSES`)')
+p.add_argument('--class-weights', default='', choices=('', 'auto'),
+               help="fine-tuning class weights: none, or auto (`balanced_weights` of each run's labelled images)")
 p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
 p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay over this many levels (`decay_steps`)')
 p.add_argument('--seed', type=int, default=0, help='seed of pretraining and of the loaders')
@@ -101,11 +107,11 @@ from affmae.readers import image_info, read_plane, read_mask
 from affmae.data import EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files, sample_dir
 from affmae.learner import mae_learner
 from affmae.registry import create_model
-from affmae.finetune import seg_learner, label_subset
+from affmae.finetune import seg_learner, label_subset, class_frequencies, balanced_weights
 from affmae.inference import evaluate_model, predict_plane
 from affmae.seg_io import overlay, to_uint8
 from affmae.graphs import StepGraph
-from affmae.seg_metrics import CEDiceLoss
+from affmae.seg_metrics import seg_loss
 from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table, recon_levels
 
 HEAD = dict(head_skip=a.head)
@@ -204,7 +210,7 @@ def pre_timing(arch):
 def ft_timing(arch, **kw):
     m = create_model(arch, 'segmentation', n_classes=5, **kw).to(dev)
     return step_time(m, (torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)),
-                     CEDiceLoss())
+                     seg_loss(a.loss))
 
 T = res['timing']
 for arch in ARCHS:
@@ -281,7 +287,8 @@ if a.pretrain_only:
 # ---- 2. fine-tuning and 3. held-out scores ----
 def set_dls(s):
     "Training crops of a set (`segment_dls`, no split) + its held-out images' centre crops as the validation loader."
-    dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'])
+    dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'],
+                      augment=a.augment)
     src = EMFolder(s['test'], masks=True)
     vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes']), bs=B,
                        device=dls.device, after_batch=EMBatch(*dls.stats, augment=False))
@@ -297,8 +304,10 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     label_subset(dls, frac, seed)
     torch.manual_seed(seed)
     pre = init == 'pretrained'
+    weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
-                        lr_decay=a.lr_decay if pre else None, decay_depth=decay_depth, per_class=False, **kw)
+                        loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
+                        decay_depth=decay_depth, per_class=False, **kw)
     t = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.ft_lr)
     train_s = time.time() - t
@@ -314,6 +323,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou),
+               **({'class_weights': [round(w, 4) for w in weights]} if weights else {}),
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
                **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
