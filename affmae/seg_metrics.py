@@ -140,12 +140,19 @@ class CEDiceLoss:
         ce = F.cross_entropy(logits, targ, weight=w, ignore_index=self.ignore, reduction='sum')
         n = valid.sum() if w is None else (w[torch.where(valid, targ, 0)] * valid).sum()
         return ce / n.clamp_min(1e-12)
+    def class_weights(self, logits):
+        """`weight` as a tensor beside `logits`, made on the first call and kept: a step captured later (`09a_graphs`)
+        must not copy from the host."""
+        if self.weight is None: return None
+        w = getattr(self, '_w', None)
+        if w is None or w.device != logits.device or w.dtype != logits.dtype:
+            w = self._w = torch.as_tensor(self.weight, dtype=logits.dtype).to(logits.device)
+        if len(w) != logits.shape[1]: raise ValueError(f"{len(w)} class weights for {logits.shape[1]} classes")
+        return w
     def __call__(self, logits, targ):
         logits, targ = logits.float(), targ.long()
         valid = check_batch(logits, targ, self.ignore)
-        w = None if self.weight is None else torch.as_tensor(self.weight, dtype=logits.dtype, device=logits.device)
-        if w is not None and len(w) != logits.shape[1]:
-            raise ValueError(f"{len(w)} class weights for {logits.shape[1]} classes")
+        w = self.class_weights(logits)
         loss = self.pixel_loss(logits, targ, valid, w)
         if not self.dice_w: return loss
         return loss + self.dice_w*(1 - soft_dice(logits, targ, valid, self.eps, 0 if self.dice_bg else 1).mean())

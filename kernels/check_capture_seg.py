@@ -1,8 +1,8 @@
 """GPU check of the captured segmentation step and of capture's failure paths (`affmae.graphs.StepGraph`).
 
-1. Segmentation (`loss_func` given): for each model, two identical copies train on the same batches, one with eager
-   steps, one through StepGraph (warm-up, capture, replays); losses and weights must agree up to the eager-vs-eager
-   noise floor. Prints both step times.
+1. Segmentation (`loss_func` given, class-weighted unless `--weights ''`): for each model, two identical copies train
+   on the same batches, one with eager steps, one through StepGraph (warm-up, capture, replays); losses and weights
+   must agree up to the eager-vs-eager noise floor, with one capture. Prints both step times.
 2. A loader's pin-memory thread allocating pinned memory during a capture must not break it (thread-local capture).
 3. A step that cannot be captured (it reads a GPU value on the host) falls back to eager steps that still draw random
    numbers (dropout) without error: the CUDA generator is not left in capture mode.
@@ -20,9 +20,11 @@ p.add_argument('--archs', default='affmae_base,vitmae_base,unet')
 p.add_argument('--size', type=int, default=256)
 p.add_argument('--bs', type=int, default=8)
 p.add_argument('--steps', type=int, default=8)
+p.add_argument('--weights', default='0.2,2,3,2,3', help="the loss's class weights (the published ones; '': none)")
 p.add_argument('--out', default=None)
 a = p.parse_args()
-dev, loss_func = torch.device('cuda'), CEDiceLoss()
+weights = tuple(map(float, a.weights.split(','))) if a.weights else None
+dev, loss_func = torch.device('cuda'), CEDiceLoss(weight=weights)
 
 
 def eager_step(m, opt, x, y):
@@ -45,7 +47,8 @@ def timed(f, n=10):
     torch.cuda.synchronize(); return (time.perf_counter() - t) / n * 1e3
 
 
-res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=a.size, bs=a.bs, models={})
+res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=a.size, bs=a.bs, weights=weights,
+           models={})
 g = torch.Generator(device=dev).manual_seed(1)
 xs = [torch.randn(a.bs, 1, a.size, a.size, device=dev, generator=g) for _ in range(a.steps)]
 ys = [torch.randint(0, 5, (a.bs, a.size, a.size), device=dev, generator=g) for _ in range(a.steps)]
