@@ -58,10 +58,14 @@ def _memmap_planes(fn, n, hw):
     except Exception: return None
     return mm.reshape(n, *hw) if mm.size == n*hw[0]*hw[1] and mm.shape[-2:] == hw else None
 
+def _compact(labels):
+    "`labels` as uint8 when they all fit (a quarter to an eighth of the memory), else unchanged."
+    return labels.astype(np.uint8) if labels.size and 0 <= labels.min() and labels.max() < 256 else labels
+
 class EMFolder:
     "Every 2-D slice of every image under `path` (and its mask, if `masks`), indexed lazily from file headers."
-    def __init__(self, path, masks=False, min_size=0):
-        self.path = Path(path)
+    def __init__(self, path, masks=False, min_size=0, cache_mb=1024):
+        self.path, self.cache_bytes, self._cache, self._cached = Path(path), cache_mb*2**20, {}, 0
         pairs = find_pairs(path) if masks else [(f, None) for f in image_files(self._img_dir())]
         self.items, self.files, self.carrier, self._mm = [], [], np.uint8, {}   # 8-bit crops if all images are 8-bit
         for fi, (f, m) in enumerate(pairs):
@@ -86,12 +90,22 @@ class EMFolder:
             if len(self._mm) >= 64: self._mm.pop(next(iter(self._mm)))    # bound the open file handles
             self._mm[fi] = _memmap_planes(f, n, hw)
         mm = self._mm[fi]
-        if mm is None or mm.dtype.kind == 'f': return read_plane(f, k, n)   # float planes: read whole, check finite
+        if mm is None or mm.dtype.kind == 'f':                           # float planes: read whole, check finite
+            return self._kept(('image', i), lambda: read_plane(f, k, n))
         return mm[k]
-    def __getstate__(self): return {**self.__dict__, '_mm': {}}        # memmaps reopen in worker processes
     def mask(self, i):
+        "Labels of slice `i` (8-bit when they fit, else int64), decoded once and kept while `cache_mb` has room."
         fi, k = self.items[i]; _, m, n, _ = self.files[fi]
-        return read_mask(m, k, n)
+        return self._kept(('mask', i), lambda: _compact(read_mask(m, k, n)))
+    def _kept(self, key, read):
+        "`read()`, or what it returned the first time for `key`: kept read-only while the cache has room."
+        if key in self._cache: return self._cache[key]
+        a = read()
+        if self._cached + a.nbytes <= self.cache_bytes:
+            a.flags.writeable = False
+            self._cache[key] = a; self._cached += a.nbytes
+        return a
+    def __getstate__(self): return {**self.__dict__, '_mm': {}, '_cache': {}, '_cached': 0}   # workers: their own
     def name(self, i):
         fi, k = self.items[i]; f, _, n, _ = self.files[fi]
         return f"{f}" + (f"[{k}]" if n > 1 else "")
@@ -144,7 +158,7 @@ class EMSources:
     def __init__(self, paths, min_size=0, cache_mb=1024):
         self.paths, self.cache_bytes, self._cache, self._cached = data_paths(paths), cache_mb*2**20, {}, 0
         files = list(dict.fromkeys(f for p in self.paths for f in pretrain_files(p)))   # each file once
-        self.folders = [EMFolder(f, min_size=min_size) for f in files]    # headers read and checked here
+        self.folders = [EMFolder(f, min_size=min_size, cache_mb=0) for f in files]   # headers checked here; one cache
         self.items = [(j, k) for j, src in enumerate(self.folders) for k in range(len(src))]
         self.carrier = np.uint8 if all(s.carrier == np.uint8 for s in self.folders) else np.float32
         self.path = ','.join(map(str, self.paths))

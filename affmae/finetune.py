@@ -140,8 +140,8 @@ def class_frequencies(dls, n_classes: int) -> torch.Tensor:
     tds = dls.train.dataset
     counts = torch.zeros(n_classes, dtype=torch.float64)
     for j in sorted(set(tds.idxs)):
-        m = torch.as_tensor(np.asarray(tds.src.mask(j))).flatten().long()
-        counts += torch.bincount(m[(m >= 0) & (m < n_classes)], minlength=n_classes).double()
+        m = np.asarray(tds.src.mask(j)).ravel()
+        counts += torch.from_numpy(np.bincount(m[(m >= 0) & (m < n_classes)].astype(np.int64), minlength=n_classes))
     if not counts.sum(): raise ValueError("the training images have no labelled pixels")
     return counts / counts.sum()
 
