@@ -33,7 +33,9 @@ few images per split).
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
-Step counts come from step times measured at the start, so the whole script fits `--budget` seconds.
+Step counts come from step times measured at the start (with the runs' loss and class weights), so the whole script
+fits `--budget` seconds; a run that would end past it if as long as the last one is not started (`stopped_early`
+names it; the runs done, their scores and figures are kept).
 Writes six files to `--out` (the device machine returns at most 8): real_em.json (rewritten after every run),
 pretrain_curves.png, recon_<arch>.png (first and last epoch's reconstructions, one per pretrained arch), scores.png
 (held-out mIoU) and examples.png (the first held-out image of each set: truth and every model's prediction).
@@ -210,7 +212,7 @@ def pre_timing(arch):
 def ft_timing(arch, **kw):
     m = create_model(arch, 'segmentation', n_classes=5, **kw).to(dev)
     return step_time(m, (torch.randn(B, 1, S, S, device=dev), torch.randint(0, 5, (B, S, S), device=dev)),
-                     seg_loss(a.loss))
+                     seg_loss(a.loss, **({'weight': (1.,) * 5} if a.class_weights else {})))   # as the runs
 
 T = res['timing']
 for arch in ARCHS:
@@ -336,6 +338,46 @@ VARIANTS = ([(f'{a.compare_head} head', dict(head_skip=a.compare_head))] if a.co
            ([(f'decay depth {a.compare_decay_depth}', dict(HEAD, decay_depth=a.compare_decay_depth))]
             if a.compare_decay_depth else [])
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
+class OverBudget(Exception): pass
+run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
+def budgeted(what, *args, **kw):
+    "`run(*args, **kw)`, unless (as long as the last run) it would end past `--budget`: `OverBudget`, all kept."
+    if time.time() - t0 + run_s['last'] > a.budget:
+        res['stopped_early'] = what; log(f'budget spent: stopping before {what}'); raise OverBudget
+    t = time.time(); out = run(*args, **kw); run_s['last'] = time.time() - t
+    return out
+def fine_tune_set(name, s, dls, steps):
+    "Every run of set `name` at every label fraction and seed (`OverBudget` stops it)."
+    for frac in FRACS:
+        for seed in SEEDS:                                   # example predictions: the first seed's
+            tag = f' seed {seed}' if len(SEEDS) > 1 else ''
+            ex = examples if seed == SEEDS[0] else {}
+            for arch, init in CONFIGS:
+                row, ex[name, frac, arch, init] = budgeted(f'{name} {frac:.0%}{tag} {arch} {init}', dls, s, arch, init,
+                                                           frac, steps, seed, **HEAD)
+                res['sets'][name]['runs'].append(row); save()
+                log(f"{name} {frac:.0%}{tag} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
+                    f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
+            t_aff = next(r['train_s'] for r in reversed(res['sets'][name]['runs'])
+                         if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
+            # the same seconds: the U-Net's captured step plus the Learner's cost per step, as affmae's run measured it
+            # (a fixed few tens of ms, not a multiple of the step: scaling by OVERHEAD gave the U-Net ~1.6x the time)
+            loop_s = max(0., t_aff / steps - T[f'{ARCHS[0]}_finetune_step_s'])
+            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] + loop_s)))
+            if tiny: u_steps = min(u_steps, 2 * steps)          # the CPU check: mechanics, not the match
+            row, ex[name, frac, 'unet', 'scratch'] = budgeted(f'{name} {frac:.0%}{tag} unet', dls, s, 'unet',
+                                                              'scratch', frac, u_steps, seed, **UNET_KW)
+            row['matched_to_s'] = t_aff
+            res['sets'][name]['runs'].append(row); save()
+            log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
+                f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
+            for variant, kw in VARIANTS:
+                row, _ = budgeted(f'{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}', dls, s, ARCHS[0],
+                                  'pretrained', frac, steps, seed, variant, **kw)
+                res['sets'][name]['runs'].append(row); save()
+                log(f"{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
+                    f"{f3(row['fg_iou'])}")
+
 names = list(sets)
 for si, name in enumerate(names):
     s = sets[name]
@@ -353,35 +395,8 @@ for si, name in enumerate(names):
     runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
     steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
-    for frac in FRACS:
-        if time.time() - t0 > a.budget:                      # over budget: keep what is done, skip the rest
-            res['stopped_early'] = f'{name} at {frac:.0%} of labels'; log('budget spent, stopping'); break
-        for seed in SEEDS:                                   # example predictions: the first seed's
-            tag = f' seed {seed}' if len(SEEDS) > 1 else ''
-            ex = examples if seed == SEEDS[0] else {}
-            for arch, init in CONFIGS:
-                row, ex[name, frac, arch, init] = run(dls, s, arch, init, frac, steps, seed, **HEAD)
-                res['sets'][name]['runs'].append(row); save()
-                log(f"{name} {frac:.0%}{tag} {arch} {init}: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} "
-                    f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
-            t_aff = next(r['train_s'] for r in reversed(res['sets'][name]['runs'])
-                         if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
-            # the same seconds: the U-Net's captured step plus the Learner's cost per step, as affmae's run measured it
-            # (a fixed few tens of ms, not a multiple of the step: scaling by OVERHEAD gave the U-Net ~1.6x the time)
-            loop_s = max(0., t_aff / steps - T[f'{ARCHS[0]}_finetune_step_s'])
-            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] + loop_s)))
-            if tiny: u_steps = min(u_steps, 2 * steps)          # the CPU check: mechanics, not the match
-            row, ex[name, frac, 'unet', 'scratch'] = run(dls, s, 'unet', 'scratch', frac, u_steps, seed, **UNET_KW)
-            row['matched_to_s'] = t_aff
-            res['sets'][name]['runs'].append(row); save()
-            log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
-                f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
-            for variant, kw in VARIANTS:
-                row, _ = run(dls, s, ARCHS[0], 'pretrained', frac, steps, seed, variant, **kw)
-                res['sets'][name]['runs'].append(row); save()
-                log(f"{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
-                    f"{f3(row['fg_iou'])}")
-    if res.get('stopped_early'): break
+    try: fine_tune_set(name, s, dls, steps)
+    except OverBudget: break
     truths[name] = np.array(dls.test_src.image(0)), dls.test_src.mask(0)
     del dls; free()
 
