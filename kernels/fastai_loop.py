@@ -26,6 +26,8 @@ p.add_argument('--steps', type=int, default=40, help='training steps per epoch')
 p.add_argument('--workers', type=int, default=4)
 p.add_argument('--capture', type=int, default=1)
 p.add_argument('--device', default='cuda')
+p.add_argument('--augment', default='flips', help="finetune: the crops' augmentation (none, flips, full)")
+p.add_argument('--class-weights', default='', help="finetune: the loss's class weights, comma-separated ('': none)")
 p.add_argument('--out', default=None)
 a = p.parse_args()
 
@@ -45,22 +47,34 @@ def learner(arch, clock):
                            device=a.device)
         return mae_learner(dls, arch, lr=1e-4, capture=bool(a.capture), cbs=[clock])
     dls = segment_dls(a.data, size=a.size, bs=a.bs, n_synth=16, valid_pct=0.2, num_workers=a.workers,
-                      device=a.device, epoch_len=a.bs * a.steps)
-    return seg_learner(dls, arch, capture=bool(a.capture), cbs=[clock], per_class=False)
+                      device=a.device, epoch_len=a.bs * a.steps, augment=a.augment)
+    weights = tuple(map(float, a.class_weights.split(','))) if a.class_weights else None
+    return seg_learner(dls, arch, capture=bool(a.capture), cbs=[clock], per_class=False, loss_kw=dict(weight=weights))
+
+
+def loader_ms(dl):
+    "Median host interval between batches of `dl` alone (workers, collation, transfer, batch transforms)."
+    t = []
+    for _ in dl: t.append(time.perf_counter())
+    if gpu: torch.cuda.synchronize()
+    return statistics.median(1e3 * (y - x) for x, y in zip(t, t[1:]))
 
 
 gpu = a.device == 'cuda'
 res = dict(device=torch.cuda.get_device_name() if gpu else 'cpu', torch=torch.__version__, task=a.task, data=a.data,
-           size=a.size, bs=a.bs, workers=a.workers, capture=bool(a.capture), records=[])
+           size=a.size, bs=a.bs, workers=a.workers, capture=bool(a.capture), augment=a.augment,
+           class_weights=a.class_weights, records=[])
 for arch in a.archs.split(','):
     set_seed(0)
     clock = BatchClock()
     learn = learner(arch, clock)
     learn.fit_one_cycle(2, 1e-4, moms=(.9, .9, .9))
     dt = [1e3 * (y - x) for x, y in zip(clock.t, clock.t[1:])]
-    r = dict(arch=arch, step_ms=statistics.median(dt), intervals_ms=[round(x, 2) for x in dt])
+    r = dict(arch=arch, step_ms=statistics.median(dt), loader_ms=loader_ms(learn.dls.train),
+             intervals_ms=[round(x, 2) for x in dt])
     res['records'].append(r)
-    print(f"{arch:>12}: fastai loop {r['step_ms']:.1f} ms/step, {a.task} at {a.size}² batch {a.bs}", flush=True)
+    print(f"{arch:>12}: fastai loop {r['step_ms']:.1f} ms/step, its loader alone {r['loader_ms']:.1f} ms/batch, "
+          f"{a.task} at {a.size}² batch {a.bs}", flush=True)
     del learn
     if gpu: torch.cuda.empty_cache()
 if a.out: open(a.out, 'w').write(json.dumps(res, indent=1))
