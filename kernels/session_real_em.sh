@@ -12,9 +12,9 @@ phase=$1; shift
 log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
   grep -v 'Epoch\|it/s' | tail -60 >> "$log"; }
+[ -d .site/fastai ] || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
 case $phase in
 checks)
-  rm -rf .site && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
   step 120 python3 kernels/check_capture_seg.py --out "$OUT/check_capture_seg.json"
   step 150 python3 kernels/fastai_loop.py --task finetune --archs affmae_base,vitmae_base,unet --bs 8 \
