@@ -85,8 +85,9 @@ def eval_source(data=None, n_synth=8, size=512, seed=1):
 
 # %% ../nbs/10d_inference.ipynb #2febe955
 def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None):
-    """mIoU, per-class IoU/Dice and the per-image foreground IoU of `model` over every plane of `src` (`EMFolder`
-    with masks, or `SynthEM`), whole planes by sliding window."""
+    """mIoU, per-class IoU/Dice, the per-image foreground IoU and the pixel confusion matrix (rows: true class,
+    columns: predicted) of `model` over every plane of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by
+    sliding window."""
     classes, cm, img_iou = meta['classes'], None, []
     for i in range(len(src)):
         a = src.image(i)
@@ -99,7 +100,8 @@ def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None
     nan2none = lambda v: None if math.isnan(v) else round(float(v), 5)
     return dict(miou=nan2none(iou.nanmean()), fg_miou=nan2none(iou[1:].nanmean()),
                 img_fg_iou=nan2none(sum(img_iou)/len(img_iou)), n_images=len(src), n_pixels=int(cm.sum()),
-                per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k])) for k, c in enumerate(classes)})
+                per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k])) for k, c in enumerate(classes)},
+                confusion=cm.tolist())
 
 def score_table(res):
     "The scores of `evaluate_model` as a text table."

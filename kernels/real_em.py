@@ -76,6 +76,8 @@ p.add_argument('--pretrain-only', action='store_true',
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
+p.add_argument('--workers', type=int, default=4,
+               help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
 p.add_argument('--loss', default='ce_dice', help='fine-tuning loss of every model (`affmae.seg_metrics.LOSSES`)')
 p.add_argument('--class-weights', default='', choices=('', 'auto'),
@@ -97,6 +99,7 @@ dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
 out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
 S = 32 if tiny else a.size
 PB, B = (4, 4) if tiny else (a.pre_bs, a.bs)
+W = 0 if tiny else a.workers
 ARCHS = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
 UNET_KW = dict(width=8) if tiny else {}
 FRACS = [float(f) for f in a.fracs.split(',')]
@@ -140,6 +143,8 @@ if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {'
 LOAD = Path(a.load_pretrained) if a.load_pretrained else None
 if LOAD and a.pretrain_only: p.error("--load-pretrained and --pretrain-only exclude each other")
 if LOAD and not (LOAD / 'pretrain.json').is_file(): p.error(f"{LOAD}: no pretrain.json (written by --save-pretrained)")
+if LOAD and (gone := [x for x in ARCHS if not (LOAD / f'{x}.pt').is_file()]):
+    p.error(f"{LOAD}: no pretrained {', '.join(gone)} (that run stopped before it; pretrain again)")
 if LOAD: pre_sets = []                                         # the pretraining data is not needed again
 
 def to_tiff(planes, dst):
@@ -226,9 +231,11 @@ if not a.pretrain_only:
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
 OVERHEAD = 1.5                                               # fastai's per-step work, Learner set-up, loaders
+# pretraining also validates, inpaints (the levels to beat) and draws every epoch: run 9 took 1.6-2.8x the step
+PRE_OVERHEAD = 2.5
 left = a.budget - (time.time() - t0) - (5 if tiny else 30)   # slack for figures and the last JSON
 pre_steps = 0 if LOAD else a.pre_steps or (4 if tiny else max(50, int(a.pre_frac * left / len(ARCHS) / (max(
-    T[f'{x}_pretrain_step_s'] for x in ARCHS) * OVERHEAD))))
+    T[f'{x}_pretrain_step_s'] for x in ARCHS) * PRE_OVERHEAD))))
 res.update(pretrain_steps=pre_steps)
 save()
 
@@ -244,9 +251,22 @@ if LOAD:                                                     # pretrained in an 
 else:
     EPOCHS = 2 if tiny else a.pre_epochs
     per_epoch = max(1, pre_steps // EPOCHS)
+    keep = Path(a.save_pretrained) if a.save_pretrained else None
+    def keep_model(arch):
+        "Keep `arch`'s pretrained model (written whole, then renamed: never half a file) and the records so far."
+        keep.mkdir(parents=True, exist_ok=True)
+        torch.save(states[arch], keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
+        (keep / 'pretrain.json').write_text(json.dumps(dict(
+            run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=T,
+            **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}), indent=1))
+    arch_s = 0.                                              # wall seconds of the last arch's pretraining
     for arch in ARCHS:
+        if time.time() - t0 + 1.1 * arch_s > a.budget:       # the same steps again would end past the budget
+            res['stopped_early'] = f'pretraining {arch}'; log(f'budget spent: stopping before pretraining {arch}')
+            break
+        t_arch = time.time()
         torch.manual_seed(a.seed)
-        dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev,
+        dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev, num_workers=W,
                            epoch_len=PB * per_epoch)
         learn = mae_learner(dls, arch, mask=a.mask, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
                             figs_dir=work / 'figures' / arch)
@@ -268,20 +288,18 @@ else:
         v = res['pretrain'][arch]['valid'][-1]
         log(f'pretrained {arch}: {v} (names {res["pretrain"][arch]["valid_names"]}), trivial {trivial:.3f} x {sum(w)}')
         del learn, dls; free(); save()
+        if keep: keep_model(arch)
         figs = sorted((work / 'figures' / arch).glob('recon_*.png'))      # first and last epoch, one above the other
         ims = [Image.open(f).convert('RGB') for f in (figs[0], figs[-1])]
         both = Image.new('RGB', (max(i.width for i in ims), sum(i.height for i in ims)), 'white')
         both.paste(ims[0], (0, 0)); both.paste(ims[1], (0, ims[0].height)); both.save(out / f'recon_{arch}.png')
+        arch_s = time.time() - t_arch
     fig = plot_pretraining(res); fig.savefig(out / 'pretrain_curves.png', dpi=90); plt.close(fig)
-    if a.save_pretrained:
-        keep = Path(a.save_pretrained); keep.mkdir(parents=True, exist_ok=True)
-        for arch, st in states.items():                      # written whole, then renamed: never half a file
-            torch.save(st, keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
+    if keep:
         for f in out.glob('*.png'): shutil.copy(f, keep / f.name)
-        (keep / 'pretrain.json').write_text(json.dumps(dict(
-            run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=T,
-            **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}), indent=1))
         log('pretrained models kept in', keep)
+if len(states) < len(ARCHS) and not a.pretrain_only:
+    p.error(f"pretrained only {', '.join(states) or 'nothing'} within --budget; fine-tuning needs {', '.join(ARCHS)}")
 if a.pretrain_only:
     res['total_s'] = round(time.time() - t0, 1); save(); shutil.rmtree(work, ignore_errors=True)
     log('done (pretraining only); results in', out / 'real_em.json'); raise SystemExit
@@ -290,7 +308,7 @@ if a.pretrain_only:
 def set_dls(s):
     "Training crops of a set (`segment_dls`, no split) + its held-out images' centre crops as the validation loader."
     dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'],
-                      augment=a.augment)
+                      num_workers=W, augment=a.augment)
     src = EMFolder(s['test'], masks=True)
     vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes']), bs=B,
                        device=dls.device, after_batch=EMBatch(*dls.stats, augment=False))
@@ -324,7 +342,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
-               per_class=sc['per_class'], crop_miou=None if crop_miou != crop_miou else float(crop_miou),
+               per_class=sc['per_class'], confusion=sc['confusion'],
+               crop_miou=None if crop_miou != crop_miou else float(crop_miou),
                **({'class_weights': [round(w, 4) for w in weights]} if weights else {}),
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
                **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}))

@@ -4,7 +4,7 @@
 # (data_em_a: drosophila-vnc; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their
 # held-out splits) are carried, each in the call that first needs it; ignored folders stay on a warm machine.
 #   bash kernels/session_real_em.sh checks                  # install; capture check; fastai loop vs captured step
-#   bash kernels/session_real_em.sh pretrain 330            # pretrain both models on data_em_a + data_em_b, keep them
+#   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a + data_em_b, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -12,7 +12,8 @@ phase=$1; shift
 log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
   grep -v 'Epoch\|it/s' | tail -60 >> "$log"; }
-[ -d .site/fastai ] || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
+[ -d .site/fastai ] ||
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
 case $phase in
 checks)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
@@ -22,11 +23,12 @@ checks)
   step 90 python3 kernels/fastai_loop.py --task finetune --archs affmae_base,unet --bs 8 \
     --data data_em_a/drosophila-vnc --out "$OUT/fastai_loop_finetune_flips.json" ;;
 pretrain)
-  step "$1" python3 kernels/real_em.py --data data_em_a,data_em_b --out "$OUT" --pretrain-only \
-    --save-pretrained runs/pre9 --budget "$(( $1 - 15 ))" --pre-frac 0.85 ;;
+  t=$1; shift
+  step "$t" python3 kernels/real_em.py --data data_em_a,data_em_b --out "$OUT" --pretrain-only \
+    --save-pretrained runs/pre --budget "$(( t - 15 ))" --pre-frac 0.85 "$@" ;;
 finetune)
   t=$1 data=$2 sets=$3; shift 3
-  step "$t" python3 kernels/real_em.py --data "$data" --sets "$sets" --out "$OUT" --load-pretrained runs/pre9 \
+  step "$t" python3 kernels/real_em.py --data "$data" --sets "$sets" --out "$OUT" --load-pretrained runs/pre \
     --compare-head '' --budget "$(( t - 15 ))" "$@" ;;
 esac
 echo "== $(date -u +%T) done" >> "$log"
