@@ -9,7 +9,7 @@ import numpy as np
 import torch, torch.nn.functional as F
 from .prep import robust_range
 from .data import EMFolder, SynthEM
-from .seg_metrics import confusion, image_fg_iou, iou_dice
+from .seg_metrics import confusion, image_fg_iou, iou_dice, miou
 from .seg_io import check_mask
 
 # %% auto #0
@@ -85,9 +85,9 @@ def eval_source(data=None, n_synth=8, size=512, seed=1):
 
 # %% ../nbs/10d_inference.ipynb #2febe955
 def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None):
-    """mIoU, per-class IoU/Dice, the per-image foreground IoU and the pixel confusion matrix (rows: true class,
-    columns: predicted) of `model` over every plane of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by
-    sliding window."""
+    """mIoU and foreground mIoU (over the classes present in the truth: `miou`), per-class IoU/Dice, the per-image
+    foreground IoU and the pixel confusion matrix (rows: true class, columns: predicted) of `model` over every plane
+    of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by sliding window."""
     classes, cm, img_iou = meta['classes'], None, []
     for i in range(len(src)):
         a = src.image(i)
@@ -98,7 +98,7 @@ def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None
         img_iou.append(image_fg_iou(p, m, len(classes)).mean().item())
     iou, dice = iou_dice(cm)
     nan2none = lambda v: None if math.isnan(v) else round(float(v), 5)
-    return dict(miou=nan2none(iou.nanmean()), fg_miou=nan2none(iou[1:].nanmean()),
+    return dict(miou=nan2none(miou(cm)), fg_miou=nan2none(miou(cm, first=1)),
                 img_fg_iou=nan2none(sum(img_iou)/len(img_iou)), n_images=len(src), n_pixels=int(cm.sum()),
                 per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k])) for k, c in enumerate(classes)},
                 confusion=cm.tolist())

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_seg_metrics.ipynb #a09fd1fe
 from __future__ import annotations
-import torch, torch.nn.functional as F
+import math, torch, torch.nn.functional as F
 from torch import Tensor
 from fastai.learner import Metric
 
@@ -37,9 +37,11 @@ def iou_dice(cm):
     dice = torch.where(union > 0, 2*tp/(tp+union).clamp_min(1), torch.nan)
     return iou, dice
 
-def miou(cm):
-    "Mean IoU over the classes with a non-empty union."
-    return iou_dice(cm)[0].nanmean().item()
+def miou(cm, first=0):
+    "Mean IoU over the classes `first`, `first`+1, ... present in the truth of `cm` (`nan` if none is)."
+    cm = torch.as_tensor(cm)
+    present = cm.sum(1)[first:] > 0
+    return iou_dice(cm)[0][first:][present].mean().item() if present.any() else math.nan
 
 # %% ../nbs/10_seg_metrics.ipynb #c21fa7e1
 def image_fg_iou(pred: Tensor, targ: Tensor, n_classes: int, ignore=IGNORE) -> Tensor:
@@ -69,12 +71,12 @@ class SegScores:
 def _targ(learn): return learn.y[0] if isinstance(learn.y, tuple) else learn.y
 
 class MIoU(Metric):
-    "Mean IoU over the validation set (classes with a non-empty union); owns the shared `SegScores`."
+    "Mean IoU over the validation set (classes present in its truth); owns the shared `SegScores`."
     def __init__(self, scores: SegScores): self.s = scores
     def reset(self): self.s.reset()
     def accumulate(self, learn): self.s.update(learn.pred, _targ(learn))
     @property
-    def value(self): return self.s.scores()[0].nanmean().item()
+    def value(self): return math.nan if self.s.cm is None else miou(self.s.cm)
     @property
     def name(self): return 'miou'
 
