@@ -73,6 +73,8 @@ p.add_argument('--load-pretrained', default=None,
                help='folder of an earlier --save-pretrained: fine-tune those models instead of pretraining')
 p.add_argument('--pretrain-only', action='store_true',
                help='stop after pretraining (add --save-pretrained to keep the models)')
+p.add_argument('--classes-only', action='store_true',
+               help="count the held-out masks' pixels per class of every --sets set (test_class_pixels), then stop")
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3)
@@ -183,8 +185,12 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
     copy_pairs(test, work / name / 'test')
     classes = [l.strip() for l in (root / 'classes.txt').read_text().splitlines() if l.strip()]
     sets[name] = dict(train=work / name / 'train', test=work / name / 'test', classes=classes)
+    counts = sum(np.bincount(read_mask(m).ravel(), minlength=len(classes))[:len(classes)]
+                 for m in sorted((work / name / 'test' / 'masks').iterdir()))
     res['sets'][name] = dict(classes=classes, n_train=len(train), n_test=len(test),
-                             test_images=[f.name for f, _ in test], runs=[])
+                             test_images=[f.name for f, _ in test], test_class_pixels=counts.tolist(), runs=[])
+    if not counts.all():               # such a class is left out of the held-out means (`affmae.seg_metrics.miou`)
+        log(f"{name}: no held-out pixel of {', '.join(c for c, n in zip(classes, counts) if not n)}")
 for name, sub in ({} if LOAD else UNLABELLED).items():
     root = find(name)
     src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
@@ -195,6 +201,9 @@ res['timing']['data_s'] = round(time.time() - t, 2)
 res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
 log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},
     'pretraining on', res['pretrain_data'])
+if a.classes_only:
+    save(); shutil.rmtree(work, ignore_errors=True); log('held-out pixels per class in', out / 'real_em.json')
+    raise SystemExit
 
 # ---- step times (as the Learners run them: captured on CUDA, after warm-up: Triton compiles, cuDNN picks) ----
 WARM, REPS = (1, 1) if tiny else (2, 3)
