@@ -7,7 +7,8 @@ of `../shared/data` (its README has sources and licences):
   kidney-gbm      train/, test/ (held out); background, gbm
   podocyte-tem    4 unlabelled images (if absent: the copy that ships in affmae, `affmae.data.sample_dir()`)
 Sets that are missing are skipped. A device call carries at most 64 MiB with the working tree, so the sets can
-travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`.
+travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`
+(a set's unlabelled images may sit in another root than its labelled ones).
 Everything is first copied into a work folder as uncompressed TIFF (memory-mapped crops; `--tiny`: centre crops of a
 few images per split).
 
@@ -191,10 +192,10 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
                              test_images=[f.name for f, _ in test], test_class_pixels=counts.tolist(), runs=[])
     if not counts.all():               # such a class is left out of the held-out means (`affmae.seg_metrics.miou`)
         log(f"{name}: no held-out pixel of {', '.join(c for c, n in zip(classes, counts) if not n)}")
-for name, sub in ({} if LOAD else UNLABELLED).items():
-    root = find(name)
-    src = root / sub if root else sample_dir() if name == 'podocyte-tem' else None
-    if src is None or not src.exists(): continue
+for name, sub in ({} if LOAD else UNLABELLED).items():     # from the first root that holds them
+    src = next((r / name / sub for r in roots if (r / name / sub).exists()), None)
+    if src is None and name == 'podocyte-tem': src = sample_dir()
+    if src is None: continue
     copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)
 res['timing']['data_s'] = round(time.time() - t, 2)

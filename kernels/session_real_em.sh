@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Device calls of a real-EM round (issue 13) on one warm machine, one phase a call; run from the repository root.
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
-# (data_em_a: drosophila-vnc; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their
-# held-out splits) are carried, each in the call that first needs it; ignored folders stay on a warm machine.
+# (data_em_a: drosophila-vnc's sections, the held-out ones whole with `prep_data_em.py --full`; data_em_s: its
+# unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their held-out
+# splits) are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder
+# or two a call); ignored folders stay on a warm machine. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh checks                  # install; capture check; fastai loop vs captured step
-#   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a + data_em_b, kept
+#   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _b, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -24,7 +26,7 @@ checks)
     --data data_em_a/drosophila-vnc --out "$OUT/fastai_loop_finetune_flips.json" ;;
 pretrain)
   t=$1; shift
-  step "$t" python3 kernels/real_em.py --data data_em_a,data_em_b --out "$OUT" --pretrain-only \
+  step "$t" python3 kernels/real_em.py --data "${PRE_DATA:-data_em_a,data_em_s,data_em_b}" --out "$OUT" --pretrain-only \
     --save-pretrained runs/pre --budget "$(( t - 15 ))" --pre-frac 0.85 "$@" ;;
 finetune)
   t=$1 data=$2 sets=$3; shift 3
