@@ -26,8 +26,8 @@ checks)
     --data data_em_a/drosophila-vnc --out "$OUT/fastai_loop_finetune_flips.json" ;;
 pretrain)
   t=$1; shift
-  step "$t" python3 kernels/real_em.py --data "${PRE_DATA:-data_em_a,data_em_s,data_em_b}" --out "$OUT" --pretrain-only \
-    --save-pretrained runs/pre --budget "$(( t - 15 ))" --pre-frac 0.85 "$@" ;;
+  step "$t" python3 kernels/real_em.py --data "${PRE_DATA:-data_em_a,data_em_s,data_em_b}" --out "$OUT" \
+    --pretrain-only --save-pretrained runs/pre --budget "$(( t - 15 ))" --pre-frac 0.85 "$@" ;;
 finetune)
   t=$1 data=$2 sets=$3; shift 3
   step "$t" python3 kernels/real_em.py --data "$data" --sets "$sets" --out "$OUT" --load-pretrained runs/pre \
