@@ -23,9 +23,9 @@ few images per split).
    `--save-pretrained DIR` keeps the pretrained models and their records; a later call (the same warm machine, with
    more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
-   affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch, all for the same number of
-   steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet` from scratch for the
-   wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
+   affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out),
+   all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
+   from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
    pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a `variant`. Same crops,
    augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE +
    Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for
@@ -85,6 +85,9 @@ p.add_argument('--augment', default='flips', help='fine-tuning augmentation of e
 p.add_argument('--loss', default='ce_dice', help='fine-tuning loss of every model (`affmae.seg_metrics.LOSSES`)')
 p.add_argument('--class-weights', default='', choices=('', 'auto'),
                help="fine-tuning class weights: none, or auto (`balanced_weights` of each run's labelled images)")
+p.add_argument('--skip', default='',
+               help="transformer runs to leave out, arch:init comma-separated (e.g. vitmae_base:scratch); never the "
+                    "pretrained affmae run, which the U-Net's seconds are matched to")
 p.add_argument('--lr-decay', type=float, default=0.75, help='layer-wise lr decay of pretrained encoders')
 p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay over this many levels (`decay_steps`)')
 p.add_argument('--seed', type=int, default=0, help='seed of pretraining and of the loaders')
@@ -148,6 +151,10 @@ if LOAD and a.pretrain_only: p.error("--load-pretrained and --pretrain-only excl
 if LOAD and not (LOAD / 'pretrain.json').is_file(): p.error(f"{LOAD}: no pretrain.json (written by --save-pretrained)")
 if LOAD and (gone := [x for x in ARCHS if not (LOAD / f'{x}.pt').is_file()]):
     p.error(f"{LOAD}: no pretrained {', '.join(gone)} (that run stopped before it; pretrain again)")
+SKIP = {x for x in a.skip.split(',') if x}
+known = {f'{x}:{i}' for x in ARCHS for i in ('pretrained', 'scratch')}
+if SKIP - known or f'{ARCHS[0]}:pretrained' in SKIP:
+    p.error(f"--skip {a.skip}: one or more of {', '.join(sorted(known - {ARCHS[0] + ':pretrained'}))}")
 if LOAD: pre_sets = []                                         # the pretraining data is not needed again
 
 def to_tiff(planes, dst):
@@ -361,7 +368,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     del learn, model; free()
     return row, example
 
-CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch')]
+CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
 # more runs of pretrained affmae: the other head, another layer-wise decay depth
 VARIANTS = ([(f'{a.compare_head} head', dict(head_skip=a.compare_head))] if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', dict(HEAD, decay_depth=a.compare_decay_depth))]
