@@ -25,8 +25,9 @@ few images per split).
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out),
    all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
-   from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`, `--compare-decay-depth`)
-   pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a `variant`. Same crops,
+   from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`,
+   `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a
+   `variant`. Same crops,
    augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE +
    Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for
    every model. With `--ft-seeds`, all of this once per seed
