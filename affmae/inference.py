@@ -104,9 +104,14 @@ def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None
                 confusion=cm.tolist())
 
 def score_table(res):
-    "The scores of `evaluate_model` as a text table."
+    """The scores of `evaluate_model` as a text table; given its confusion matrix, each class's share of the labelled
+    pixels in the truth and in the predictions (is a class found at all? predicted where there is none?)."""
     f = lambda v: '   n/a' if v is None else f"{v:6.3f}"
-    rows = [f"{'class':<14}{'IoU':>8}{'Dice':>8}"]
-    rows += [f"{c:<14}{f(s['iou']):>8}{f(s['dice']):>8}" for c, s in res['per_class'].items()]
+    cm = np.array(res['confusion'], dtype=float) if res.get('confusion') else None
+    shares = '' if cm is None else f"{'truth':>9}{'predicted':>11}"
+    rows = [f"{'class':<14}{'IoU':>8}{'Dice':>8}{shares}"]
+    for k, (c, s) in enumerate(res['per_class'].items()):
+        shares = '' if cm is None else f"{100 * cm[k].sum() / cm.sum():8.2f}%{100 * cm[:, k].sum() / cm.sum():10.2f}%"
+        rows.append(f"{c:<14}{f(s['iou']):>8}{f(s['dice']):>8}{shares}")
     rows += [f"{'mIoU':<14}{f(res['miou']):>8}", f"{'fg mIoU':<14}{f(res['fg_miou']):>8}"]
     return '\n'.join(rows + [f"{'image fg IoU':<14}{f(res['img_fg_iou']):>8}"])
