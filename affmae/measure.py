@@ -122,8 +122,8 @@ _MARKERS = {'cluster_attention': lambda q, k, v, nbhd_idx, *a: (attn_cost, q, nb
             'neighbour_sum': lambda w, x, *a: (nsum_cost, w, x)}
 
 def count_invisible(fn, counter):
-    """Wrap `cluster_attention` (also packed) and `neighbour_sum` so that a call `counter` (a `FlopCounterMode`) does not see
-    (a Triton launch) emits its marker operator, `attn_cost` or `nsum_cost`."""
+    """Wrap `cluster_attention` (also packed) and `neighbour_sum` so that a call `counter` (a `FlopCounterMode`)
+    does not see (a Triton launch) emits its marker operator, `attn_cost` or `nsum_cost`."""
     if fn.__name__ not in _MARKERS: return fn
     @functools.wraps(fn)
     def _f(*args, **kw):
