@@ -3,9 +3,9 @@
 Each variant pretrains AFFMAE-Base for the same number of steps on every real EM image that is not held out (the
 labelled sets' training splits and the podocyte TEM of `--data`), 256² crops, then fine-tunes the same segmentation
 model from its encoder on drosophila-vnc (sections 0-15; 16-19 held out) with affmae's default fine-tuning, and scores
-the held-out sections whole. Recorded per variant: the pretraining loss curve, the finest head's validation loss against
-the trivial level (predicting the mean everywhere: E[x²] of the normalised pixels; heads differ between variants, the
-finest is common to all), step time, peak memory, held-out mIoU and foreground IoU.
+the held-out sections whole. Recorded per variant: the pretraining loss curve, the finest head's validation loss
+against the trivial level (predicting the mean everywhere: E[x²] of the normalised pixels; heads differ between
+variants, the finest is common to all), step time, peak memory, held-out mIoU and foreground IoU.
 
 Variants: `ours` (defaults, with the 3-octave `perlin` masks that were the default when recorded), `paper` (the
 preset: `affmae_base_paper`, `recipe='paper'`, CLAHE + fixed normalisation, quarter-lattice Perlin masks), and `ours`
@@ -30,7 +30,8 @@ import numpy as np, torch
 warnings.filterwarnings('ignore')
 
 p = argparse.ArgumentParser()
-p.add_argument('--data', default='data_em', help='root holding drosophila-vnc/, kidney-gbm/, sbem-mito/, podocyte-tem/')
+p.add_argument('--data', default='data_em',
+               help='root holding drosophila-vnc/, kidney-gbm/, sbem-mito/, podocyte-tem/')
 p.add_argument('--out', default='runs/ablation_recipe')
 p.add_argument('--paper-data', default=None, help='a CLAHE-equalised copy of --data for the paper variant')
 p.add_argument('--budget', type=float, default=300., help='seconds; variants that would not fit are skipped')
@@ -138,8 +139,8 @@ for name in names:
     arch, model_kw, learn_kw, data_kw = VARIANTS[name]
     torch.manual_seed(a.seed)
     data = DATA['paper' if name == 'paper' and a.paper_data else 'plain']
-    dls = pretrain_dls(data['pretrain'], size=S, bs=PB, valid_pct=.05, seed=a.seed, device=dev, epoch_len=PB * PRE // 2,
-                       **data_kw)
+    dls = pretrain_dls(data['pretrain'], size=S, bs=PB, valid_pct=.05, seed=a.seed, device=dev,
+                       epoch_len=PB * PRE // 2, **data_kw)
     with torch.no_grad(): trivial = float(np.mean([(x.float() ** 2).mean().item() for x, in dls.valid]))
     lkw = (dict(lr=a.lr) if 'recipe' not in learn_kw else {}) | learn_kw
     learn = mae_learner(dls, arch, **lkw, **model_kw)
@@ -162,8 +163,8 @@ for name in names:
     row |= finetune(state, data, data_kw, model_kw)
     res['variants'][name] = row; save()
     per_variant = time.time() - tv
-    log(f"{name}: finest head {row['finest_rel']:.3f} of trivial, {row['step_ms']} ms/step, peak {row['peak_gib']} GiB,"
-        f" held-out mIoU {row['miou']:.3f} fg IoU {row['fg_iou']:.3f}")
+    log(f"{name}: finest head {row['finest_rel']:.3f} of trivial, {row['step_ms']} ms/step, peak {row['peak_gib']}"
+        f" GiB, held-out mIoU {row['miou']:.3f} fg IoU {row['fg_iou']:.3f}")
 
 res['total_s'] = round(time.time() - t0, 1); save()
 done = list(res['variants'])

@@ -39,8 +39,10 @@ def loader_rate(dls, nb=20, warm=5):
     sync(); return n/(time.perf_counter() - t)
 
 dls = pretrain_dls('synthetic', size=512, bs=48, n_synth=512, device=dev, num_workers=0, epoch_len=48*26)
-for name, dl in (('pin_memory off', dls.train.new(pin_memory=False)), ('no batch transform', dls.train.new(after_batch=lambda b: b))):
-    rows.append(f"| pretrain_dls synthetic, bs 48, 512², 0 workers, {name} | {loader_rate(type('D', (), {'train': dl})):.0f} img/s | |")
+for name, dl in (('pin_memory off', dls.train.new(pin_memory=False)),
+                 ('no batch transform', dls.train.new(after_batch=lambda b: b))):
+    rows.append(f"| pretrain_dls synthetic, bs 48, 512², 0 workers, {name} | "
+                f"{loader_rate(type('D', (), {'train': dl})):.0f} img/s | |")
 for nw in (0, 8):
     dls = pretrain_dls('synthetic', size=512, bs=48, n_synth=512, device=dev, num_workers=nw, epoch_len=48*26)
     rows.append(f"| pretrain_dls synthetic, bs 48, 512², {nw} workers | {loader_rate(dls):.0f} img/s | |")
@@ -53,7 +55,8 @@ for i in range(4):
     tifffile.imwrite(d/f'vol{i}.tif', rng.integers(0, 65535, (16, 2048, 2048), dtype=np.uint16))
 for nw in (0, 8):
     dls = pretrain_dls(d, size=512, bs=48, device=dev, num_workers=nw, epoch_len=48*26)
-    rows.append(f"| pretrain_dls 4 TIFF stacks 16x2048² uint16, bs 48, 512², {nw} workers | {loader_rate(dls):.0f} img/s | |")
+    rows.append(f"| pretrain_dls 4 TIFF stacks 16x2048² uint16, bs 48, 512², {nw} workers | "
+                f"{loader_rate(dls):.0f} img/s | |")
 dls = pretrain_dls('synthetic', size=2048, bs=2, n_synth=8, device=dev, num_workers=0, epoch_len=2*26)
 rows.append(f"| pretrain_dls synthetic, bs 2, 2048², 0 workers | {loader_rate(dls):.1f} img/s | |")
 print("| what | result | |\n|---|---|---|\n" + "\n".join(rows))

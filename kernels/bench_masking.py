@@ -28,13 +28,15 @@ def main():
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} CPU threads), {dev}")
-    print(f"# {a.n} masks of {a.size}x{a.size}, ratio 0.5, default noise; median of {a.reps} after {a.warmup} warm-up\n")
+    print(f"# {a.n} masks of {a.size}x{a.size}, ratio 0.5, default noise; "
+          f"median of {a.reps} after {a.warmup} warm-up\n")
     if torch.cuda.is_available():   # the contract on the GPU: exact counts, and a CPU generator gives the CPU's masks
         for fn in (perlin_mask, random_mask):
             mc = fn(a.n, a.size, .5, generator=torch.Generator().manual_seed(0), device='cuda')
             m = fn(a.n, a.size, .5, generator=torch.Generator().manual_seed(0))
             assert mc.is_cuda and (mc.flatten(1).sum(1) == round(.5 * a.size**2)).all()
-            print(f"# {fn.__name__}: cuda == cpu masks from one CPU seed on {(mc.cpu() == m).float().mean().item():.4%} of cells")
+            print(f"# {fn.__name__}: cuda == cpu masks from one CPU seed on "
+                  f"{(mc.cpu() == m).float().mean().item():.4%} of cells")
     print('| masker | device | generator | ms / batch | masks / s |\n|---|---|---|---:|---:|')
     for name, fn in [('perlin_mask', perlin_mask), ('perlin_noise only', noise), ('random_mask', random_mask)]:
         for device, gen_device in cases:

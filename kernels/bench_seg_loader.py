@@ -2,7 +2,8 @@
 with `EMFolder`'s cache of decoded images and masks (the default) and without it (`cache_mb=0`: every crop decodes
 its whole image and mask again), in one process. The step on the GPU waits for this when `num_workers=0`.
 
-    PYTHONPATH=. python kernels/bench_seg_loader.py data_em_a/drosophila-vnc --out kernels/results/bench_seg_loader.json
+    PYTHONPATH=. python kernels/bench_seg_loader.py data_em_a/drosophila-vnc \
+        --out kernels/results/bench_seg_loader.json
 """
 import argparse, json, os, platform, statistics, time
 import torch

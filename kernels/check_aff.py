@@ -38,7 +38,8 @@ def check_triton(enc):
     "Per-stage block outputs and gradients, Triton vs torch, on identical inputs (bf16 autocast and fp32)."
     img, mask = batch(2, 512, seed=1)
     caps = []
-    hooks = [blocks[0].register_forward_pre_hook(lambda m, a: caps.append([t.detach() for t in a])) for blocks in enc.stages]
+    hooks = [blocks[0].register_forward_pre_hook(lambda m, a: caps.append([t.detach() for t in a]))
+             for blocks in enc.stages]
     set_impl(enc, 'torch')
     with torch.no_grad(), torch.autocast(**bf16): enc(img, mask)
     for h in hooks: h.remove()
@@ -57,9 +58,11 @@ def check_triton(enc):
                 pg = torch.cat([p.grad.flatten() for p in enc.stages[s].parameters()])
                 res[key] = (y.detach().float(), x.grad, b.grad, pg)
             e = [rel(a, b) for a, b in zip(res['triton'], res['torch'])]
-            rows.append(dict(stage=s + 1, amp='bf16' if amp else 'fp32', tokens=tuple(x0.shape[:2]), out=e[0], dx=e[1], dbias=e[2], dparams=e[3]))
+            rows.append(dict(stage=s + 1, amp='bf16' if amp else 'fp32', tokens=tuple(x0.shape[:2]), out=e[0], dx=e[1],
+                             dbias=e[2], dparams=e[3]))
     print(f"{'stage':>5} {'prec':>5} {'tokens':>12} {'out':>9} {'d tokens':>9} {'d bias':>9} {'d params':>9}")
-    for r in rows: print(f"{r['stage']:>5} {r['amp']:>5} {str(r['tokens']):>12} {r['out']:9.2e} {r['dx']:9.2e} {r['dbias']:9.2e} {r['dparams']:9.2e}")
+    for r in rows: print(f"{r['stage']:>5} {r['amp']:>5} {str(r['tokens']):>12} {r['out']:9.2e} {r['dx']:9.2e} "
+                         f"{r['dbias']:9.2e} {r['dparams']:9.2e}")
     # whole encoder, bf16: stage 1 is comparable directly; later stages may keep a few different tokens
     outs = {}
     for key, impl in (('torch', 'torch'), ('triton', 'torch' if dev == 'cpu' else 'triton')):
@@ -70,7 +73,9 @@ def check_triton(enc):
         same = torch.isclose(a.pos, b.pos, atol=1e-2).all(-1) & a.valid & b.valid
         enc_rows.append(dict(stage=s + 1, same_tokens=same.sum().item() / b.valid.sum().item(),
                              rel_err_same=rel(a.x[same], b.x[same])))
-    print('whole encoder, bf16 (triton vs torch):', [f"stage {r['stage']}: {100*r['same_tokens']:.1f}% same tokens, rel err {r['rel_err_same']:.2e}" for r in enc_rows])
+    print('whole encoder, bf16 (triton vs torch):',
+          [f"stage {r['stage']}: {100*r['same_tokens']:.1f}% same tokens, rel err {r['rel_err_same']:.2e}"
+           for r in enc_rows])
     return rows, enc_rows
 
 
@@ -107,8 +112,9 @@ def time_step(enc, B, size, iters=10, impl='auto'):
     torch.cuda.synchronize(); total = (time.perf_counter() - t) / n
     A.cluster_tokens = orig
     for h in hs: h.remove()
-    return dict(size=size, batch=B, impl=impl, tokens=int((~mask).sum() // B), ms=statistics.median(ts), img_s=B * 1e3 / statistics.median(ts),
-                peak_gib=peak, cluster_pct=100 * spent['cluster'] / n / total, merge_fwd_pct=100 * spent['merge_fwd'] / n / total)
+    return dict(size=size, batch=B, impl=impl, tokens=int((~mask).sum() // B), ms=statistics.median(ts),
+                img_s=B * 1e3 / statistics.median(ts), peak_gib=peak, cluster_pct=100 * spent['cluster'] / n / total,
+                merge_fwd_pct=100 * spent['merge_fwd'] / n / total)
 
 
 def time_knn(B=2, size=2048):
@@ -144,7 +150,8 @@ if __name__ == '__main__':
             def __init__(self, **k): pass
             def record(self): self.t = time.perf_counter()
             def elapsed_time(self, o): return 1e3 * (o.t - self.t)
-        torch.cuda.Event, torch.cuda.reset_peak_memory_stats, torch.cuda.max_memory_allocated = _Ev, lambda: None, lambda: 0
+        (torch.cuda.Event, torch.cuda.reset_peak_memory_stats,
+         torch.cuda.max_memory_allocated) = _Ev, lambda: None, lambda: 0
         torch.cuda.get_device_name = lambda: 'cpu'
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), 'torch', torch.__version__)
@@ -176,9 +183,12 @@ if __name__ == '__main__':
             loss.backward(); torch.cuda.synchronize()
         enc.zero_grad(set_to_none=True)
         print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=14, max_name_column_width=60))
-    print('\n| image | batch | visible tokens/img | attention | fwd+bwd step | img/s | peak memory | clustering | merging fwd |')
+    print('\n| image | batch | visible tokens/img | attention | fwd+bwd step | img/s | peak memory | clustering | '
+          'merging fwd |')
     print('|---|---|---|---|---|---|---|---|---|')
     for r in timings:
         if 'error' in r: print(f"| {r['size']}² | {r['batch']} | | {r['impl']} | {r['error']} | | | | |"); continue
-        print(f"| {r['size']}² | {r['batch']} | {r['tokens']} | {r['impl']} | {r['ms']:.1f} ms | {r['img_s']:.1f} | {r['peak_gib']:.2f} GiB | {r['cluster_pct']:.1f} % | {r['merge_fwd_pct']:.1f} % |")
-    if args.out: json.dump(dict(blocks=rows, encoder=enc_rows, knn=knn_rows, timings=timings), open(f"{args.out}/check_aff.json", 'w'), indent=1)
+        print(f"| {r['size']}² | {r['batch']} | {r['tokens']} | {r['impl']} | {r['ms']:.1f} ms | {r['img_s']:.1f} | "
+              f"{r['peak_gib']:.2f} GiB | {r['cluster_pct']:.1f} % | {r['merge_fwd_pct']:.1f} % |")
+    if args.out: json.dump(dict(blocks=rows, encoder=enc_rows, knn=knn_rows, timings=timings),
+                           open(f"{args.out}/check_aff.json", 'w'), indent=1)

@@ -38,7 +38,8 @@ def rel(ms, ref):
     return (d.sqrt() / sum(q.float().square().sum() for q in ref.parameters()).sqrt()).item()
 
 
-res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=a.size, bs=a.bs, steps=a.steps, models={})
+res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, size=a.size, bs=a.bs, steps=a.steps,
+           models={})
 for arch in a.archs.split(','):
     torch.manual_seed(0)
     m0 = create_model(arch).to(dev)
@@ -64,12 +65,15 @@ for arch in a.archs.split(','):
     t0 = time.perf_counter()
     for _ in range(20): sg2(imgs[0])
     torch.cuda.synchronize(); replay_ms = (time.perf_counter() - t0) / 20 * 1e3
-    r = dict(loss_max_rel=loss_rel, weights_rel=w_rel, weights_rel_eager_twice=w_noise, captures=len(sg.graphs) + len(sg2.graphs),
+    r = dict(loss_max_rel=loss_rel, weights_rel=w_rel, weights_rel_eager_twice=w_noise,
+             captures=len(sg.graphs) + len(sg2.graphs),
              own_mask_losses=own, distinct_own_mask_losses=len(set(own)), logs=logs,
              knn_overflow=int(knn_overflow(dev).item()), pipelined_replay_ms=replay_ms,
-             ok=loss_rel < 2e-2 and w_rel < 2 * w_noise + 1e-4 and len(sg.graphs) == 1 and len(sg2.graphs) == 2 and len(set(own)) > 1)
+             ok=(loss_rel < 2e-2 and w_rel < 2 * w_noise + 1e-4 and len(sg.graphs) == 1 and len(sg2.graphs) == 2
+                 and len(set(own)) > 1))
     res['models'][arch] = r
-    print(f"{arch:>12}: loss rel {loss_rel:.2e}, weights rel {w_rel:.2e} (eager twice {w_noise:.2e}), captures {r['captures']}, "
+    print(f"{arch:>12}: loss rel {loss_rel:.2e}, weights rel {w_rel:.2e} (eager twice {w_noise:.2e}), "
+          f"captures {r['captures']}, "
           f"own-mask losses {[round(x, 4) for x in own]}, overflow {r['knn_overflow']}, replay {replay_ms:.1f} ms "
           f"-> {'OK' if r['ok'] else 'FAIL'}", flush=True)
     del m0, m1, m2, opt0, opt1, opt2, sg, sg2; torch.cuda.empty_cache()

@@ -2,9 +2,9 @@
 
 1. `idw_sample` on CUDA equals the CPU float64 result (output; gradients of values, points, point weights), for the
    brute-force and the cluster-pruned nearest-token search.
-2. `affmae_base` with `PAPER_DECODER` against `affmae_base` (point decoder, ds 0.5/0.5/0.5/1): eager training steps with
-   fp16 autocast and a GradScaler (the published precision), AdamW with the published betas; step time (median after
-   warm-up) and peak memory per batch size.
+2. `affmae_base` with `PAPER_DECODER` against `affmae_base` (point decoder, ds 0.5/0.5/0.5/1): eager training steps
+   with fp16 autocast and a GradScaler (the published precision), AdamW with the published betas; step time (median
+   after warm-up) and peak memory per batch size.
 
     python kernels/check_deformable.py --out $OUT/check_deformable.json   # on the GPU machine, a few minutes
 """

@@ -119,7 +119,8 @@ for arch in archs:
     warm, peak = max(1, pre_steps // 10), 1e-3 if 'affmae' in arch else 6e-4
     losses, t = [], time.time()
     for i in range(pre_steps):
-        lr = peak * (i + 1) / warm if i < warm else peak * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, pre_steps - warm)))
+        lr = (peak * (i + 1) / warm if i < warm
+              else peak * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, pre_steps - warm))))
         losses.append(step(next(batches)[0], lr))
     losses = torch.stack(losses).float().cpu().tolist()
     res['pretrain'][arch] = dict(steps=pre_steps, lr=peak, seconds=time.time() - t, loss_first10=sum(losses[:10]) / 10,
@@ -131,11 +132,12 @@ for arch in archs:
 
 # 2. fine-tuning runs (affmae.finetune.finetune_grid), 3. held-out scores
 res.update(lr_decay=a.lr_decay, inits=a.inits)
-res['runs'] = finetune_grid(D, archs, pretrained=states, fracs=fracs, steps=ft_steps, lr=1e-3, lr_decay=a.lr_decay or None,
-                            inits=tuple(a.inits.split(',')))
+res['runs'] = finetune_grid(D, archs, pretrained=states, fracs=fracs, steps=ft_steps, lr=1e-3,
+                            lr_decay=a.lr_decay or None, inits=tuple(a.inits.split(',')))
 res['total_s'] = time.time() - t0
 json.dump(res, open(out / 'seg_experiment.json', 'w'), indent=1)
 print(grid_table(res['runs']))
 import matplotlib; matplotlib.use('Agg')
-plot_grid(res['runs'], title=f"held-out mIoU, synthetic EM {S}², {ft_steps} fine-tuning steps").figure.savefig(out / 'seg_experiment.png', dpi=100, bbox_inches='tight')
+plot_grid(res['runs'], title=f"held-out mIoU, synthetic EM {S}², {ft_steps} fine-tuning steps").figure.savefig(
+    out / 'seg_experiment.png', dpi=100, bbox_inches='tight')
 print(json.dumps(res))

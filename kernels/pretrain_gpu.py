@@ -26,7 +26,8 @@ p.add_argument('--archs', default='affmae_base,affmae_small', help='part 2 candi
 p.add_argument('--size', type=int, default=256, help='part 2 crop size')
 p.add_argument('--bs', type=int, default=16, help='part 2 batch size')
 p.add_argument('--lr', type=float, default=None)
-p.add_argument('--norm-pix', type=int, default=0, help='1: MAE per-patch normalised targets (0, the default: raw pixels, see nbs/07_mae)')
+p.add_argument('--norm-pix', type=int, default=0,
+               help='1: MAE per-patch normalised targets (0, the default: raw pixels, see nbs/07_mae)')
 a = p.parse_args()
 t0 = time.time()
 out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
@@ -93,14 +94,16 @@ for c in cands:
     r = step_time(c, size, bs, n=5, warm=2)
     left = a.budget - (time.time() - t0) - 40                     # figures, checkpoints, validation, slack
     est = r['ms'] / 1e3 * a.steps * 1.15                            # fastai's per-batch overhead
-    print(f'{c}: {r["ms"]:.1f} ms/step at {size}² bs {bs}; {a.steps} steps ~ {est:.0f} s, {left:.0f} s left', flush=True)
+    print(f'{c}: {r["ms"]:.1f} ms/step at {size}² bs {bs}; {a.steps} steps ~ {est:.0f} s, {left:.0f} s left',
+          flush=True)
     if est < left: arch = c; break
-res['run'].update(arch=arch, size=size, bs=bs, steps=10 * per_epoch, epochs=10, lr=a.lr or (1e-3 if 'small' in arch or smoke else 6e-4), norm_pix=bool(a.norm_pix),
+res['run'].update(arch=arch, size=size, bs=bs, steps=10 * per_epoch, epochs=10,
+                  lr=a.lr or (1e-3 if 'small' in arch or smoke else 6e-4), norm_pix=bool(a.norm_pix),
                   mask='perlin', ratio=.5, precision='bf16', warmup=.1)
 torch.manual_seed(0)
 learn = mae_learner(dls, arch, mask=res['run']['mask'],
-                    lr=res['run']['lr'], precision='bf16', ckpt_dir=out / 'ckpt', ckpt_every=10, norm_pix=bool(a.norm_pix),
-                    figs_dir=out / 'figures')
+                    lr=res['run']['lr'], precision='bf16', ckpt_dir=out / 'ckpt', ckpt_every=10,
+                    norm_pix=bool(a.norm_pix), figs_dir=out / 'figures')
 t = time.time()
 learn.fit_one_cycle(10, res['run']['lr'], pct_start=.1, moms=(.9, .9, .9))
 res['run']['train_s'] = time.time() - t

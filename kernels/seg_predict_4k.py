@@ -14,7 +14,8 @@ from affmae.synth import synth_em
 img = synth_em(4096, seed=0, device='cuda')[0].cuda()
 img = ((img - img.mean())/img.std())[None, None]
 n_tiles = len(tile_starts(4096, 512, 384))**2
-print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; 4096² image, {n_tiles} tiles of 512², overlap 0.25, bs 8")
+print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; 4096² image, {n_tiles} tiles of 512², "
+      "overlap 0.25, bs 8")
 print('| model | params | seconds | tiles/s | peak GPU memory |\n|---|---:|---:|---:|---:|')
 for arch in ('affmae_base', 'vitmae_base'):
     m = create_model(arch, 'segmentation').cuda().eval()
@@ -24,5 +25,6 @@ for arch in ('affmae_base', 'vitmae_base'):
     out = sliding_window(m, img, tile=512, overlap=0.25, bs=8, out_device='cpu')
     torch.cuda.synchronize(); s = time.perf_counter() - t
     assert out.shape == (1, 5, 4096, 4096) and torch.isfinite(out).all()
-    print(f"| {arch} | {sum(p.numel() for p in m.parameters())/1e6:.1f} M | {s:.2f} | {n_tiles/s:.1f} | {torch.cuda.max_memory_allocated()/2**30:.2f} GiB |")
+    print(f"| {arch} | {sum(p.numel() for p in m.parameters())/1e6:.1f} M | {s:.2f} | {n_tiles/s:.1f} | "
+          f"{torch.cuda.max_memory_allocated()/2**30:.2f} GiB |")
     del m, out; torch.cuda.empty_cache()

@@ -29,6 +29,7 @@ if __name__ == '__main__':
     if shutil.which('quarto') and '--check' not in sys.argv: sys.exit(subprocess.call(['nbdev_readme'], cwd=root))
     text = render()
     if '--check' in sys.argv:
-        if (root/'README.md').read_text() != text: sys.exit('README.md is stale: run `python tests/readme.py` and commit it')
+        if (root/'README.md').read_text() != text:
+            sys.exit('README.md is stale: run `python tests/readme.py` and commit it')
         print('README.md matches nbs/index.ipynb')
     else: (root/'README.md').write_text(text)

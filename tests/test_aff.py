@@ -1,7 +1,8 @@
 "Acceptance tests of the AFF encoder (issue 5): clustering, merging, the encoder, on the CPU torch path."
 import math, time
 import pytest, torch
-from affmae.clustering import cluster_knn, cluster_tokens, curve_order, gather_rows, hilbert_index, knn, neighbour_offsets
+from affmae.clustering import (cluster_knn, cluster_tokens, curve_order, gather_rows, hilbert_index, knn,
+                               neighbour_offsets)
 from affmae.merging import TokenMerging, n_keep
 from affmae.aff import AFFEncoder
 from affmae.registry import create_model, register_model, list_models
@@ -50,9 +51,11 @@ def test_knn_grid_ties_deterministic():
 
 @pytest.mark.parametrize('n_cand', [1, 4, 32])
 def test_pruned_cluster_knn_identical_to_brute_force(n_cand):
-    "The bound-pruned neighbourhood search returns exactly knn's ids (ties included); small n_cand forces the repair path."
+    """The bound-pruned neighbourhood search returns exactly knn's ids (ties included); small n_cand forces the
+    repair path."""
     torch.manual_seed(n_cand)
-    for pos in (torch.rand(2, 1504, 2) * 300, torch.rand(2, 1504, 2).mul(40).round() * 8):   # off-grid, and on a grid (ties)
+    # off-grid, and on a grid (ties)
+    for pos in (torch.rand(2, 1504, 2) * 300, torch.rand(2, 1504, 2).mul(40).round() * 8):
         valid = torch.rand(2, 1504) > .3
         o = curve_order(pos, valid)
         ps, v = gather_rows(pos, o), valid.gather(1, o)
@@ -82,7 +85,7 @@ def test_clusters_balanced_and_neighbourhoods_exact(N, c, M):
     nv = valid.sum(1)
     sizes = cl.valid.view(B, -1, c).sum(-1)
     full = torch.arange(Np // c) < (nv // c)[:, None]
-    assert (sizes[full] == c).all()                                   # balanced: every full cluster holds c real tokens
+    assert (sizes[full] == c).all()   # balanced: every full cluster holds c real tokens
     for b in range(B):
         assert torch.equal(cl.order[b, cl.valid[b]].sort().values, valid[b].nonzero()[:, 0])
     ne = cl.valid.view(B, -1, c).any(-1)
@@ -104,12 +107,14 @@ def test_clusters_are_compact():
 
 def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match=r'pos must have shape \(B, N, 2\)'): cluster_tokens(torch.rand(2, 5))
-    with pytest.raises(ValueError, match='valid must be a bool tensor'): cluster_tokens(torch.rand(2, 5, 2), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match='valid must be a bool tensor'):
+        cluster_tokens(torch.rand(2, 5, 2), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match='different batch sizes'): knn(torch.rand(1, 3, 2), torch.rand(2, 3, 2), 2)
     with pytest.raises(ValueError, match=r'ds must be in \(0, 1\]'): TokenMerging(8, 8, ds=0.)
     enc = create_model('aff_mini')
     with pytest.raises(ValueError, match='not a multiple of the patch size'): enc(torch.rand(1, 1, 60, 64))
-    with pytest.raises(ValueError, match='mask must be a bool tensor'): enc(torch.rand(1, 1, 64, 64), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match='mask must be a bool tensor'):
+        enc(torch.rand(1, 1, 64, 64), torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match='img must have shape'): enc(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match='ds needs one rate per merge'): AFFEncoder(ds=(.4, .4))
     with pytest.raises(ValueError, match='unknown model'): create_model('nope')
@@ -159,7 +164,8 @@ def test_padding_never_changes_real_tokens():
             alone = enc(img[b:b+1], mask[b:b+1])
             for o, a in zip(outs, alone):
                 k = int(a.valid.sum())
-                assert torch.allclose(o.x[b, :k], a.x[0, :k], atol=1e-5) and torch.allclose(o.pos[b, :k], a.pos[0, :k], atol=1e-5)
+                assert torch.allclose(o.x[b, :k], a.x[0, :k], atol=1e-5)
+                assert torch.allclose(o.pos[b, :k], a.pos[0, :k], atol=1e-5)
                 assert (o.x[b, k:] == 0).all()
         # extra padding rows appended to the tokens change nothing either
         t = enc.embed(img, mask)
@@ -180,7 +186,8 @@ def test_outputs_equivariant_to_token_permutation():
         a = enc.forward_tokens(*t)
         b = enc.forward_tokens(t.x[:, perm], t.pos[:, perm], t.valid[:, perm])
     for o1, o2 in zip(a, b):
-        assert torch.allclose(o1.x, o2.x, atol=1e-5) and torch.equal(o1.pos, o2.pos) and torch.equal(o1.valid, o2.valid)
+        assert torch.allclose(o1.x, o2.x, atol=1e-5)
+        assert torch.equal(o1.pos, o2.pos) and torch.equal(o1.valid, o2.valid)
 
 
 def test_gradients_reach_every_parameter():
@@ -234,7 +241,8 @@ def test_aff_base_reduced_depth_512_perlin_fwd_bwd():
 
 
 def test_host_token_counts_match_synced_path():
-    "`forward` carries the largest token count on the host (no sync per merge): same tokens as reading it from the GPU."
+    """`forward` carries the largest token count on the host (no sync per merge): same tokens as reading it from the
+    GPU."""
     torch.manual_seed(0)
     enc = create_model('aff_mini').eval()
     img = torch.randn(2, 1, 128, 128)

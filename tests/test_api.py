@@ -1,4 +1,5 @@
-"`affmae.load`: pretraining and segmentation checkpoints on the CPU, the `reconstruct` command on top of it, bad files."
+"""`affmae.load`: pretraining and segmentation checkpoints on the CPU, the `reconstruct` command on top of it, bad
+files."""
 import subprocess, sys
 import numpy as np, pytest, torch
 import affmae
@@ -80,7 +81,8 @@ def test_bad_paths_and_files(tmp_path):
 
 
 def test_old_format_converted(tmp_path, img):
-    "Checkpoints in the layouts earlier versions wrote (pretraining: one JSON value per key; fine-tuning: `affmae_seg`)."
+    """Checkpoints in the layouts earlier versions wrote (pretraining: one JSON value per key; fine-tuning:
+    `affmae_seg`)."""
     import json
     from safetensors.torch import save_file
     mae = create_model('affmae_tiny')

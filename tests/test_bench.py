@@ -233,7 +233,8 @@ def test_parse_bs_errors():
     assert parse_bs('', [512]) == (None, False)
     with pytest.raises(ValueError, match="positive integers and/or 'auto'"): parse_bs('0', [512])
     with pytest.raises(ValueError, match='2 batch sizes for 3 image sizes'): parse_bs('4,2', [1, 2, 3])
-    with pytest.raises(ValueError, match='2 batch sizes for 3 image sizes'): run_bench([tiny_shallow], (8, 16, 32), bs=(1, 2), device='cpu')
+    with pytest.raises(ValueError, match='2 batch sizes for 3 image sizes'):
+        run_bench([tiny_shallow], (8, 16, 32), bs=(1, 2), device='cpu')
 
 
 def _cli(tmp_path, *args):
@@ -241,7 +242,8 @@ def _cli(tmp_path, *args):
     script = tmp_path / 'affmae_bench.py'
     script.write_text('from affmae.bench import bench\nbench()\n')
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
 
 
 def test_cli(tmp_path):
@@ -267,7 +269,8 @@ def _registered(*names):
 def test_real_tiny_models():
     "The real tiny models through the same path, when they exist (AFFMAE's torch path on the CPU)."
     _registered('affmae_tiny', 'vitmae_tiny')
-    res = run_bench(['affmae_tiny', 'vitmae_tiny'], sizes=(64,), bs=(2,), steps=1, warmup=0, device='cpu', log=lambda s: None)
+    res = run_bench(['affmae_tiny', 'vitmae_tiny'], sizes=(64,), bs=(2,), steps=1, warmup=0, device='cpu',
+                    log=lambda s: None)
     _check_schema(res, ['affmae_tiny', 'vitmae_tiny'], (64,))
     p = {r['arch']: r['profile']['ms'] for r in res['records']}
     assert p['affmae_tiny']['attention'] > 0 and p['affmae_tiny']['clustering'] > 0 and p['affmae_tiny']['merging'] > 0

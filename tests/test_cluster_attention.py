@@ -1,5 +1,5 @@
-"""Cluster attention: the Triton kernels (run by Triton's interpreter on the CPU, TRITON_INTERPRET=1) and the torch path
-against the float64 reference, forward and every gradient, on random ragged cases; argument errors."""
+"""Cluster attention: the Triton kernels (run by Triton's interpreter on the CPU, TRITON_INTERPRET=1) and the torch
+path against the float64 reference, forward and every gradient, on random ragged cases; argument errors."""
 import os
 os.environ.setdefault('TRITON_INTERPRET', '1')   # must be set before the kernels are defined
 import pytest, torch

@@ -94,7 +94,8 @@ def test_empty_folder(tmp_path):
 def test_corrupt_file(tmp_path):
     png(tmp_path/'good.png', rnd((64, 64)))
     (tmp_path/'bad.tif').write_bytes(b'II*\x00' + b'\xff'*40)          # TIFF magic, garbage after it
-    with pytest.raises(EMDataError, match=r'bad\.tif: cannot read image header'): pretrain_dls(tmp_path, size=64, device='cpu')
+    with pytest.raises(EMDataError, match=r'bad\.tif: cannot read image header'):
+        pretrain_dls(tmp_path, size=64, device='cpu')
 
 def test_truncated_file(tmp_path):
     "A file whose header is fine but whose pixels are cut off fails when read, naming the file."
@@ -102,7 +103,8 @@ def test_truncated_file(tmp_path):
     png(tmp_path/'cut.png', rnd((64, 64), seed=1))
     raw = (tmp_path/'cut.png').read_bytes()
     (tmp_path/'cut.png').write_bytes(raw[:len(raw)//2])
-    with pytest.raises(EMDataError, match=r'cut\.png: truncated or corrupt image'): pretrain_dls(tmp_path, size=64, valid_pct=0, device='cpu')
+    with pytest.raises(EMDataError, match=r'cut\.png: truncated or corrupt image'):
+        pretrain_dls(tmp_path, size=64, valid_pct=0, device='cpu')
 
 def test_image_smaller_than_crop(tmp_path):
     png(tmp_path/'big.png', rnd((300, 300)))
@@ -133,7 +135,8 @@ def test_mask_size_mismatch(tmp_path):
 def test_mask_without_image(tmp_path):
     d = _seg_folder(tmp_path)
     png(d/'masks'/'orphan_mask.png', np.zeros((64, 64), np.uint8))
-    with pytest.raises(EMDataError, match=r"orphan_mask\.png: mask has no matching image \(no image with stem 'orphan'\)"):
+    with pytest.raises(EMDataError,
+                       match=r"orphan_mask\.png: mask has no matching image \(no image with stem 'orphan'\)"):
         segment_dls(d, size=32, device='cpu')
 
 def test_image_without_mask(tmp_path):
@@ -150,7 +153,8 @@ def test_mask_stack_mismatch(tmp_path):
 def test_mask_label_out_of_range(tmp_path):
     d = _seg_folder(tmp_path)
     png(d/'masks'/'im1.png', np.full((64, 64), 9, np.uint8))
-    with pytest.raises(EMDataError, match=r"im1\.png: mask holds labels \[9\] outside 0..2 \(classes bg, a, b\)"):   # before training
+    # before training
+    with pytest.raises(EMDataError, match=r"im1\.png: mask holds labels \[9\] outside 0..2 \(classes bg, a, b\)"):
         segment_dls(d, size=32, bs=2, valid_pct=0, device='cpu', codes=('bg', 'a', 'b'))
 
 def test_non_binary_multichannel_mask(tmp_path):
@@ -171,7 +175,8 @@ def test_suffix_convention_and_multichannel_masks(tmp_path):
     src = EMFolder(tmp_path, masks=True)
     assert len(src) == 1
     lbl = src.mask(0)
-    assert (lbl[:40, :24] == 1).all() and (lbl[40:, :24] == 1).all() and (lbl[40:, 24:] == 2).all() and (lbl[:40, 24:] == 0).all()
+    assert (lbl[:40, :24] == 1).all() and (lbl[40:, :24] == 1).all()
+    assert (lbl[40:, 24:] == 2).all() and (lbl[:40, 24:] == 0).all()
     dls = segment_dls(tmp_path, size=48, bs=1, valid_pct=0, device='cpu')
     x, m = dls.one_batch()
     assert sorted(m.unique().tolist()) == [0, 1, 2]
@@ -242,7 +247,8 @@ def test_pretrain_dls_several_sources(tmp_path):
         dls = pretrain_dls(data, size=64, bs=4, valid_pct=0, device='cpu', epoch_len=8)
         assert isinstance(dls.src, EMSources) and len(dls.src) == 2 + 3 + 4
         names = {dls.src.name(i).split('/')[-1] for i in range(len(dls.src))}
-        assert names == {'s0.png', 's1.png', *(f'u.tif[{k}]' for k in range(3)), *(f'stack.tif[{k}]' for k in range(4))}
+        assert names == {'s0.png', 's1.png', *(f'u.tif[{k}]' for k in range(3)),
+                         *(f'stack.tif[{k}]' for k in range(4))}
         assert dls.train_ds.carrier == np.float32 and dls.one_batch()[0].shape == (4, 1, 64, 64)
     # a validation split keeps a stack's planes together
     tr, va = split_items(EMSources([d, tmp_path/'stack.tif']), valid_pct=0.4, seed=1)

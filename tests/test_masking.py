@@ -22,7 +22,8 @@ def test_seeded_and_varied(masker):
 def test_generator_device_independent_of_target():
     # numbers are drawn on the generator's device, so the same CPU generator gives the same masks
     # whatever device is named; here both are the CPU but the path through `device=` is exercised
-    assert torch.equal(perlin_mask(4, 32, .5, generator=gen(1)), perlin_mask(4, 32, .5, generator=gen(1), device='cpu'))
+    assert torch.equal(perlin_mask(4, 32, .5, generator=gen(1)),
+                       perlin_mask(4, 32, .5, generator=gen(1), device='cpu'))
 
 def test_coherence():
     assert coherence(perlin_mask(32, 64, .5, generator=gen())).mean() >= .85
@@ -39,11 +40,13 @@ def test_mask_to_ids_round_trip():
     assert not m.flatten(1).gather(1, keep).any() and m.flatten(1).gather(1, hid).all()
 
 @pytest.mark.parametrize('masker', MASKERS)
-@pytest.mark.parametrize('args,msg', [((0, 8, .5), 'n must be'), ((2, 8, 0.), 'ratio must be'), ((2, 8, 1.), 'ratio must be'),
-                                      ((2, (8, 0), .5), 'size must be'), ((2, -4, .5), 'size must be')])
+@pytest.mark.parametrize('args,msg', [((0, 8, .5), 'n must be'), ((2, 8, 0.), 'ratio must be'),
+                                      ((2, 8, 1.), 'ratio must be'), ((2, (8, 0), .5), 'size must be'),
+                                      ((2, -4, .5), 'size must be')])
 def test_bad_args(masker, args, msg):
     with pytest.raises(ValueError, match=msg): masker(*args)
 
 def test_bad_noise_and_ragged_masks():
     with pytest.raises(ValueError, match='octaves'): perlin_noise(2, 8, octaves=0)
-    with pytest.raises(ValueError, match='same number of masked cells'): mask_to_ids(torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match='same number of masked cells'):
+        mask_to_ids(torch.tensor([[True, False], [False, False]]))

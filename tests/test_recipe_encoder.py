@@ -28,7 +28,8 @@ def test_published_offset_clamp(): assert MAX_REL_OFFSET == 255 == default(rel_p
 def test_published_conv_stem_patch8():
     "Three 3x3 stride-2 convolutions, LayerNorm + GELU between (two norms), widths dim/2, dim/2, dim."
     cs = ConvStem(64, patch=8)
-    assert [(c.kernel_size, c.stride, c.out_channels) for c in cs.convs] == [((3, 3), (2, 2), 32), ((3, 3), (2, 2), 32),
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in cs.convs] == [((3, 3), (2, 2), 32),
+                                                                             ((3, 3), (2, 2), 32),
                                                                              ((3, 3), (2, 2), 64)]
     assert len(cs.norms) == 2
 
@@ -72,7 +73,8 @@ def test_quarters_lattice_scales_with_grid():
 
 def test_quarters_small_batch_uses_coarsest():
     g = lambda: torch.Generator().manual_seed(3)
-    a, b = perlin_quarters_mask(3, 64, .5, generator=g()), perlin_quarters_mask(3, 64, .5, lattices=(8,), generator=g())
+    a, b = (perlin_quarters_mask(3, 64, .5, generator=g()),
+            perlin_quarters_mask(3, 64, .5, lattices=(8,), generator=g()))
     assert torch.equal(a, b)
 
 
@@ -90,7 +92,8 @@ def test_quarters_fbm_option():
 
 
 @pytest.mark.parametrize('kw,msg', [(dict(n=0), 'n must be'), (dict(ratio=1.), 'ratio must be in (0, 1)'),
-                                    (dict(lattices=()), 'lattices must be'), (dict(lattices=(8, 2.5)), 'lattices must'),
+                                    (dict(lattices=()), 'lattices must be'),
+                                    (dict(lattices=(8, 2.5)), 'lattices must'),
                                     (dict(ref=0), 'ref must be'), (dict(octaves=0), 'octaves must be'),
                                     (dict(lacunarity=0.), 'persistence and lacunarity'),
                                     (dict(size=(0, 4)), 'size must')])

@@ -214,7 +214,8 @@ def test_mismatched_pretrained_encoder(tmp_path, capsys):
     from affmae.registry import create_model
     from affmae.seg_models import load_pretrained, backbone
     sd = {k: v for k, v in backbone('affmae_tiny').state_dict().items()}
-    with pytest.raises(ValueError, match='lacks .* weights'): load_pretrained(create_model('affmae_small', 'segmentation'), sd)  # no arch
+    with pytest.raises(ValueError, match='lacks .* weights'):   # no arch
+        load_pretrained(create_model('affmae_small', 'segmentation'), sd)
 
 
 def test_finetune_argument_errors(tmp_path, capsys):
@@ -359,7 +360,8 @@ def test_reconstruct_argument_errors(tmp_path, capsys):
     for args, msg in ((['--size', 0], '--size must be at least'), (['--out', tmp_path], 'is a folder')):
         rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', *args)
         assert rc == 2 and msg in err, err
-    rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', '--out', tmp_path / 'r.png')
+    rc, err = cli(capsys, 'reconstruct', tmp_path / 'none.safetensors', tmp_path / 'img.png', '--out',
+                  tmp_path / 'r.png')
     assert rc == 2 and 'no such checkpoint' in err, err
 
 

@@ -10,7 +10,8 @@ from affmae.inference import *
 from affmae.finetune import *
 
 def np_scores(pred, targ, n, ignore=IGNORE):
-    "Independent per-class IoU/Dice with boolean masks over the whole set (nan where a class is neither present nor predicted)."
+    """Independent per-class IoU/Dice with boolean masks over the whole set (nan where a class is neither present nor
+    predicted)."""
     keep = targ != ignore
     p, t = pred[keep], targ[keep]
     iou, dice = np.full(n, np.nan), np.full(n, np.nan)
@@ -23,7 +24,8 @@ def np_scores(pred, targ, n, ignore=IGNORE):
 def test_metrics_match_numpy(seed):
     rng = np.random.default_rng(seed)
     n = 6
-    # batches where classes 4 and 5 are rare or absent (5 never in targets, predicted in some seeds), some ignored pixels
+    # batches where classes 4 and 5 are rare or absent (5 never in targets, predicted in some seeds), some ignored
+    # pixels
     targ = rng.choice(4, size=(3, 2, 17, 13), p=[.5, .3, .15, .05])
     targ[rng.random(targ.shape) < .1] = IGNORE
     if seed % 2: targ[targ == 3] = 0           # a class absent from every batch
@@ -98,9 +100,11 @@ def test_mask_errors(tmp_path):
     m = np.random.default_rng(0).integers(0, 5, (24, 32)).astype(np.uint8)
     tifffile.imwrite(tmp_path/'ok.tif', m)
     assert (load_mask(tmp_path/'ok.tif', 5, shape=(24, 32)) == m).all()
-    with pytest.raises(ValueError, match=r'mask is 24×32 but its image is 32×24'): load_mask(tmp_path/'ok.tif', 5, shape=(32, 24))
-    with pytest.raises(ValueError, match=r'labels \[5, 6\] outside 0..4'): check_mask(np.where(m == 1, 5, np.where(m == 2, 6, m)), 5, name='x')
-    Image.fromarray(np.stack([m*40, m*20, 255 - m*40], -1)).save(tmp_path/'rgb.png')     # a colour rendering, not labels
+    with pytest.raises(ValueError, match=r'mask is 24×32 but its image is 32×24'):
+        load_mask(tmp_path/'ok.tif', 5, shape=(32, 24))
+    with pytest.raises(ValueError, match=r'labels \[5, 6\] outside 0..4'):
+        check_mask(np.where(m == 1, 5, np.where(m == 2, 6, m)), 5, name='x')
+    Image.fromarray(np.stack([m*40, m*20, 255 - m*40], -1)).save(tmp_path/'rgb.png')   # a colour rendering, not labels
     with pytest.raises(ValueError, match=r'rgb.png: .*mask'): load_mask(tmp_path/'rgb.png', 5)
     with pytest.raises(ValueError, match='expected a 2-D label image'): check_mask(np.stack([m]*3, -1), 5)
     (tmp_path/'broken.tif').write_bytes(b'II*\x00garbage')
@@ -123,8 +127,8 @@ def tiny_dls(n=4, size=48, epoch_len=160, seed=0):
     "Four tiny synthetic images for training, the same four (whole, unaugmented) for validation."
     from fastai.data.core import DataLoaders
     from affmae.data import segment_dls, EMBatch, EMCrops
-    d = segment_dls(None, size=size, bs=4, n_synth=n, valid_pct=0, synth_size=size, synth_kw=dict(cell=48., mito=(6., 12.)),
-                    epoch_len=epoch_len, seed=seed, device='cpu')
+    d = segment_dls(None, size=size, bs=4, n_synth=n, valid_pct=0, synth_size=size,
+                    synth_kw=dict(cell=48., mito=(6., 12.)), epoch_len=epoch_len, seed=seed, device='cpu')
     v = d.train.new(dataset=EMCrops(d.src, range(n), size, train=False, masks=True), shuffle=False, drop_last=False,
                     after_batch=EMBatch(*d.stats, augment=False))
     return DataLoaders(d.train, v, device='cpu')
@@ -151,7 +155,8 @@ def test_overfit_handful_of_images(arch, lr, one_thread):
     # sliding window on an image whose size is no multiple of the tile: covers every pixel, and agrees with the
     # whole-image prediction (attention is not local, so tiles see less context: agreement, not equality)
     from affmae.synth import synth_em
-    img = (synth_em((72, 88), seed=5, cell=48., mito=(6., 12.))[0] - dls.train.after_batch.mean)/dls.train.after_batch.std
+    img = (synth_em((72, 88), seed=5, cell=48., mito=(6., 12.))[0]
+           - dls.train.after_batch.mean)/dls.train.after_batch.std
     whole = learn.model(img[None, None]).argmax(1)
     tiled = sliding_window(learn.model, img, tile=48, overlap=0.5)
     assert tiled.shape == (1, 5, 72, 88) and torch.isfinite(tiled).all()
@@ -174,7 +179,8 @@ def test_load_pretrained_reports_keys():
     assert {k.split('.')[0] for k in rep['new']} == {'head'} and rep['loaded'] and not rep['mismatched']
     sd = seg.state_dict()
     assert all(torch.equal(sd[k], mae.state_dict()[k]) for k in rep['loaded'])
-    with pytest.raises(ValueError, match='holds none of the model'): load_pretrained(create_model('vitmae_tiny', 'segmentation'), mae.state_dict())
+    with pytest.raises(ValueError, match='holds none of the model'):
+        load_pretrained(create_model('vitmae_tiny', 'segmentation'), mae.state_dict())
 
 def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     import tifffile, warnings
@@ -182,8 +188,8 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     from affmae.cli import main
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        assert main(['finetune', '--arch', 'vitmae_tiny', '--img-size', '48', '--epochs', '1', '--bs', '4', '--n-synth', '4',
-                     '--head', 'image', '--out', str(tmp_path/'run')]) == 0
+        assert main(['finetune', '--arch', 'vitmae_tiny', '--img-size', '48', '--epochs', '1', '--bs', '4',
+                     '--n-synth', '4', '--head', 'image', '--out', str(tmp_path/'run')]) == 0
     ck = tmp_path/'run'/'seg.safetensors'
     assert ck.exists() and (tmp_path/'run'/'history.json').exists()
     model, rec = load_model(ck)
@@ -210,7 +216,8 @@ def test_evaluate_folder_mismatched_mask(tmp_path):
     tifffile.imwrite(tmp_path/'masks'/'a.tif', np.full((40, 40), 7, np.uint8))     # label 7 with 5 classes
     model = nn.Conv2d(1, 5, 1)
     rec = dict(classes=list('abcde'), stats=(0.5, 0.2), tile=32)
-    with pytest.raises(ValueError, match=r'a.tif: labels \[7\] outside 0..4'): evaluate_model(model, eval_source(str(tmp_path)), rec)
+    with pytest.raises(ValueError, match=r'a.tif: labels \[7\] outside 0..4'):
+        evaluate_model(model, eval_source(str(tmp_path)), rec)
 
 
 def test_focal_dice_loss_float64():
@@ -244,6 +251,7 @@ def test_image_fg_iou_hand_cases():
 def test_model_layer_imports_no_training_layer():
     "The segmentation models, the registry and the checkpoint format know nothing of fastai or the training modules."
     code = ("import sys, affmae.seg_models, affmae.checkpoint, affmae.registry\n"
-            "bad = [m for m in sys.modules if m.startswith(('fastai', 'affmae.learner', 'affmae.finetune', 'affmae.cli'))]\n"
+            "bad = [m for m in sys.modules if m.startswith(('fastai', 'affmae.learner', 'affmae.finetune', "
+            "'affmae.cli'))]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, '-c', code], check=True)

@@ -96,7 +96,8 @@ def test_empty_or_missing_shard_patterns(packed, tmp_path, capsys):
     with pytest.raises(EMDataError, match='no data paths'): shard_list('')
     with pytest.raises(EMDataError, match=r'shard-000000.tar: no such shard \(3 of the 3 shards'):
         shard_list(str(tmp_path / 'shard-{000000..000002}.tar'))
-    assert main(['pretrain', '--data', str(tmp_path / 'shard-{000000..000002}.tar'), '--out', str(tmp_path / 'r')]) == 2
+    assert main(['pretrain', '--data', str(tmp_path / 'shard-{000000..000002}.tar'),
+                 '--out', str(tmp_path / 'r')]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'no such shard' in err
 
