@@ -168,7 +168,8 @@ class ClusterAttention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.blank_k = self.blank_v = None
         if blank:   # a key and value per head, small like the projections' outputs at init: attention "nowhere"
-            self.blank_k, self.blank_v = (nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, dim // heads), std=.02))
+            self.blank_k, self.blank_v = (nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, dim // heads),
+                                                                             std=.02))
                                           for _ in range(2))
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -182,7 +183,8 @@ class ClusterAttention(nn.Module):
 
 # %% ../nbs/06_aff.ipynb #67fd20a7
 def global_nbhd(valid: Tensor) -> Tensor:
-    "The neighbourhood `(B, 1, N)` of global attention: every token of the image, -1 for the padding of `valid` (B, N)."
+    """The neighbourhood `(B, 1, N)` of global attention: every token of the image, -1 for the padding of
+    `valid` (B, N)."""
     ids = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
     return ids.masked_fill(~valid, -1)[:, None]
 
@@ -203,7 +205,8 @@ class GlobalAttention(ClusterAttention):
 
 # %% ../nbs/06_aff.ipynb #3d65f2a5
 class AFFBlock(nn.Module):
-    "Pre-norm block: cluster attention with relative-position bias, then an MLP (ratio `mlp_ratio`); drop-path on both."
+    """Pre-norm block: cluster attention with relative-position bias, then an MLP (ratio `mlp_ratio`); drop-path
+    on both."""
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 3., drop_path: float = 0., impl: str = 'auto',
                  global_attn: bool = False, blank: bool = False):
         super().__init__()

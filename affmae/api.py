@@ -51,7 +51,8 @@ class AFFMAEModel:
 
     def normalise(self, img, size: int | None = None) -> torch.Tensor:
         """The raw image `img` `(1,1,H,W)` as in training: robust range, then the checkpoint's mean/std (else the
-        image's own); `size`: first a centre crop to a square of at most `size` pixels, sides multiples of the patch."""
+        image's own); `size`: first a centre crop to a square of at most `size` pixels, sides multiples of the
+        patch."""
         x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', (0.5, 99.5)))
         if size: x = centre_crop(x, self.model.patch, size)
         mean, std = self.stats or (float(x.mean()), float(x.std()) + 1e-6)
@@ -98,7 +99,8 @@ class AFFMAEModel:
     @torch.no_grad()
     def tokens(self, img, size: int | None = None, seed: int = 0) -> list[Tokens]:
         """Each AFF encoder stage's `Tokens` (features, pixel positions, validity) of `img`, batch of one, on the CPU:
-        the visible patches under the model's mask (`seed`) for a pretraining checkpoint, all for a segmentation one."""
+        the visible patches under the model's mask (`seed`) for a pretraining checkpoint, all for a segmentation
+        one."""
         return [Tokens(*(t.cpu() for t in s)) for s in self._encode(self._encoder('.tokens'), img, size, seed)]
 
 # %% ../nbs/13_api.ipynb #efaab4ad

@@ -128,7 +128,7 @@ def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=
     if len(bs) == 1: bs = bs*len(sizes)
     if len(bs) != len(sizes): raise ValueError(f'bs: {len(bs)} batch sizes for {len(sizes)} image sizes')
     if mem_gib and dev.type == 'cuda':
-        idx = torch.cuda.current_device() if dev.index is None else dev.index      # the call needs an index, not 'cuda'
+        idx = torch.cuda.current_device() if dev.index is None else dev.index     # the call needs an index, not 'cuda'
         total = torch.cuda.get_device_properties(idx).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1., mem_gib*2**30/total), idx)
     res = env_info(dev) | dict(command=command, records=[],

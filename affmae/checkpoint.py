@@ -70,12 +70,13 @@ def _legacy_meta(md: dict) -> dict | None:
     if 'affmae_seg' in md:
         rec = json.loads(md['affmae_seg'])
         arch, kw = rec.pop('arch'), {**rec.pop('arch_kw'), 'n_classes': len(rec['classes'])}
-        return dict(format=FORMAT_VERSION, kind='segmentation', arch=arch, config=kw, config_hash=config_hash(arch, kw),
-                    recipe={}, **rec)
+        return dict(format=FORMAT_VERSION, kind='segmentation', arch=arch, config=kw,
+                    config_hash=config_hash(arch, kw), recipe={}, **rec)
     if 'model_kw' in md and 'arch' in md:
         meta = {k: json.loads(v) for k, v in md.items()}
         arch, kw = meta.pop('arch'), meta.pop('model_kw')
-        return dict(format=FORMAT_VERSION, kind=model_kind(arch), arch=arch, config=kw, classes=None, recipe={}, **meta)
+        return dict(format=FORMAT_VERSION, kind=model_kind(arch), arch=arch, config=kw, classes=None, recipe={},
+                    **meta)
 
 def read_meta(path) -> dict:
     "The metadata of the checkpoint file `path` (an earlier layout converted); a one-line `ValueError` if not one."
@@ -89,7 +90,8 @@ def read_meta(path) -> dict:
         raise ValueError(f"{path}: unreadable affmae metadata ({_one_line(e)})") from e
     if meta is None: raise ValueError(f"{path} has no affmae metadata (a safetensors file, not an affmae checkpoint)")
     if meta.get('format') != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}; this affmae reads format {FORMAT_VERSION}")
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}; "
+                         f"this affmae reads format {FORMAT_VERSION}")
     return meta
 
 # %% ../nbs/02b_checkpoint.ipynb #83160749
@@ -127,7 +129,8 @@ def _legacy_kw(meta: dict, sd: dict) -> dict:
     return {}
 
 def load_model(path, device='cpu') -> tuple[nn.Module, dict]:
-    "The model of checkpoint `path` (file or folder, see `checkpoint_file`) in eval mode on `device`, and its metadata."
+    """The model of checkpoint `path` (file or folder, see `checkpoint_file`) in eval mode on `device`, and its
+    metadata."""
     p = checkpoint_file(path)
     meta = read_meta(p)
     sd = read_safetensors(p)[1]

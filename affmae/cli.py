@@ -173,7 +173,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require((lr or 1) > 0 and (wd or 0) >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
-    _require(not checkpoint or arch.startswith('affmae'), f"--checkpoint is an option of the affmae models, not {arch}")
+    _require(not checkpoint or arch.startswith('affmae'),
+             f"--checkpoint is an option of the affmae models, not {arch}")
     _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
     ckpt = checkpoint_flags(arch, checkpoint_stages) if checkpoint else None
     if isinstance(data, list) and len(data) == 1: data = data[0]

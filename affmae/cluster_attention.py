@@ -63,7 +63,8 @@ def _check_args(q, k, v, nbhd_idx, bias, blank=None, check_idx=True, locality=No
 def cluster_attention_ref(q: Tensor, k: Tensor, v: Tensor, nbhd_idx: Tensor, bias: Tensor | None = None,
                           check_idx: bool = True, *, blank: tuple[Tensor, Tensor] | None = None,
                           locality: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    "Readable PyTorch cluster attention: gather each cluster's keys/values (and the blank), mask padding, softmax, sum."
+    """Readable PyTorch cluster attention: gather each cluster's keys/values (and the blank), mask padding,
+    softmax, sum."""
     B, H, N, Nk, D, G, M = _check_args(q, k, v, nbhd_idx, bias, blank, check_idx, locality)
     Q, dt = N // G, torch.promote_types(q.dtype, torch.float32)
     qc = q.to(dt).view(B, H, G, Q, D)                                     # queries by cluster

@@ -73,7 +73,8 @@ def _check_points(pos: Tensor, valid: Tensor | None, name='pos') -> Tensor:
     return valid
 
 def curve_order(pos: Tensor, valid: Tensor | None = None, bits: int = 16) -> Tensor:
-    "Permutation `(B, N)` that sorts each image's points `pos` (B, N, 2) along a Hilbert curve; invalid points go last."
+    """Permutation `(B, N)` that sorts each image's points `pos` (B, N, 2) along a Hilbert curve; invalid points
+    go last."""
     valid = _check_points(pos, valid)
     p, v = pos.float(), valid[..., None]
     lo = torch.where(v, p, float('inf')).amin(1, keepdim=True)
@@ -83,8 +84,9 @@ def curve_order(pos: Tensor, valid: Tensor | None = None, bits: int = 16) -> Ten
     q = ((p - lo) / ext * (2**bits - 1)).round().clamp(0, 2**bits - 1)
     q = torch.where(v, q, 0.).long()
     key = hilbert_index_fast(q, bits).masked_fill(~valid, 1 << (2 * bits))
-    o = p[..., 1].argsort(dim=1, stable=True)                        # ties within one curve cell: by y, then x,
-    o = o.gather(1, p[..., 0].gather(1, o).argsort(dim=1, stable=True))  # so the order never depends on the input order
+    # ties within one curve cell: by y, then x, so the order never depends on the input order
+    o = p[..., 1].argsort(dim=1, stable=True)
+    o = o.gather(1, p[..., 0].gather(1, o).argsort(dim=1, stable=True))
     return o.gather(1, key.gather(1, o).argsort(dim=1, stable=True))
 
 # %% ../nbs/04_clustering.ipynb #91bec9e4
@@ -141,7 +143,8 @@ def cluster_knn(centres: Tensor, pos: Tensor, valid: Tensor, cluster_size: int, 
     """Same result as `knn(query, pos, k, valid)` (`query` (B, Q, 2), default `centres`), pruned by the bounds of the
     consecutive clusters of `cluster_size` tokens of `pos` (B, G·c, 2), whose centres are `centres`. Rows the bounds
     cannot prove are recomputed by brute force: all of them (one host sync to count them), or, with `n_fix` (default
-    under CUDA-graph capture), at most `n_fix` per image without a sync, adding any rows left over to `knn_overflow`."""
+    under CUDA-graph capture), at most `n_fix` per image without a sync, adding any rows left over to
+    `knn_overflow`."""
     B, G, _ = centres.shape
     c, dev = cluster_size, pos.device
     if G <= n_cand: return knn(centres if query is None else query, pos, k, valid)

@@ -185,8 +185,8 @@ def _triton_reason(x, weight, bias, out_dtype):
     if triton is None: return "Triton is not installed"
     if not (x.is_cuda or _interpreted()):
         return "impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-    for name, dt in (('x', x.dtype), ('weight', getattr(weight, 'dtype', None)), ('bias', getattr(bias, 'dtype', None)),
-                     ('out_dtype', out_dtype)):
+    for name, dt in (('x', x.dtype), ('weight', getattr(weight, 'dtype', None)),
+                     ('bias', getattr(bias, 'dtype', None)), ('out_dtype', out_dtype)):
         if dt is not None and dt not in _DTYPES: return f"unsupported dtype {dt} of {name} for impl='triton'"
     if x.shape[-1] > _MAX_C: return f"unsupported width C={x.shape[-1]} for impl='triton' (needs C <= {_MAX_C})"
 

@@ -88,7 +88,8 @@ class MAEBase(nn.Module):
 
     def make_mask(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
         "A fresh mask `(B, h, w)` for `img`, True = masked."
-        return MASKERS[self.mask_kind](img.shape[0], self.grid(img), self.ratio, generator=generator, device=img.device)
+        return MASKERS[self.mask_kind](img.shape[0], self.grid(img), self.ratio, generator=generator,
+                                       device=img.device)
 
     def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
         """One prediction `(B, L, p*p*C)` per reconstruction head, finest last (rows of visible patches are free: the
@@ -142,15 +143,17 @@ def patch_ids(mask: Tensor | None, h: int, w: int, n: int | None = None) -> tupl
 
 def query_clusters(ids: Tensor, valid: Tensor, w: int, group: int = 16, window: int = 64) -> tuple[Clusters, Tensor]:
     """Queries at the patches `ids` (B, n) of a `w`-wide grid, as points in patch units clustered along a Hilbert
-    curve: `Clusters` (groups of `group`, each with its `window` nearest queries) and each row's patch id (-1: none)."""
+    curve: `Clusters` (groups of `group`, each with its `window` nearest queries) and each row's patch id
+    (-1: none)."""
     pos = torch.stack([ids % w, ids // w], -1).float() + .5
     cl = cluster_tokens(pos, valid, group, window)
     return cl, torch.where(cl.valid, ids.gather(1, cl.order.clamp(min=0)), -1)
 
 # %% ../nbs/07_mae.ipynb #e28bcdc9
 class DecoderLayer(nn.Module):
-    """Point-decoder layer: cross-attention of grouped queries to their nearest stage tokens, local self-attention, MLP;
-    both attentions with a learned distance bias −softplus(r_h)·d² per head, computed in the kernel from positions."""
+    """Point-decoder layer: cross-attention of grouped queries to their nearest stage tokens, local self-attention,
+    MLP; both attentions with a learned distance bias −softplus(r_h)·d² per head, computed in the kernel from
+    positions."""
     def __init__(self, dim: int = 384, heads: int = 6, mlp_ratio: float = 4., impl: str = 'auto',
                  locality: bool = True):
         super().__init__()
@@ -362,9 +365,9 @@ class AFFMAE(MAEBase):
         super().__init__(patch=encoder.patch, in_chans=encoder.in_chans, loss_weights=[ds_weights[i] for i in heads],
                          **kw)
         self.encoder = encoder
-        self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group, window,
-                                    dec_mlp_ratio, impl, dec_locality, checkpoint, decoder, dec_points, dec_nearest,
-                                    dec_dropout, heads)
+        self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group,
+                                    window, dec_mlp_ratio, impl, dec_locality, checkpoint, decoder, dec_points,
+                                    dec_nearest, dec_dropout, heads)
         self.head_names = [f'stage{S - 1 - i}' for i in heads]
         self.decoder.apply(_init_dec)
         # start near the mean patch: loss ≈ 1
@@ -392,7 +395,8 @@ def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
     enc_keys = set(AFFEncoder.__init__.__code__.co_varnames[1:AFFEncoder.__init__.__code__.co_argcount])
     shared = ('impl', 'checkpoint')                                              # options of both halves
     enc = {**enc_cfg, **{k: v for k, v in kw.items() if k in enc_keys}}
-    return AFFMAE(AFFEncoder(**enc), **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
+    return AFFMAE(AFFEncoder(**enc),
+                  **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
 
 @register_model
 def affmae_tiny(**kw) -> AFFMAE:

@@ -82,7 +82,8 @@ def gradient_noise(y: Tensor, x: Tensor, angles: Tensor, fade: str = 'cubic') ->
 def perlin_noise(n: int, size, *, scale: float = 16., octaves: int = 3, persistence: float = .5,
                  lacunarity: float = 2., jitter: float = .25, fade: str = 'cubic',
                  generator: torch.Generator | None = None, device=None) -> Tensor:
-    "Multi-octave Perlin noise `(n, h, w)` sampled at cell centres; base wavelength `scale` cells, jittered per sample."
+    """Multi-octave Perlin noise `(n, h, w)` sampled at cell centres; base wavelength `scale` cells, jittered
+    per sample."""
     h, w = _grid(size); _check(n)
     if not scale > 0: raise ValueError(f"scale must be > 0, got {scale!r}")
     if not (isinstance(octaves, int) and octaves >= 1):

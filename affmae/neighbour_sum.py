@@ -17,7 +17,8 @@ __all__ = ['neighbour_sum_ref', 'neighbour_sum']
 
 # %% ../nbs/05a_neighbour_sum.ipynb #99879ea0
 def _check_args(w, x, nb, check_idx=True):
-    "Validate shapes, dtypes, devices (and the index range if `check_idx`: a host sync on a GPU); `(B, K, M, H, N, C)`."
+    """Validate shapes, dtypes, devices (and the index range if `check_idx`: a host sync on a GPU);
+    `(B, K, M, H, N, C)`."""
     for name, t in (('w', w), ('x', x), ('nb', nb)):
         if not isinstance(t, Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (('w', w), ('nb', nb)):
@@ -38,7 +39,8 @@ def _check_args(w, x, nb, check_idx=True):
 
 # %% ../nbs/05a_neighbour_sum.ipynb #71f16267
 def neighbour_sum_ref(w: Tensor, x: Tensor, nb: Tensor, check_idx: bool = True) -> Tensor:
-    "Readable PyTorch neighbour sum: gather each token's neighbour rows, weigh them per head and sum, in fp32 or wider."
+    """Readable PyTorch neighbour sum: gather each token's neighbour rows, weigh them per head and sum, in fp32
+    or wider."""
     _check_args(w, x, nb, check_idx)
     dt = torch.promote_types(torch.promote_types(w.dtype, x.dtype), torch.float32)
     wm = w.to(dt) * (nb >= 0)[..., None]                                  # missing neighbours weigh nothing
@@ -81,7 +83,8 @@ if triton is not None:
             c = c0 + tl.arange(0, BC)
             acc = tl.zeros([BH, BC], tl.float32)
             for m0 in range(0, M, BM):
-                row, ok, _, wt = _neighbours(W, NB, b, k, m0, s_wb, s_wk, s_wm, s_wh, s_nb, s_nk, s_nm, M, H, N, BH, BM)
+                row, ok, _, wt = _neighbours(W, NB, b, k, m0, s_wb, s_wk, s_wm, s_wh, s_nb, s_nk, s_nm, M, H, N,
+                                             BH, BM)
                 xg = tl.load(X + b * s_xb + row[:, None] * s_xn + c[None, :], mask=ok[:, None] & (c < C)[None, :],
                              other=0.).to(tl.float32)                   # (BM, BC): the gathered rows
                 acc += tl.dot(tl.trans(wt), xg, input_precision=PREC)

@@ -225,8 +225,8 @@ class AFFSeg(nn.Module):
         super().__init__()
         self.patch, self.encoder, self.decoder = mae.patch, mae.encoder, mae.decoder
         hs = self.decoder.heads
-        for i in range(len(hs) - 1): hs[i] = nn.Identity()          # intermediate reconstruction heads: unused
-        hs[-1][1] = nn.Identity()                                   # last head: keep its LayerNorm, drop the projection
+        for i in range(len(hs) - 1): hs[i] = nn.Identity()         # intermediate reconstruction heads: unused
+        hs[-1][1] = nn.Identity()                                  # last head: keep its LayerNorm, drop the projection
         self.head = UpHead(self.decoder.dim, n_classes, stride=self.patch, in_chans=self.encoder.in_chans,
                            width=head_width, skip=head_skip)
 

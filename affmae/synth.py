@@ -113,7 +113,8 @@ def _cells(cv, c, p_nucleus):
     dd, k = ((qy - sy[ids])**2 + (qx - sx[ids])**2).topk(2, dim=0, largest=False)
     i1, i2 = ids.gather(0, k[:1])[0], ids.gather(0, k[1:])[0]
     dmem = (dd[1] - dd[0]) / (2*((sy[i1] - sy[i2])**2 + (sx[i1] - sx[i2])**2).sqrt())
-    # nuclei: ellipses on some seeds, inside the circle inscribed in their cell (radius: half the nearest-seed distance)
+    # nuclei: ellipses on some seeds, inside the circle inscribed in their cell
+    # (radius: half the nearest-seed distance)
     n, j = ny*nx, torch.arange(ny*nx, device=dev)
     nearest = torch.stack([(sy - sy[(j+o).clamp(0, n-1)])**2 + (sx - sx[(j+o).clamp(0, n-1)])**2
                            for o in (1, -1, nx, -nx, nx+1, nx-1, 1-nx, -1-nx)]).min(0).values.sqrt()
@@ -140,7 +141,8 @@ def _mitochondria(cv, dmem, dnuc, mito, p_mito, z):
     du, dv, a_, b_, ct, st = y - cy[m], x - cx[m], a[m], b[m], th[m].cos(), th[m].sin()
     mu, mv = du*ct + dv*st, dv*ct - du*st                          # along / across the long axis
     rho = ((mu/a_)**2 + (mv/b_)**2).sqrt()
-    dmit = (rho - 1)*rho / ((mu/a_**2)**2 + (mv/b_**2)**2).sqrt().clamp(min=1e-6)  # first-order distance to the ellipse
+    # first-order distance to the ellipse
+    dmit = (rho - 1)*rho / ((mu/a_**2)**2 + (mv/b_**2)**2).sqrt().clamp(min=1e-6)
     dmit = torch.where(keep[m], dmit, OUTSIDE)
     cri_t = (mu + CRISTAE_SLANT*mv)/(CRISTAE_PERIOD*z) + 50*m + ph[m]   # stripe coordinate, offset per mitochondrion
     return dmit, cri_t, mv.abs()/b_
@@ -166,7 +168,7 @@ def _stain(cv, dnuc, dmit, dves, z):
     fill = s['cytoplasm'] + s['cytoplasm_var']*cv.noise(STAIN_SIZE['cytoplasm']*z)[0] + s['texture']*tex[0]
     fill = torch.where(dves < 0, s['vesicle'], fill)
     fill = torch.where(dmit < 0, s['mito'] + s['mito_texture']*tex[1], fill)
-    chrom = (s['heterochromatin']*(tex[2] > 0.75)                                 # clumps, and a rim under the envelope
+    chrom = (s['heterochromatin']*(tex[2] > 0.75)                                # clumps, and a rim under the envelope
              + s['rim_chromatin']*torch.sigmoid(-(dnuc + CHROMATIN_RIM[0]*z)/(CHROMATIN_RIM[1]*z))*(tex[1] > -0.2))
     return torch.where(dnuc < 0, s['nucleus'] + s['nucleus_texture']*tex[0] + chrom, fill)
 
