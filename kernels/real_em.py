@@ -26,8 +26,9 @@ few images per split).
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out),
    all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
    from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`,
-   `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, each recorded as a
-   `variant`. Same crops,
+   `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
+   each pretrained model at another peak lr, each recorded as a `variant`. Runs from pretrained encoders peak at
+   `--pre-ft-lr` (default `--ft-lr`, that of the runs from scratch and the U-Net). Same crops,
    augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE +
    Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for
    every model. With `--ft-seeds`, all of this once per seed
@@ -79,7 +80,9 @@ p.add_argument('--classes-only', action='store_true',
                help="count the held-out masks' pixels per class of every --sets set (test_class_pixels), then stop")
 p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps per arch (default: from the budget)')
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
-p.add_argument('--ft-lr', type=float, default=1e-3)
+p.add_argument('--ft-lr', type=float, default=1e-3, help='peak fine-tuning lr of the runs from scratch and the U-Net')
+p.add_argument('--pre-ft-lr', type=float, default=None,
+               help='peak fine-tuning lr of the runs from pretrained encoders (default: --ft-lr)')
 p.add_argument('--workers', type=int, default=4,
                help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
@@ -99,6 +102,8 @@ p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
 p.add_argument('--compare-decay-depth', type=int, default=None,
                help='also fine-tune the pretrained affmae model with layer-wise decay over this many levels')
+p.add_argument('--compare-lr', type=float, default=None,
+               help='also fine-tune each pretrained model (affmae, and vitmae unless skipped) at this peak lr')
 a = p.parse_args()
 t0 = time.time()
 tiny = a.tiny
@@ -334,7 +339,7 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, **kw):
+def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, **kw):
     "Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`); scores on the held-out images."
     tds = dls.train.dataset
     tds.idxs, tds.n = list(dls.all_idxs), B * steps
@@ -346,8 +351,9 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, **kw)
+    lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
     t = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.ft_lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
     train_s = time.time() - t
     crop_miou = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))['miou']
     model = learn.model.eval()
@@ -357,7 +363,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     eval_s = time.time() - t
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
-    row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, train_s=round(train_s, 2),
+    row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
+               train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], confusion=sc['confusion'],
@@ -370,10 +377,13 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     return row, example
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
-# more runs of pretrained affmae: the other head, another layer-wise decay depth
-VARIANTS = ([(f'{a.compare_head} head', dict(head_skip=a.compare_head))] if a.compare_head else []) + \
-           ([(f'decay depth {a.compare_decay_depth}', dict(HEAD, decay_depth=a.compare_decay_depth))]
-            if a.compare_decay_depth else [])
+# more runs of pretrained models, (name, arch, run's keywords): affmae with the other head or another layer-wise decay
+# depth; each pretrained model at another peak lr
+VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], dict(head_skip=a.compare_head))] if a.compare_head else []) + \
+           ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], dict(HEAD, decay_depth=a.compare_decay_depth))]
+            if a.compare_decay_depth else []) + \
+           [(f'lr {a.compare_lr:g}', arch, dict(HEAD, lr=a.compare_lr)) for arch, init in CONFIGS
+            if a.compare_lr and init == 'pretrained']
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 class OverBudget(Exception): pass
 run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
@@ -408,11 +418,11 @@ def fine_tune_set(name, s, dls, steps):
             res['sets'][name]['runs'].append(row); save()
             log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
                 f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
-            for variant, kw in VARIANTS:
-                row, _ = budgeted(f'{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}', dls, s, ARCHS[0],
+            for variant, arch, kw in VARIANTS:
+                row, _ = budgeted(f'{name} {frac:.0%}{tag} {arch} pretrained, {variant}', dls, s, arch,
                                   'pretrained', frac, steps, seed, variant, **kw)
                 res['sets'][name]['runs'].append(row); save()
-                log(f"{name} {frac:.0%}{tag} {ARCHS[0]} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
+                log(f"{name} {frac:.0%}{tag} {arch} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
                     f"{f3(row['fg_iou'])}")
 
 names = list(sets)
@@ -428,7 +438,8 @@ for si, name in enumerate(names):
     # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
-               + T.get('compare_finetune_step_s', 0)
+               + T.get('compare_finetune_step_s', 0) + sum(T[f'{arch}_finetune_step_s'] for _, arch, kw in VARIANTS
+                                                           if 'lr' in kw)
     runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
     steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')

@@ -5,6 +5,7 @@
 # unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their held-out
 # splits) are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder
 # or two a call); ignored folders stay on a warm machine. PRE_DATA overrides the pretraining roots.
+#   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # install; capture check; fastai loop vs captured step
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _b, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
@@ -17,6 +18,10 @@ step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "
 [ -d .site/fastai ] ||
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
 case $phase in
+install)
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
+  python3 -c 'import fastai, fastcore, torch, triton; print(fastai.__version__, torch.__version__, triton.__version__)' |
+    tee -a "$log"; du -sh data_em_* | tee -a "$log" ;;
 checks)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
   step 120 python3 kernels/check_capture_seg.py --out "$OUT/check_capture_seg.json"
