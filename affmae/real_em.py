@@ -112,24 +112,28 @@ def levels_report(learn):
             f"the mean); the best blur of the visible pixels: {blur:.3f} = {blur/triv:.2f} x ({verdict})")
 
 # %% ../nbs/12_real_em.ipynb #7e1731fb
-def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below=0.9):
-    "The issue's targets, one dict per check: `what`, `set`, `value`, `against`, `met`."
-    out = []
+def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below=0.9, variant=None):
+    """The issue's targets, one dict per check: `what`, `set`, `value`, `against`, `met`. With `variant` (say another
+    fine-tuning lr), the pretrained runs of that variant stand for both pretrained models against the main runs from
+    scratch and the U-Net, and the pretraining checks are left out."""
+    out, pre = [], 'pretrained' + (f', {variant}' if variant else '')
     for name, s in res['sets'].items():
         fracs = sorted({r['label_frac'] for r in s['runs']})
         for frac in fracs:
-            mine = find_run(s['runs'], arch, 'pretrained', frac)
+            mine = find_run(s['runs'], arch, 'pretrained', frac, variant)
             if mine is None: continue
-            for other, init in (('unet', 'scratch'), (rival, 'pretrained')):
-                o = find_run(s['runs'], other, init, frac)
-                if o: out.append(dict(what=f'{arch} pretrained >= {other} ({init}), mIoU', set=name, label_frac=frac,
-                                      value=mine['miou'], against=o['miou'], met=mine['miou'] >= o['miou']))
+            for other, init, var in (('unet', 'scratch', None), (rival, 'pretrained', variant)):
+                o = find_run(s['runs'], other, init, frac, var)
+                if o: out.append(dict(what=f'{arch} {pre} >= {other} ({init}{var and ", " + var or ""}), mIoU',
+                                      set=name, label_frac=frac, value=mine['miou'], against=o['miou'],
+                                      met=mine['miou'] >= o['miou']))
         scratch = find_run(s['runs'], arch, 'scratch', fracs[0]) if fracs else None
-        mine = find_run(s['runs'], arch, 'pretrained', fracs[0]) if fracs else None
+        mine = find_run(s['runs'], arch, 'pretrained', fracs[0], variant) if fracs else None
         if mine and scratch:
             d = mine['miou'] - scratch['miou']
-            out.append(dict(what=f'{arch} pretrained - scratch >= {gain}, mIoU', set=name, label_frac=fracs[0],
+            out.append(dict(what=f'{arch} {pre} - scratch >= {gain}, mIoU', set=name, label_frac=fracs[0],
                             value=d, against=gain, met=d >= gain))
+    if variant: return out
     for a, p in res['pretrain'].items():
         v = p['valid'][-1][1]
         out.append(dict(what=f'{a} validation loss < {below} x trivial', set='pretraining', label_frac=None, value=v,
