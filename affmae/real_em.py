@@ -36,13 +36,16 @@ def find_run(runs, arch, init, frac, variant=None):
             'miou_sd': float(np.std([r['miou'] for r in rs]))}
 
 def results_table(res):
-    "Markdown table of every fine-tuning run: set, labels, model, steps, seconds, held-out mIoU, fg IoU and fg Dice."
+    """Markdown table of every fine-tuning run: set, labels, model, steps, peak lr (where the runs record it), seconds,
+    held-out mIoU, fg IoU and fg Dice."""
     f = lambda v: 'n/a' if v is None else f'{v:.3f}'
-    rows = ['| set | labels | model | steps | train s | mIoU | fg IoU | fg Dice |',
-            '|---|---|---|---:|---:|---:|---:|---:|']
+    lr = any('lr' in r for s in res['sets'].values() for r in s['runs'])
+    rows = ['| set | labels | model | steps | ' + ('lr | ' if lr else '') + 'train s | mIoU | fg IoU | fg Dice |',
+            '|---|---|---|---:|' + ('---:|' if lr else '') + '---:|---:|---:|---:|']
     for name, s in res['sets'].items():
         for r in sorted(s['runs'], key=lambda r: r['label_frac']):
             rows.append(f"| {name} | {r['label_frac']:.0%} ({r['n_labelled']}) | {model_name(r)} | {r['steps']} | "
+                        + (f"{r['lr']:g} | " if lr else '') +
                         f"{r['train_s']:.1f} | {f(r['miou'])} | {f(r['fg_iou'])} | {f(r['dice'])} |")
     return '\n'.join(rows)
 
