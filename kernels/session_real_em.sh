@@ -2,13 +2,16 @@
 # Device calls of a real-EM round (issue 13) on one warm machine, one phase a call; run from the repository root.
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
 # (data_em_a: drosophila-vnc's sections, the held-out ones whole with `prep_data_em.py --full`; data_em_s: its
-# unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their held-out
-# splits) are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder
-# or two a call); ignored folders stay on a warm machine. PRE_DATA overrides the pretraining roots.
+# unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their fine-tuning
+# and held-out splits, carried as data_em_d (its sbem-mito) and data_em_e (its kidney-gbm): the tree is over 50 MB)
+# are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder or two
+# a call; check `du -sb` against 67,108,864 bytes less the tree); ignored folders stay on a warm machine, which is
+# given back after 30 s idle: issue the next call at once. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # install; capture check; fastai loop vs captured step
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _b, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
+#   e.g. ... finetune 575 data_em_a,data_em_d drosophila-vnc,sbem-mito --fracs 0.1 --ft-steps 700 --compare-lr 2e-4
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 phase=$1; shift
