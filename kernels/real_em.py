@@ -27,12 +27,13 @@ few images per split).
    all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
    from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`,
    `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
-   each pretrained model at another peak lr, each recorded as a `variant`. Runs from pretrained encoders peak at
-   `--pre-ft-lr` (default `--ft-lr`, that of the runs from scratch and the U-Net). Same crops,
-   augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE +
-   Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for
-   every model. With `--ft-seeds`, all of this once per seed
-   (its own labelled subset, initialisation and crops), each run a row with its `seed`.
+   each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
+   frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains),
+   each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default `--ft-lr`, that of the
+   runs from scratch and the U-Net). Same crops, augmentation (`--augment`: dihedral flips, or `full`: flips, affine,
+   elastic, photometric), loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the
+   run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own
+   labelled subset, initialisation and crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
@@ -104,6 +105,8 @@ p.add_argument('--compare-decay-depth', type=int, default=None,
                help='also fine-tune the pretrained affmae model with layer-wise decay over this many levels')
 p.add_argument('--compare-lr', type=float, default=None,
                help='also fine-tune each pretrained model (affmae, and vitmae unless skipped) at this peak lr')
+p.add_argument('--compare-frozen', action='store_true',
+               help='also fine-tune each transformer run (pretrained and scratch) with all but its head frozen')
 a = p.parse_args()
 t0 = time.time()
 tiny = a.tiny
@@ -339,7 +342,7 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, **kw):
+def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False, **kw):
     "Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`); scores on the held-out images."
     tds = dls.train.dataset
     tds.idxs, tds.n = list(dls.all_idxs), B * steps
@@ -351,6 +354,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, **kw)
+    if frozen: learn.train_bn = False; learn.freeze()        # the last parameter group (the head) alone trains
     lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
     t = time.time()
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
@@ -371,19 +375,22 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
                crop_miou=None if crop_miou != crop_miou else float(crop_miou),
                **({'class_weights': [round(w, 4) for w in weights]} if weights else {}),
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
-               **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}))
+               **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}),
+               **({'trainable': sum(p.numel() for p in model.parameters() if p.requires_grad)} if frozen else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
     del learn, model; free()
     return row, example
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
-# more runs of pretrained models, (name, arch, run's keywords): affmae with the other head or another layer-wise decay
-# depth; each pretrained model at another peak lr
-VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], dict(head_skip=a.compare_head))] if a.compare_head else []) + \
-           ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], dict(HEAD, decay_depth=a.compare_decay_depth))]
-            if a.compare_decay_depth else []) + \
-           [(f'lr {a.compare_lr:g}', arch, dict(HEAD, lr=a.compare_lr)) for arch, init in CONFIGS
-            if a.compare_lr and init == 'pretrained']
+# more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
+# depth; each pretrained model at another peak lr; each transformer run with all but its head frozen
+VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
+            if a.compare_head else []) + \
+           ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
+              dict(HEAD, decay_depth=a.compare_decay_depth))] if a.compare_decay_depth else []) + \
+           [(f'lr {a.compare_lr:g}', arch, init, dict(HEAD, lr=a.compare_lr)) for arch, init in CONFIGS
+            if a.compare_lr and init == 'pretrained'] + \
+           [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen]
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 class OverBudget(Exception): pass
 run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
@@ -418,11 +425,11 @@ def fine_tune_set(name, s, dls, steps):
             res['sets'][name]['runs'].append(row); save()
             log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
                 f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
-            for variant, arch, kw in VARIANTS:
-                row, _ = budgeted(f'{name} {frac:.0%}{tag} {arch} pretrained, {variant}', dls, s, arch,
-                                  'pretrained', frac, steps, seed, variant, **kw)
+            for variant, arch, init, kw in VARIANTS:
+                row, _ = budgeted(f'{name} {frac:.0%}{tag} {arch} {init}, {variant}', dls, s, arch,
+                                  init, frac, steps, seed, variant, **kw)
                 res['sets'][name]['runs'].append(row); save()
-                log(f"{name} {frac:.0%}{tag} {arch} pretrained, {variant}: mIoU {f3(row['miou'])} fg IoU "
+                log(f"{name} {frac:.0%}{tag} {arch} {init}, {variant}: mIoU {f3(row['miou'])} fg IoU "
                     f"{f3(row['fg_iou'])}")
 
 names = list(sets)
@@ -438,8 +445,8 @@ for si, name in enumerate(names):
     # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
-               + T.get('compare_finetune_step_s', 0) + sum(T[f'{arch}_finetune_step_s'] for _, arch, kw in VARIANTS
-                                                           if 'lr' in kw)
+               + T.get('compare_finetune_step_s', 0) + sum(T[f'{arch}_finetune_step_s'] for _, arch, _, kw in VARIANTS
+                                                           if 'lr' in kw or 'frozen' in kw)
     runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
     steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
