@@ -3,7 +3,7 @@
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
 # (data_em_a: drosophila-vnc's sections, the held-out ones whole with `prep_data_em.py --full`; data_em_s: its
 # unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their fine-tuning
-# and held-out splits, carried as data_em_d (its sbem-mito) and data_em_e (its kidney-gbm): the tree is over 50 MB)
+# and held-out splits, or its halves data_em_d (sbem-mito) and data_em_e (kidney-gbm) when the tree outgrows it)
 # are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder or two
 # a call; check `du -sb` against 67,108,864 bytes less the tree); ignored folders stay on a warm machine, which is
 # given back after 30 s idle: issue the next call at once. PRE_DATA overrides the pretraining roots.
