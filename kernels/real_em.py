@@ -28,12 +28,14 @@ few images per split).
    from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`,
    `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
    each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
-   frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains),
-   each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default `--ft-lr`, that of the
-   runs from scratch and the U-Net). Same crops, augmentation (`--augment`: dihedral flips, or `full`: flips, affine,
-   elastic, photometric), loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the
-   run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own
-   labelled subset, initialisation and crops), each run a row with its `seed`.
+   frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains), and
+   (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
+   `fine_tune`: freeze, fit, unfreeze, fit), each recorded as a `variant`. Runs from pretrained encoders peak at
+   `--pre-ft-lr` (default `--ft-lr`, that of the runs from scratch and the U-Net). Same crops, augmentation
+   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
+   default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
+   model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run
+   a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
    foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
 
@@ -107,6 +109,9 @@ p.add_argument('--compare-lr', type=float, default=None,
                help='also fine-tune each pretrained model (affmae, and vitmae unless skipped) at this peak lr')
 p.add_argument('--compare-frozen', action='store_true',
                help='also fine-tune each transformer run (pretrained and scratch) with all but its head frozen')
+p.add_argument('--compare-head-first', type=int, default=None,
+               help="also fine-tune each pretrained model training its head alone for this many of the run's steps "
+                    "first (fastai's fine_tune)")
 a = p.parse_args()
 t0 = time.time()
 tiny = a.tiny
@@ -342,11 +347,13 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
-def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False, **kw):
-    "Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`); scores on the held-out images."
+def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
+        head_first=0, **kw):
+    """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
+    training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
-    tds.idxs, tds.n = list(dls.all_idxs), B * steps
-    dls.train.n = tds.n
+    def epoch(n): tds.n = dls.train.n = B * n                # the next fit's length: n steps
+    tds.idxs = list(dls.all_idxs)
     label_subset(dls, frac, seed)
     torch.manual_seed(seed)
     pre = init == 'pretrained'
@@ -357,7 +364,10 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     if frozen: learn.train_bn = False; learn.freeze()        # the last parameter group (the head) alone trains
     lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
     t = time.time()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
+    with learn.no_bar(), learn.no_logging():
+        if head_first:                                       # fastai's fine_tune: the new head first, then all
+            learn.freeze(); epoch(head_first); learn.fit_one_cycle(1, lr); learn.unfreeze()
+        epoch(steps - head_first); learn.fit_one_cycle(1, lr)
     train_s = time.time() - t
     crop_miou = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))['miou']
     model = learn.model.eval()
@@ -390,7 +400,9 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
               dict(HEAD, decay_depth=a.compare_decay_depth))] if a.compare_decay_depth else []) + \
            [(f'lr {a.compare_lr:g}', arch, init, dict(HEAD, lr=a.compare_lr)) for arch, init in CONFIGS
             if a.compare_lr and init == 'pretrained'] + \
-           [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen]
+           [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen] + \
+           [(f'head first {a.compare_head_first}', arch, init, dict(HEAD, head_first=a.compare_head_first))
+            for arch, init in CONFIGS if a.compare_head_first and init == 'pretrained']
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 class OverBudget(Exception): pass
 run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
@@ -446,7 +458,7 @@ for si, name in enumerate(names):
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
                + T.get('compare_finetune_step_s', 0) + sum(T[f'{arch}_finetune_step_s'] for _, arch, _, kw in VARIANTS
-                                                           if 'lr' in kw or 'frozen' in kw)
+                                                           if {'lr', 'frozen', 'head_first'} & set(kw))
     runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
     steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
