@@ -125,10 +125,12 @@ class StepGraph:
 # %% ../nbs/09a_graphs.ipynb #ad90cd9f
 class CaptureStep(Callback):
     """Run fastai's training batches through a `StepGraph` (a replayed CUDA graph); eager where capture cannot apply.
-    `model_loss`: the model returns its own loss (MAE); else the step is `learn.loss_func(model(x), y)`."""
+    `model_loss`: the model returns its own loss (MAE); else the step is `learn.loss_func(model(x), y)`.
+    `lag_loss`: `learn.loss` (what the `Recorder` and progress bar read) is the previous step's, copied to the host
+    behind the replay, so the host never waits for the GPU (each fit's first step reports its own)."""
     order = 65                                                    # after ParamScheduler has set this batch's lr
-    def __init__(self, warmup: int = 3, emulate: bool = False, model_loss: bool = True):
-        self.warmup, self.emulate, self.model_loss = warmup, emulate, model_loss
+    def __init__(self, warmup: int = 3, emulate: bool = False, model_loss: bool = True, lag_loss: bool = True):
+        self.warmup, self.emulate, self.model_loss, self.lag_loss = warmup, emulate, model_loss, lag_loss
 
     def before_fit(self):
         self.graph, why = None, self.why_not()
@@ -139,6 +141,10 @@ class CaptureStep(Callback):
         amp = None if mp is None else torch.bfloat16                 # fp16 was ruled out above
         self.graph = StepGraph(self.model, self.opt.opt, clip, amp, self.warmup, print, self.emulate,
                                None if self.model_loss else self.learn.loss_func)
+        cuda = next(self.model.parameters()).is_cuda
+        self.host = [torch.zeros((), pin_memory=cuda) for _ in range(2)]        # two host copies, alternating
+        self.done = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self.steps = 0
 
     def why_not(self) -> str | None:
         "Why the captured step cannot run this fit, or None."
@@ -154,8 +160,19 @@ class CaptureStep(Callback):
         if mp is not None: mp.autocast.__exit__(None, None, None)   # entered by MixedPrecision; the graph has its own
         out = self.graph(*self.xb) if self.model_loss else self.graph(*self.xb, *self.yb)
         self.learn.pred = out if self.model_loss else out['pred']
-        self.learn.loss_grad, self.learn.loss = out['loss'], out['loss'].clone()
+        self.learn.loss_grad = out['loss']
+        self.learn.loss = self.lagged(out['loss']) if self.lag_loss else out['loss'].clone()
         raise CancelBatchException()
+
+    def lagged(self, loss: Tensor) -> Tensor:
+        "Queue a host copy of this step's `loss`; return the previous step's copy, waiting only for that step."
+        j = self.steps % 2
+        self.host[j].copy_(loss.detach(), non_blocking=True)
+        if self.done: self.done[j].record()
+        prev = j if self.steps == 0 else 1 - j
+        if self.done: self.done[prev].synchronize()
+        self.steps += 1
+        return self.host[prev].clone()
 
     def after_epoch(self):
         if self.graph and self.graph.graphs and (n := self.graph.overflow()):

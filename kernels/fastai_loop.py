@@ -3,10 +3,13 @@ builds it) or fine-tuning (`seg_learner`, as `affmae finetune` does; `--task fin
 
 The first epoch warms up and captures the step; the second is timed batch to batch (data loading, callbacks, the
 replayed step and fastai's per-batch loss read included): the median interval is the step time a user sees.
+`--lag-loss 0` makes `CaptureStep` hand fastai each step's own loss (a host sync per step) instead of the previous
+step's (the default): run both to see what the sync costs.
 
     python kernels/fastai_loop.py --out $OUT/fastai_loop.json      # on the GPU machine, about a minute
     python kernels/fastai_loop.py --task finetune --archs affmae_base,unet --bs 8 --data data_em_a/drosophila-vnc
     python kernels/fastai_loop.py --task finetune --archs unet --size 64 --bs 4 --steps 6 --device cpu   # CPU check
+    python kernels/fastai_loop.py --task finetune --archs affmae_base --bs 8 --lag-loss 0 --out $OUT/no_lag.json
 """
 import argparse, json, statistics, time
 import torch
@@ -15,6 +18,7 @@ from fastai.torch_core import set_seed
 from affmae.data import pretrain_dls, segment_dls
 from affmae.learner import mae_learner
 from affmae.finetune import seg_learner
+from affmae.graphs import CaptureStep
 
 p = argparse.ArgumentParser()
 p.add_argument('--task', default='pretrain', choices=('pretrain', 'finetune'))
@@ -25,6 +29,7 @@ p.add_argument('--bs', type=int, default=16)
 p.add_argument('--steps', type=int, default=40, help='training steps per epoch')
 p.add_argument('--workers', type=int, default=4)
 p.add_argument('--capture', type=int, default=1)
+p.add_argument('--lag-loss', type=int, default=1, help="CaptureStep's lag_loss: 1 the previous step's loss, 0 its own")
 p.add_argument('--device', default='cuda')
 p.add_argument('--augment', default='flips', help="finetune: the crops' augmentation (none, flips, full)")
 p.add_argument('--class-weights', default='', help="finetune: the loss's class weights, comma-separated ('': none)")
@@ -62,12 +67,13 @@ def loader_ms(dl):
 
 gpu = a.device == 'cuda'
 res = dict(device=torch.cuda.get_device_name() if gpu else 'cpu', torch=torch.__version__, task=a.task, data=a.data,
-           size=a.size, bs=a.bs, workers=a.workers, capture=bool(a.capture), augment=a.augment,
-           class_weights=a.class_weights, records=[])
+           size=a.size, bs=a.bs, workers=a.workers, capture=bool(a.capture), lag_loss=bool(a.lag_loss),
+           augment=a.augment, class_weights=a.class_weights, records=[])
 for arch in a.archs.split(','):
     set_seed(0)
     clock = BatchClock()
     learn = learner(arch, clock)
+    for cb in learn.cbs.filter(lambda c: isinstance(c, CaptureStep)): cb.lag_loss = bool(a.lag_loss)
     learn.fit_one_cycle(2, 1e-4, moms=(.9, .9, .9))
     dt = [1e3 * (y - x) for x, y in zip(clock.t, clock.t[1:])]
     r = dict(arch=arch, step_ms=statistics.median(dt), loader_ms=loader_ms(learn.dls.train),
