@@ -117,8 +117,9 @@ def levels_report(learn):
 # %% ../nbs/12_real_em.ipynb #7e1731fb
 def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below=0.9, variant=None):
     """The issue's targets, one dict per check: `what`, `set`, `value`, `against`, `met`. With `variant` (say another
-    fine-tuning lr), the pretrained runs of that variant stand for both pretrained models against the main runs from
-    scratch and the U-Net, and the pretraining checks are left out."""
+    fine-tuning lr), the pretrained runs of that variant stand for both pretrained models, against the U-Net and the
+    run from scratch of the same variant where there is one (a frozen encoder), else the main one; the pretraining
+    checks are left out."""
     out, pre = [], 'pretrained' + (f', {variant}' if variant else '')
     for name, s in res['sets'].items():
         fracs = sorted({r['label_frac'] for r in s['runs']})
@@ -130,7 +131,8 @@ def check_targets(res, arch='affmae_base', rival='vitmae_base', gain=0.03, below
                 if o: out.append(dict(what=f'{arch} {pre} >= {other} ({init}{var and ", " + var or ""}), mIoU',
                                       set=name, label_frac=frac, value=mine['miou'], against=o['miou'],
                                       met=mine['miou'] >= o['miou']))
-        scratch = find_run(s['runs'], arch, 'scratch', fracs[0]) if fracs else None
+        scratch = fracs and (find_run(s['runs'], arch, 'scratch', fracs[0], variant)
+                             or find_run(s['runs'], arch, 'scratch', fracs[0]))
         mine = find_run(s['runs'], arch, 'pretrained', fracs[0], variant) if fracs else None
         if mine and scratch:
             d = mine['miou'] - scratch['miou']
