@@ -8,7 +8,7 @@
 # a call; check `du -sb` against 67,108,864 bytes less the tree); ignored folders stay on a warm machine, which is
 # given back after 30 s idle: issue the next call at once. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
-#   bash kernels/session_real_em.sh checks                  # capture check; fastai's loop with and without the lag
+#   bash kernels/session_real_em.sh checks                  # fastai's loop with and without the lagged loss
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _b, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
 #   e.g. ... finetune 575 data_em_a,data_em_d drosophila-vnc,sbem-mito --fracs 0.1 --ft-steps 700 --compare-lr 2e-4
@@ -27,7 +27,6 @@ install)
     tee -a "$log"; du -sh data_em_* | tee -a "$log" ;;
 checks)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"
-  step 100 python3 kernels/check_capture_seg.py --out "$OUT/check_capture_seg.json"
   for lag in 1 0; do      # CaptureStep's lag_loss: fastai reads the previous step's loss (1) or syncs on its own (0)
     step 130 python3 kernels/fastai_loop.py --task finetune --archs affmae_base,vitmae_base,unet --bs 8 \
       --data data_em_a/drosophila-vnc --lag-loss $lag --out "$OUT/fastai_loop_finetune_lag$lag.json"
