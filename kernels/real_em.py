@@ -113,6 +113,8 @@ p.add_argument('--compare-head-first', type=int, default=None,
                help="also fine-tune each pretrained model training its head alone for this many of the run's steps "
                     "first (fastai's fine_tune)")
 a = p.parse_args()
+if a.compare_head_first is not None and not (a.ft_steps and 0 < a.compare_head_first < a.ft_steps):
+    p.error(f"--compare-head-first {a.compare_head_first}: needs --ft-steps larger than it (got {a.ft_steps})")
 t0 = time.time()
 tiny = a.tiny
 dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
@@ -393,7 +395,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
-# depth; each pretrained model at another peak lr; each transformer run with all but its head frozen
+# depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
+# model training its head alone first
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
