@@ -167,10 +167,9 @@ class CaptureStep(Callback):
     def lagged(self, loss: Tensor) -> Tensor:
         "Queue a host copy of this step's `loss`; return the previous step's copy, waiting only for that step."
         j = self.steps % 2
-        self.host[j].copy_(loss.detach(), non_blocking=True)
-        if self.done: self.done[j].record()
         prev = j if self.steps == 0 else 1 - j
-        if self.done: self.done[prev].synchronize()
+        self.host[j].copy_(loss.detach(), non_blocking=True)
+        if self.done: self.done[j].record(); self.done[prev].synchronize()
         self.steps += 1
         return self.host[prev].clone()
 

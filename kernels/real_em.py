@@ -258,8 +258,6 @@ for arch in ARCHS:
     if not a.pretrain_only: T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
 if not a.pretrain_only:
     if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
-    if a.compare_decay_depth: T['compare_finetune_step_s'] = T.get('compare_finetune_step_s', 0) + \
-        T[f'{ARCHS[0]}_finetune_step_s']                     # the same model: the same step
     T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
@@ -459,11 +457,13 @@ for si, name in enumerate(names):
                      for h, w in (dls.test_src.shape(i) for i in range(len(dls.test_src))))
     # scoring: a forward is about a third of a training step; 2x slack, and CPU work per image
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
+    # a variant's step: its model's, but for the other head's (timed apart); the U-Net runs affmae's seconds
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
-               + T.get('compare_finetune_step_s', 0) + sum(T[f'{arch}_finetune_step_s'] for _, arch, _, kw in VARIANTS
-                                                           if {'lr', 'frozen', 'head_first'} & set(kw))
-    runs_left = (len(names) - si) * len(FRACS) * len(SEEDS)
-    steps = a.ft_steps or (4 if tiny else max(20, int((left / runs_left - 5 * (eval_s + 4)) / (per_step * OVERHEAD))))
+               + sum(T[f'{arch}_finetune_step_s'] if kw.get('head_skip') == a.head else T['compare_finetune_step_s']
+                     for _, arch, _, kw in VARIANTS)
+    runs_left, n_runs = (len(names) - si) * len(FRACS) * len(SEEDS), len(CONFIGS) + 1 + len(VARIANTS)
+    steps = a.ft_steps or (4 if tiny else
+                           max(20, int((left / runs_left - n_runs * (eval_s + 4)) / (per_step * OVERHEAD))))
     log(f'{name}: {steps} fine-tuning steps per run, {test_tiles} held-out tiles')
     try: fine_tune_set(name, s, dls, steps)
     except OverBudget: break
