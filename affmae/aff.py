@@ -14,7 +14,7 @@ from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention_packed
 from .core import init_weights, patchify
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 from .registry import create_model, list_models, register_model
 
@@ -159,6 +159,8 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 # %% ../nbs/06_aff.ipynb #be4bbd4e
+def _qkv(attn, x, norm): return attn.qkv(x) if norm is None else norm_linear(norm, attn.qkv, x)
+
 class ClusterAttention(nn.Module):
     "Multi-head attention of every token over its cluster's neighbourhood (and a learned blank token if `blank`)."
     def __init__(self, dim: int, heads: int, impl: str = 'auto', blank: bool = False):
@@ -172,10 +174,11 @@ class ClusterAttention(nn.Module):
                                                                              std=.02))
                                           for _ in range(2))
 
-    def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
-        "Each token of `x` (B, N, C) attends to its cluster's neighbours `nbhd`, plus the attention `bias` if given."
+    def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None, norm: nn.Module | None = None) -> Tensor:
+        """Each token of `x` (B, N, C) attends to its cluster's neighbours `nbhd`, plus the attention `bias` if given;
+        `norm`: a LayerNorm applied to `x` first, run with the qkv projection (`norm_linear`: x̂ is saved once)."""
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)
+        qkv = _qkv(self, x, norm).view(B, N, 3, self.heads, C // self.heads)
         blank = None if self.blank_k is None else (self.blank_k, self.blank_v)
         o = cluster_attention_packed(None, qkv, nbhd, bias=bias, impl=self.impl, check_idx=False,  # trusted nbhd
                                      blank=blank)
@@ -190,10 +193,10 @@ def global_nbhd(valid: Tensor) -> Tensor:
 
 class GlobalAttention(ClusterAttention):
     "`ClusterAttention`'s weights over every token of the image: `nbhd` = `global_nbhd(valid)` (B, 1, N)."
-    def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None, norm: nn.Module | None = None) -> Tensor:
         "Attention of each token of `x` (B, N, C) over every valid token of its image; `bias` (B, H, N, N) if given."
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _qkv(self, x, norm).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         keys = (nbhd[:, :1] >= 0)[:, None]                                            # (B, 1, 1, N)
         mask = keys if bias is None else bias.to(q.dtype).masked_fill(~keys, float('-inf'))
         if self.blank_k is not None:                                  # the blank: one more key, always seen, no bias
@@ -219,8 +222,8 @@ class AFFBlock(nn.Module):
 
     def forward(self, x: Tensor, nbhd: Tensor, bias: Tensor | None = None) -> Tensor:
         "Pre-norm residual block: cluster attention over `nbhd` (with `bias`), then the MLP."
-        x = x + self.drop_path(self.attn(self.norm1(x), nbhd, bias))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(x, nbhd, bias, norm=self.norm1))      # each norm runs inside the layer after
+        return x + self.drop_path(self.mlp(x, self.norm2))                    # it, which keeps x̂ alone for both
 
 # %% ../nbs/06_aff.ipynb #e901dee5
 def stage_flags(flag, n: int) -> tuple[bool, ...]:

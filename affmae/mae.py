@@ -13,7 +13,7 @@ from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention_packed
 from .aff import AFFEncoder, Tokens, register_model, run_block, stage_flags
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
@@ -176,20 +176,22 @@ class DecoderLayer(nn.Module):
         return o.transpose(1, 2).reshape(B, N, H * D)
 
     def forward(self, x: Tensor, mem: Tensor, cross_idx: Tensor, self_idx: Tensor, qpos: Tensor,
-                kpos: Tensor) -> Tensor:
+                kpos: Tensor, q: Tensor | None = None) -> Tensor:
         """Queries `x` (B, Nq, dim) at `qpos` (B, Nq, 2) attend to `mem` (B, Ns, dim) at `kpos` (B, Ns, 2), rows
-        `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); positions in patch units."""
+        `cross_idx` (B, G, k), then to queries `self_idx` (B, G, M); positions in patch units. `q`: the query
+        projection `norm_linear(norm_q, q, x)` if computed already (with a head's, sharing its x̂)."""
         loc = lambda reach, kp: None if reach is None else (qpos, kp, -F.softplus(reach))   # coef_h = −softplus(r_h)
-        q = self._heads(self.q(self.norm_q(x)), 1)[:, :, 0].transpose(1, 2)       # (B, H, Nq, D)
-        kv = self._heads(self.kv(self.norm_kv(mem)), 2)
+        if q is None: q = norm_linear(self.norm_q, self.q, x)
+        q = self._heads(q, 1)[:, :, 0].transpose(1, 2)                            # (B, H, Nq, D)
+        kv = self._heads(norm_linear(self.norm_kv, self.kv, mem), 2)
         o = cluster_attention_packed(q, kv, cross_idx, impl=self.impl, check_idx=False,   # memory rows: knn ids
                                      locality=loc(self.reach_cross, kpos))
         x = x + self.cross_proj(self._merge(o))
-        qkv = self._heads(self.qkv(self.norm_s(x)), 3)
+        qkv = self._heads(norm_linear(self.norm_s, self.qkv, x), 3)
         o = cluster_attention_packed(None, qkv, self_idx, impl=self.impl, check_idx=False,   # query windows
                                      locality=loc(self.reach_self, qpos))
         x = x + self.self_proj(self._merge(o))
-        return x + self.mlp(self.norm_m(x))
+        return x + self.mlp(x, self.norm_m)
 
 # %% ../nbs/07_mae.ipynb #0dd3dbd5
 def idw_sample(v: Tensor, kpos: Tensor, kvalid: Tensor, loc: Tensor, attn: Tensor, nearest: int = 4,
@@ -316,7 +318,7 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
     cl, rows = self.queries(mask, h, w, B, dev, n_masked)
     x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
     if self.kind == 'deformable': qkeys, qscale = (cl.centres, cl.cluster_size), _spacing(cl.valid, h * w)
-    preds = []
+    preds, q = [], None
     for s, (proj, layer, t) in enumerate(zip(self.proj, self.layers, reversed(stages))):
         pos = t.pos / self.patch                                                # pixels -> patch units
         mem = proj(t.x) + sincos_embed(pos, self.dim).to(t.x.dtype)
@@ -329,9 +331,24 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
             if cs is None: idx = knn(cl.centres, pos, self.k, t.valid)
             else: idx = cluster_knn(cs.centres / self.patch, pos, t.valid, cs.cluster_size, self.k,
                                     query=cl.centres)
-            x = run_block(layer, self.checkpoint[s], x, mem, idx, cl.nbhd, cl.pos, pos)
-        if s in self.head_at: preds.append(_to_grid(self.heads[self.head_at.index(s)](x), rows, h * w))
+            x = run_block(layer, self.checkpoint[s], x, mem, idx, cl.nbhd, cl.pos, pos, q)
+        q = None
+        if s in self.head_at:
+            y, q = _head(self, s, x)
+            preds.append(_to_grid(y, rows, h * w))
     return preds
+
+def _head(dec: PointDecoder, s: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The head after layer `s` on `x`, run as `norm_linear`, and with it the next point layer's query projection of
+    `x`, sharing the head's x̂ (None where that layer is checkpointed and computes its own); a head that is not a norm
+    and a linear layer (e.g. a fine-tuning model's replacement) runs as it is."""
+    head = dec.heads[dec.head_at.index(s)]
+    if not (isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.LayerNorm) and
+            isinstance(head[1], nn.Linear)): return head(x), None
+    nxt = dec.layers[s + 1] if dec.kind == 'point' and s + 1 < len(dec.layers) else None
+    if nxt is None or dec.checkpoint[s + 1] or nxt.norm_q.eps != head[0].eps:
+        return norm_linear(head[0], head[1], x), None
+    return norm_linear(head[0], head[1], x, (nxt.norm_q, nxt.q))
 
 def _spacing(valid: Tensor, area: int) -> Tensor:
     "Mean spacing of each image's points (`valid` (B, N) over `area` patches) in patch units, shaped (B, 1, 1, 1, 1)."

@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from torch import Tensor
 from .clustering import Clusters, cluster_tokens, gather_rows
 from .neighbour_sum import neighbour_sum
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
@@ -63,6 +63,21 @@ def select(self: TokenMerging, x: Tensor, cl: Clusters, score: Tensor | None = N
     return score, kept, valid
 
 # %% ../nbs/05_merging.ipynb #4e5b6c42
+class _MaskedSoftmax(torch.autograd.Function):
+    """`a.masked_fill(~ok, -1e9).softmax(dim) * ok` (zero on rows with nothing `ok`), saving its output alone, which
+    the weighted sum keeps anyway, instead of the softmax's output and the product apart."""
+    @staticmethod
+    def forward(ctx, a, ok, dim):
+        w = a.masked_fill(~ok, -1e9).softmax(dim) * ok
+        ctx.save_for_backward(w)
+        ctx.dim = dim
+        return w
+
+    @staticmethod
+    def backward(ctx, g):
+        w, = ctx.saved_tensors                                  # the softmax's gradient; 0 where w is
+        return w * (g - (g * w).sum(ctx.dim, keepdim=True)), None, None
+
 @patch
 def merge_weights(self: TokenMerging, cl: Clusters, score: Tensor, kept: Tensor, valid: Tensor, spacing: float):
     """`(w, nb, pn)`: weights `w` (B, K, M, heads) of each kept token's neighbours `nb` (B, K, M), curve positions
@@ -74,7 +89,7 @@ def merge_weights(self: TokenMerging, cl: Clusters, score: Tensor, kept: Tensor,
     a = self.weight(d.to(self.proj.weight.dtype))
     a = (a.float() if a.element_size() < 4 else a) - d.square().sum(-1, keepdim=True) / 2
     a = a + gather_rows(score, nb)[..., None]
-    w = a.masked_fill(~ok[..., None], -1e9).softmax(2) * ok[..., None]               # (B, K, M, h)
+    w = _MaskedSoftmax.apply(a, ok[..., None], 2)                                    # (B, K, M, h)
     return w, nb, pn
 
 # %% ../nbs/05_merging.ipynb #b95b9a53
@@ -88,7 +103,8 @@ def forward(self: TokenMerging, x: Tensor, cl: Clusters, spacing: float = 1., sc
     B, K = kept.shape
     if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
     m = neighbour_sum(w, x, nb, self.impl, check_idx=False)                         # (B, K, h, C); nb is trusted
-    out = self.proj(self.norm(m.reshape(B, K, -1))) * torch.sigmoid(gather_rows(score, kept))[..., None]
+    out = norm_linear(self.norm, self.proj, m.reshape(B, K, -1))                   # keeps x̂, not norm(m) too
+    out = out * torch.sigmoid(gather_rows(score, kept))[..., None]
     wbar = w.mean(-1).detach()
     pos = (wbar[..., None] * pn).sum(2)
     return Merged(out * valid[..., None], pos, valid, kept, wbar)

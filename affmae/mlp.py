@@ -6,9 +6,11 @@
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from .layer_norm import _triton_fwd, _triton_bwd, _triton_reason, _interpreted, triton
+if triton is not None: import triton.language as tl
 
 # %% auto #0
-__all__ = ['Mlp']
+__all__ = ['norm_linear', 'Mlp']
 
 # %% ../nbs/02c_mlp.ipynb #31498b60
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -17,32 +19,174 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 class _GeluMLP(torch.autograd.Function):
-    "`fc2(gelu(fc1(x)))` in dtype `dt`, saving `x` in `dt` (and `fc1(x)` if `keep_hidden`); the rest is recomputed."
+    """`fc2(gelu(fc1(x)))` in dtype `dt`, saving `x` in `dt` (and `fc1(x)` if `keep_hidden`); the rest is recomputed.
+    With `norm` (eps, impl) and its weight `lw`, bias `lb`: of `layer_norm(x)` for rows `x` `(R, C)`, saving x̂ and
+    rstd instead of the norm's output (see `norm_linear`)."""
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, dt, keep_hidden):
+    def forward(ctx, x, w1, b1, w2, b2, dt, keep_hidden, lw, lb, norm):
         with torch.autocast(x.device.type, enabled=False):
-            xs = x.to(dt)
+            xs, xh, rstd = _norm_fwd(x, lw, lb, *norm, dt) if norm else (x.to(dt), None, None)
             h = F.linear(xs, w1.to(dt), None if b1 is None else b1.to(dt))
             out = F.linear(F.gelu(h), w2.to(dt), None if b2 is None else b2.to(dt))
-        ctx.save_for_backward(xs, h if keep_hidden else None, w1, b1, w2)
-        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(xs if xh is None else xh, h if keep_hidden else None, w1, b1, w2, lw, lb, rstd)
+        ctx.x_dtype, ctx.norm = x.dtype, norm
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xs, h, w1, b1, w2 = ctx.saved_tensors
-        dt, need = xs.dtype, ctx.needs_input_grad
+        xs, h, w1, b1, w2, lw, lb, rstd = ctx.saved_tensors
+        dt, need, norm = xs.dtype, ctx.needs_input_grad, ctx.norm
         rows = lambda t: t.reshape(-1, t.shape[-1])
         with torch.autocast(xs.device.type, enabled=False):
             W1, dout = w1.to(dt), dout.to(dt)
-            if h is None: h = F.linear(xs, W1, None if b1 is None else b1.to(dt))
+            if h is None: h = F.linear(_affine(xs, lw, lb, dt) if norm else xs, W1, None if b1 is None else b1.to(dt))
             dh = torch.ops.aten.gelu_backward(dout @ w2.to(dt), h)
             dw2 = (rows(dout).t() @ rows(F.gelu(h))).to(w2.dtype) if need[3] else None
             db2 = rows(dout).sum(0).to(w2.dtype) if need[4] else None
-            dw1 = (rows(dh).t() @ rows(xs)).to(w1.dtype) if need[1] else None
-            db1 = rows(dh).sum(0).to(b1.dtype) if need[2] else None
-            dx = (dh @ W1).to(ctx.x_dtype) if need[0] else None
-        return dx, dw1, db1, dw2, db2, None, None
+            s1 = _row_sum(rows(dh)) if need[2] or (norm and need[1] and lb is not None) else None
+            g1 = rows(dh).t() @ rows(xs) if need[1] else None          # with a norm, xs is x̂: fold its affine in
+            dw1 = None if g1 is None else _fold_affine(g1, lw, s1, lb, w1.dtype, norm[1]) if norm else g1.to(w1.dtype)
+            db1 = s1.to(b1.dtype) if need[2] else None
+            if not norm: return (dh @ W1).to(ctx.x_dtype) if need[0] else None, dw1, db1, dw2, db2, *(None,) * 5
+            dx, dlw, dlb = _norm_bwd(xs, rstd, lw, dh @ W1, need[7], need[8], ctx.x_dtype, norm[1])
+        return dx, dw1, db1, dw2, db2, None, None, dlw, dlb, None
+
+
+# %% ../nbs/02c_mlp.ipynb #6f0c2d52
+def _norm_impl(norm: nn.LayerNorm, x: Tensor, dt: torch.dtype) -> str:
+    "The path ('triton' or 'torch') `norm` takes for `x` with output dtype `dt`, as `layer_norm` picks it."
+    impl = getattr(norm, 'impl', 'torch')
+    why = _triton_reason(x, norm.weight, norm.bias, dt)
+    if impl == 'auto': return 'triton' if x.is_cuda and why is None else 'torch'
+    if impl == 'triton' and why is not None: raise (TypeError if 'dtype' in why else ValueError)(why)
+    return impl
+
+def _affine(xh: Tensor, w: Tensor | None, b: Tensor | None, dt: torch.dtype) -> Tensor:
+    "`x̂ · w + b` in fp32 (or wider), returned in `dt`."
+    y = xh.to(torch.promote_types(xh.dtype, torch.float32))
+    if w is not None: y = y * w.to(y.dtype)
+    if b is not None: y = y + b.to(y.dtype)
+    return y.to(dt)
+
+def _norm_fwd(x: Tensor, w, b, eps: float, impl: str, dt: torch.dtype, xhat: bool = True):
+    "LayerNorm of rows `x` `(R, C)`: the output and (if `xhat`) x̂ in `dt`, the rows' rstd in fp32 (or wider)."
+    if impl == 'triton':
+        y, _, rstd, xh = _triton_fwd(x, w, b, eps, dt, dt if xhat else None)
+        return y, xh, rstd
+    xc = x.to(torch.promote_types(x.dtype, torch.float32))
+    xc = xc - xc.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+    xh = xc * rstd[:, None]
+    return _affine(xh, w, b, dt), xh.to(dt) if xhat else None, rstd
+
+def _norm_bwd(xh: Tensor, rstd: Tensor, w, dy: Tensor, need_w: bool, need_b: bool, dx_dtype, impl: str):
+    "LayerNorm's backward from x̂ and rstd: `(dx, dweight, dbias)`, the parameters' gradients in `w`'s dtype."
+    pdt = None if w is None else w.dtype
+    if impl == 'triton':
+        return _triton_bwd(xh, w, dy.contiguous(), None, rstd, pdt if need_w else None, pdt if need_b else None,
+                           dx_dtype)
+    ft = torch.promote_types(xh.dtype, torch.float32)
+    xf, d = xh.to(ft), dy.to(ft)
+    g = d if w is None else d * w.to(ft)
+    dx = (g - g.mean(-1, keepdim=True) - xf * (xf * g).mean(-1, keepdim=True)) * rstd[:, None].to(ft)
+    return dx.to(dx_dtype), (d * xf).sum(0).to(pdt) if need_w else None, d.sum(0).to(pdt) if need_b else None
+
+def _row_sum(t: Tensor) -> Tensor:
+    "Column sums of rows `t` `(R, O)`, accumulated and returned in fp32 (or wider): a bias's gradient."
+    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
+
+
+# %% ../nbs/02c_mlp.ipynb #e90a8975
+if triton is not None:
+    @triton.jit
+    def _fold_affine_kernel(G, LW, S, LB, OUT, n, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = off < n
+        row, col = off // C, off % C
+        g = tl.load(G + off, mask=m, other=0.).to(tl.float32)
+        if HAS_W: g = g * tl.load(LW + col, mask=m, other=0.).to(tl.float32)
+        if HAS_B:
+            g += tl.load(S + row, mask=m, other=0.).to(tl.float32) * tl.load(LB + col, mask=m, other=0.).to(tl.float32)
+        tl.store(OUT + off, g.to(OUT.dtype.element_ty), mask=m)
+
+def _fold_affine(g: Tensor, lw: Tensor | None, s: Tensor | None, lb: Tensor | None, dtype: torch.dtype,
+                 impl: str) -> Tensor:
+    """`∂L/∂W` of a linear layer on `y = x̂ · lw + lb` from `g = δᵀ x̂` `(O, C)` and the bias gradient `s = δᵀ1`
+    `(O,)`: `g · lw + s ⊗ lb` in `dtype`; one kernel on the Triton path."""
+    if lw is None and lb is None: return g.to(dtype)
+    if impl != 'triton':
+        ft = torch.promote_types(g.dtype, torch.float32)
+        out = g.to(ft) if lw is None else g.to(ft) * lw.to(ft)
+        return (out if lb is None else out.addr_(s.to(ft), lb.to(ft))).to(dtype)
+    g, out = g.contiguous(), torch.empty(g.shape, device=g.device, dtype=dtype)
+    n, BLOCK = g.numel(), 128 if _interpreted() else 1024
+    _fold_affine_kernel[(triton.cdiv(n, BLOCK),)](g, g if lw is None else lw, g if s is None else s,
+                                                  g if lb is None else lb, out, n, g.shape[1],
+                                                  HAS_W=lw is not None, HAS_B=lb is not None, BLOCK=BLOCK)
+    return out
+
+class _NormLinear(torch.autograd.Function):
+    """`linear_i(layer_norm_i(x))` in dtype `dt` for rows `x` `(R, C)`, one output per `(lw, lb, w, b)` in `params`
+    (norms with the same `eps`: the same x̂), saving x̂ (in `dt`), rstd and the weights in `dt` once, not the norms'
+    outputs: the weight gradients come from x̂ (`_fold_affine`)."""
+    @staticmethod
+    def forward(ctx, x, eps, impl, dt, *params):
+        outs, wts = [], []
+        with torch.autocast(x.device.type, enabled=False):
+            for i in range(0, len(params), 4):
+                lw, lb, w, b = params[i:i + 4]
+                y, xh_, rstd_ = _norm_fwd(x, lw, lb, eps, impl, dt, xhat=i == 0)    # the first pair's x̂, rstd
+                if i == 0: xh, rstd = xh_, rstd_
+                wts.append(w.to(dt))
+                outs.append(F.linear(y, wts[-1], None if b is None else b.to(dt)))
+        ctx.save_for_backward(xh, rstd, *params, *wts)
+        ctx.x_dtype, ctx.impl = x.dtype, impl
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        xh, rstd, *saved = ctx.saved_tensors
+        params, wts = saved[:4 * len(douts)], saved[4 * len(douts):]
+        dt, need, grads, dys = xh.dtype, ctx.needs_input_grad[4:], [], []
+        with torch.autocast(xh.device.type, enabled=False):
+            for i, dout in enumerate(douts):
+                lw, lb, w, b = params[4 * i:4 * i + 4]
+                dout = dout.to(dt)
+                s = _row_sum(dout) if need[4 * i + 3] or (need[4 * i + 2] and lb is not None) else None
+                dw = _fold_affine(dout.t() @ xh, lw, s, lb, w.dtype, ctx.impl) if need[4 * i + 2] else None
+                grads += [None, None, dw, s.to(b.dtype) if need[4 * i + 3] else None]
+                dys.append(dout @ wts[i])
+            if len(dys) == 1:                                                   # the fused kernel, γ's gradients too
+                dx, grads[0], grads[1] = _norm_bwd(xh, rstd, params[0], dys[0], need[0], need[1], ctx.x_dtype,
+                                                   ctx.impl)
+            else:                                                               # x̂'s gradient summed over the norms
+                ft = torch.promote_types(dt, torch.float32)
+                xf, ds = xh.to(ft), [dy.to(ft) for dy in dys]
+                g = sum(d if params[4 * i] is None else d * params[4 * i].to(ft) for i, d in enumerate(ds))
+                dx = _norm_bwd(xh, rstd, None, g, False, False, ctx.x_dtype, ctx.impl)[0]
+                for i, d in enumerate(ds):
+                    lw, lb = params[4 * i:4 * i + 2]
+                    if need[4 * i]: grads[4 * i] = (d * xf).sum(0).to(lw.dtype)
+                    if need[4 * i + 1]: grads[4 * i + 1] = d.sum(0).to(lb.dtype)
+        return dx, None, None, None, *grads
+
+def _rows(x: Tensor) -> Tensor: return x.reshape(-1, x.shape[-1]).contiguous()
+
+def norm_linear(norm: nn.LayerNorm, lin: nn.Linear, x: Tensor, *more) -> Tensor | tuple[Tensor, ...]:
+    """`lin(norm(x))` for `x` `(..., C)`, in the autocast dtype under autocast, keeping only x̂ and the rows' rstd for
+    the backward pass (the weight gradient is folded from x̂); `norm` is a `LayerNorm` or `nn.LayerNorm`. `more`:
+    further `(norm, lin)` pairs on the same `x`, all sharing the one saved x̂ (then a tuple of outputs)."""
+    pairs = ((norm, lin), *more)
+    for n, l in pairs:
+        if x.shape[-1] != l.in_features:
+            raise ValueError(f"norm_linear expects {l.in_features} input features, got shape {tuple(x.shape)}")
+        if n.eps != norm.eps: raise ValueError(f"norms sharing x̂ need one eps, got {norm.eps} and {n.eps}")
+    dt = _compute_dtype(x)
+    outs = _NormLinear.apply(_rows(x), norm.eps, _norm_impl(norm, x, dt), dt,
+                             *(t for n, l in pairs for t in (n.weight, n.bias, l.weight, l.bias)))
+    outs = tuple(o.view(*x.shape[:-1], -1) for o in outs)
+    return outs if more else outs[0]
+
 
 # %% ../nbs/02c_mlp.ipynb #2eedf509
 class Mlp(nn.Sequential):
@@ -53,9 +197,14 @@ class Mlp(nn.Sequential):
         super().__init__(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out, bias=bias_out))
         self.keep_hidden = keep_hidden
 
-    def forward(self, x: Tensor) -> Tensor:
-        "`fc2(gelu(fc1(x)))` for `x` `(..., d_in)`."
+    def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
+        """`fc2(gelu(fc1(x)))` for `x` `(..., d_in)`; with `norm`, of `norm(x)`, keeping x̂ and the rows' rstd in place
+        of the norm's output (as `norm_linear` does)."""
         fc1, fc2 = self[0], self[2]
         if x.shape[-1] != fc1.in_features:
             raise ValueError(f"Mlp expects {fc1.in_features} input features, got shape {tuple(x.shape)}")
-        return _GeluMLP.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, _compute_dtype(x), self.keep_hidden)
+        dt, p = _compute_dtype(x), (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        if norm is None: return _GeluMLP.apply(x, *p, dt, self.keep_hidden, None, None, None)
+        out = _GeluMLP.apply(_rows(x), *p, dt, self.keep_hidden, norm.weight, norm.bias,
+                             (norm.eps, _norm_impl(norm, x, dt)))
+        return out.view(*x.shape[:-1], -1)

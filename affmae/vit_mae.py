@@ -8,7 +8,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import mask_to_ids
 from .core import init_weights, patchify
-from .mlp import Mlp
+from .mlp import Mlp, norm_linear
 from .layer_norm import LayerNorm
 from .registry import register_model
 from .mae import MAEBase, grid_positions, sincos_embed
@@ -25,10 +25,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        "Global multi-head self-attention over the tokens of `x` (B, N, C)."
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        "Global multi-head self-attention over the tokens of `x` (B, N, C), of `norm(x)` if given (`norm_linear`)."
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x) if norm is None else norm_linear(norm, self.qkv, x)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 class Block(nn.Module):
@@ -41,8 +42,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         "Pre-norm residual block: self-attention, then the MLP."
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(x, self.norm1)        # each norm runs inside the layer after it: x̂ is saved once
+        return x + self.mlp(x, self.norm2)
 
 # %% ../nbs/08_vit_mae.ipynb #42fda069
 class ViTMAE(MAEBase):

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call: kernel checks (CHECKS: layer_norm, cluster_attention), then `affmae bench` of affmae_base beside
-# vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row inherits memory from
-# the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps the rows done); then, if
-# time is left (TOTAL_S), AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the
-# first stage only), operator profiles of the PROFILE="S:B ..." rows, and the captured-vs-eager check.
+# One device call: kernel checks (CHECKS: layer_norm, norm_linear, bias_grad, cluster_attention), then `affmae bench`
+# of affmae_base beside vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row
+# inherits memory from the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps
+# the rows done); then, if time is left (TOTAL_S), AFFMAE-Base at 2048² batch 4 under 24 GiB (without
+# checkpointing, then with it on the first stage only), operator profiles of the PROFILE="S:B ..." rows, and the
+# captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
@@ -28,6 +29,8 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version 
 for c in ${CHECKS-layer_norm}; do
   case $c in
     layer_norm) step 120 python3 kernels/check_layer_norm.py --out "$OUT" ${TINY:+--tiny} ;;
+    norm_linear) step 120 python3 kernels/check_norm_linear.py --out "$OUT" ${TINY:+--tiny} ;;
+    bias_grad) step 90 python3 kernels/bench_bias_grad.py --out "$OUT" ${TINY:+--tiny} ;;
     cluster_attention)
       step 120 env AFFMAE_AUTOTUNE=0 python3 kernels/check_cluster_attention.py --n "${CA_CASES:-120}" ;;
   esac

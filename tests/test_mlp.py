@@ -3,14 +3,21 @@ float64, and a whole AFFMAE model whose MLPs are swapped back to `nn.Sequential`
 while storing more."""
 import copy
 import pytest, torch, torch.nn as nn
-from affmae.mlp import Mlp
+import os
+from affmae.mlp import Mlp, norm_linear
+from affmae.layer_norm import LayerNorm, triton
 from affmae.registry import create_model
+
+
+class PlainMlp(nn.Sequential):
+    "An `nn.Sequential` that takes `Mlp`'s `norm` too, running it as a module of its own."
+    def forward(self, x, norm=None): return super().forward(x if norm is None else norm(x))
 
 
 def plain(m: Mlp) -> nn.Sequential:
     "The `nn.Sequential` with `m`'s weights."
     f1, f2 = m[0], m[2]
-    s = nn.Sequential(nn.Linear(f1.in_features, f1.out_features), nn.GELU(),
+    s = PlainMlp(nn.Linear(f1.in_features, f1.out_features), nn.GELU(),
                       nn.Linear(f2.in_features, f2.out_features, bias=f2.bias is not None))
     s.load_state_dict(m.state_dict())
     return s
@@ -45,6 +52,38 @@ def test_random_shapes_match_sequential_and_float64(seed):
 
 def test_bad_width():
     with pytest.raises(ValueError, match='expects 4 input features'): Mlp(4, 8, 2)(torch.randn(3, 5))
+
+
+class PreNorm(nn.Module):
+    "`layer(norm(x))`: fused (`norm_linear`, `Mlp(x, norm)`) or as separate modules."
+    def __init__(self, norm, layer, fused):
+        super().__init__()
+        self.norm, self.layer, self.fused = norm, layer, fused
+    def forward(self, x):
+        if not self.fused: return self.layer(self.norm(x))
+        return self.layer(x, self.norm) if isinstance(self.layer, Mlp) else norm_linear(self.norm, self.layer, x)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_norm_in_front_matches_separate_modules(seed):
+    "`norm_linear(norm, lin, x)` and `Mlp(x, norm)` against `lin(norm(x))`, `mlp(norm(x))`: float32, float64, bf16."
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
+    C, rows = r(2, 40), r(0, 13)
+    torch.manual_seed(seed)
+    x = torch.randn(2, rows, C, generator=g) * 2 + 1
+    for layer in (nn.Linear(C, r(1, 20)), Mlp(C, r(1, 40), r(1, 9), keep_hidden=seed % 2 == 0)):
+        ln = LayerNorm(C)
+        with torch.no_grad(): ln.weight.normal_(); ln.bias.normal_()
+        fused, unfused = PreNorm(ln, layer, True), PreNorm(ln, layer, False)
+        for a, b in zip(run(fused, x), run(unfused, x)): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        f64, u64 = copy.deepcopy(fused).double(), copy.deepcopy(unfused).double()
+        for a, b in zip(run(f64, x.double()), run(u64, x.double())):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        if triton and os.environ.get('TRITON_INTERPRET') == '1': ln.impl = 'triton'
+        ours, theirs = run(fused, x, torch.bfloat16), run(unfused, x, torch.bfloat16)
+        assert torch.equal(ours[0], theirs[0])
+        for a, b in zip(ours[1:], theirs[1:]): assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6   # bf16 roundings
 
 
 def saved_bytes(f):
