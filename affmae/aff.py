@@ -14,7 +14,7 @@ from .clustering import Clusters, cluster_tokens, gather_rows, neighbour_offsets
 from .merging import TokenMerging, n_keep
 from .cluster_attention import cluster_attention_packed
 from .core import init_weights, patchify
-from .mlp import Mlp, norm_linear
+from .mlp import Linear, Mlp, norm_linear
 from .layer_norm import LayerNorm
 from .registry import create_model, list_models, register_model
 
@@ -50,7 +50,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, dim: int, patch: int = 8, in_chans: int = 1):
         super().__init__()
         self.patch, self.in_chans = patch, in_chans
-        self.proj, self.norm = nn.Linear(in_chans * patch * patch, dim), nn.LayerNorm(dim)
+        self.proj, self.norm = Linear(in_chans * patch * patch, dim), nn.LayerNorm(dim)
 
     def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None) -> Tokens:
         "Tokens of the patches of `img` not hidden by `mask`; `n_visible`: visible patches per image, if known."
@@ -167,7 +167,7 @@ class ClusterAttention(nn.Module):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.impl = heads, impl
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), Linear(dim, dim)
         self.blank_k = self.blank_v = None
         if blank:   # a key and value per head, small like the projections' outputs at init: attention "nowhere"
             self.blank_k, self.blank_v = (nn.Parameter(nn.init.trunc_normal_(torch.empty(heads, dim // heads),

@@ -13,7 +13,7 @@ try:
 except ImportError: triton = None   # no Triton (e.g. macOS): only impl='torch' is available
 
 # %% auto #0
-__all__ = ['layer_norm_ref', 'layer_norm', 'LayerNorm']
+__all__ = ['layer_norm_ref', 'column_sum', 'layer_norm', 'LayerNorm']
 
 # %% ../nbs/03a_layer_norm.ipynb #f1f94e94
 def _check_args(x, weight, bias, out_dtype):
@@ -143,6 +143,24 @@ if triton is not None:
         if DW: tl.store(PART + p * 2 * C + cols, dw, mask=cm)               # row p of the (G, 2, C) partials
         if DB: tl.store(PART + p * 2 * C + C + cols, db, mask=cm)
 
+# %% ../nbs/03a_layer_norm.ipynb #1c464674
+_ONES = {}   # (device, dtype, length) -> a vector of ones, made once outside CUDA-graph capture
+
+def _ones(n: int, device, dtype) -> Tensor:
+    "A vector of `n` ones, cached; one made while a CUDA graph is being captured is not kept (the graph owns it)."
+    key = (device, dtype, n)
+    if key in _ONES: return _ONES[key]
+    v = torch.ones(n, device=device, dtype=dtype)
+    if not (v.is_cuda and torch.cuda.is_current_stream_capturing()): _ONES[key] = v
+    return v
+
+def column_sum(t: Tensor, gemv: bool | None = None) -> Tensor:
+    """`t.sum(0)` of rows `t` `(R, C)` in `t`'s dtype, accumulated in fp32 or wider: as the matrix-vector product
+    `tᵀ·1` if `gemv` (default: on CUDA, where cuBLAS does it faster than PyTorch's reduction), else by `.sum(0)`."""
+    if t.ndim != 2: raise ValueError(f"column_sum expects rows (R, C), got shape {tuple(t.shape)}")
+    if not (t.is_cuda if gemv is None else gemv) or t.shape[0] == 0: return t.sum(0)
+    return torch.mv(t.t(), _ones(t.shape[0], t.device, t.dtype))
+
 # %% ../nbs/03a_layer_norm.ipynb #3c4a8426
 def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
     """Backward kernel: `(dx, dweight, dbias)`, dx in `dx_dtype` (default x's), the parameters' gradients summed from
@@ -158,7 +176,7 @@ def _triton_bwd(x, weight, dy, mean, rstd, dw_dtype, db_dtype, dx_dtype=None):
                           dx if part is None else part, x.stride(0), dy.stride(0), R, C, P,
                           HAS_W=weight is not None, DW=want[0], DB=want[1], FROM_XH=mean is None,
                           BC=BC, BR=BR)
-    sums = part.sum(0) if part is not None else None                   # one reduction for both
+    sums = column_sum(part.view(G, 2 * C)).view(2, C) if part is not None else None   # one reduction for both
     return dx, *(sums[i].to(dt) if dt is not None else None for i, dt in enumerate((dw_dtype, db_dtype)))
 
 class _LayerNorm(torch.autograd.Function):

@@ -13,7 +13,7 @@ from .masking import perlin_mask, perlin_quarters_mask, random_mask
 from .clustering import Clusters, cluster_tokens, cluster_knn, knn, gather_rows
 from .cluster_attention import cluster_attention_packed
 from .aff import AFFEncoder, Tokens, register_model, run_block, stage_flags
-from .mlp import Mlp, norm_linear
+from .mlp import Linear, Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
@@ -160,8 +160,8 @@ class DecoderLayer(nn.Module):
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.impl = heads, impl
         self.norm_q, self.norm_kv, self.norm_s, self.norm_m = (LayerNorm(dim) for _ in range(4))
-        self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
-        self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q, self.kv, self.cross_proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), Linear(dim, dim)
+        self.qkv, self.self_proj = nn.Linear(dim, 3 * dim), Linear(dim, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim)
         reach = lambda: nn.Parameter(torch.full((heads,), -2.)) if locality else None  # softplus(-2) ≈ 0.13 / patch²
         self.reach_cross, self.reach_self = reach(), reach()
@@ -287,7 +287,7 @@ class PointDecoder(nn.Module):
         self.patch, self.dim, self.k, self.group, self.window = patch, dim, k, group, window
         self.checkpoint, self.kind = stage_flags(checkpoint, S)[::-1], kind     # per layer, coarsest first
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
+        self.proj = nn.ModuleList(Linear(d, dim) for d in reversed(enc_dims))     # coarsest first
         layer = (lambda: DecoderLayer(dim, heads, mlp_ratio, impl, locality)) if kind == 'point' else \
                 (lambda: DeformableLayer(dim, heads, mlp_ratio, points, nearest, dropout))
         self.layers = nn.ModuleList(layer() for _ in enc_dims)

@@ -6,11 +6,11 @@
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from .layer_norm import _triton_fwd, _triton_bwd, _triton_reason, _interpreted, triton
+from .layer_norm import _triton_fwd, _triton_bwd, _triton_reason, _interpreted, column_sum, triton
 if triton is not None: import triton.language as tl
 
 # %% auto #0
-__all__ = ['norm_linear', 'Mlp']
+__all__ = ['norm_linear', 'Mlp', 'Linear']
 
 # %% ../nbs/02c_mlp.ipynb #31498b60
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -42,8 +42,8 @@ class _GeluMLP(torch.autograd.Function):
             if h is None: h = F.linear(_affine(xs, lw, lb, dt) if norm else xs, W1, None if b1 is None else b1.to(dt))
             dh = torch.ops.aten.gelu_backward(dout @ w2.to(dt), h)
             dw2 = (rows(dout).t() @ rows(F.gelu(h))).to(w2.dtype) if need[3] else None
-            db2 = rows(dout).sum(0).to(w2.dtype) if need[4] else None
-            s1 = _row_sum(rows(dh)) if need[2] or (norm and need[1] and lb is not None) else None
+            db2 = column_sum(rows(dout)).to(w2.dtype) if need[4] else None
+            s1 = column_sum(rows(dh)) if need[2] or (norm and need[1] and lb is not None) else None
             g1 = rows(dh).t() @ rows(xs) if need[1] else None          # with a norm, xs is x̂: fold its affine in
             dw1 = None if g1 is None else _fold_affine(g1, lw, s1, lb, w1.dtype, norm[1]) if norm else g1.to(w1.dtype)
             db1 = s1.to(b1.dtype) if need[2] else None
@@ -91,12 +91,8 @@ def _norm_bwd(xh: Tensor, rstd: Tensor, w, dy: Tensor, need_w: bool, need_b: boo
     dx = (g - g.mean(-1, keepdim=True) - xf * (xf * g).mean(-1, keepdim=True)) * rstd[:, None].to(ft)
     return dx.to(dx_dtype), (d * xf).sum(0).to(pdt) if need_w else None, d.sum(0).to(pdt) if need_b else None
 
-def _row_sum(t: Tensor) -> Tensor:
-    "Column sums of rows `t` `(R, O)`, accumulated and returned in fp32 (or wider): a bias's gradient."
-    return t.sum(0, dtype=torch.promote_types(t.dtype, torch.float32))
 
-
-# %% ../nbs/02c_mlp.ipynb #e90a8975
+# %% ../nbs/02c_mlp.ipynb #bd1aa1f3
 if triton is not None:
     @triton.jit
     def _fold_affine_kernel(G, LW, S, LB, OUT, n, C, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
@@ -152,7 +148,7 @@ class _NormLinear(torch.autograd.Function):
             for i, dout in enumerate(douts):
                 lw, lb, w, b = params[4 * i:4 * i + 4]
                 dout = dout.to(dt)
-                s = _row_sum(dout) if need[4 * i + 3] or (need[4 * i + 2] and lb is not None) else None
+                s = column_sum(dout) if need[4 * i + 3] or (need[4 * i + 2] and lb is not None) else None
                 dw = _fold_affine(dout.t() @ xh, lw, s, lb, w.dtype, ctx.impl) if need[4 * i + 2] else None
                 grads += [None, None, dw, s.to(b.dtype) if need[4 * i + 3] else None]
                 dys.append(dout @ wts[i])
@@ -166,8 +162,8 @@ class _NormLinear(torch.autograd.Function):
                 dx = _norm_bwd(xh, rstd, None, g, False, False, ctx.x_dtype, ctx.impl)[0]
                 for i, d in enumerate(ds):
                     lw, lb = params[4 * i:4 * i + 2]
-                    if need[4 * i]: grads[4 * i] = (d * xf).sum(0).to(lw.dtype)
-                    if need[4 * i + 1]: grads[4 * i + 1] = d.sum(0).to(lb.dtype)
+                    if need[4 * i]: grads[4 * i] = column_sum(d * xf).to(lw.dtype)
+                    if need[4 * i + 1]: grads[4 * i + 1] = column_sum(d).to(lb.dtype)
         return dx, None, None, None, *grads
 
 def _rows(x: Tensor) -> Tensor: return x.reshape(-1, x.shape[-1]).contiguous()
@@ -208,3 +204,35 @@ class Mlp(nn.Sequential):
         out = _GeluMLP.apply(_rows(x), *p, dt, self.keep_hidden, norm.weight, norm.bias,
                              (norm.eps, _norm_impl(norm, x, dt)))
         return out.view(*x.shape[:-1], -1)
+
+# %% ../nbs/02c_mlp.ipynb #3a9ae142
+class _Linear(torch.autograd.Function):
+    "`F.linear` in dtype `dt`, saving the input and weight in `dt`; the bias gradient summed by `column_sum`."
+    @staticmethod
+    def forward(ctx, x, w, b, dt):
+        with torch.autocast(x.device.type, enabled=False):
+            xs, ws = x.to(dt), w.to(dt)
+            out = F.linear(xs, ws, None if b is None else b.to(dt))
+        ctx.save_for_backward(xs, ws)
+        ctx.dtypes = x.dtype, w.dtype, None if b is None else b.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, ws = ctx.saved_tensors
+        need, (x_dt, w_dt, b_dt) = ctx.needs_input_grad, ctx.dtypes
+        with torch.autocast(xs.device.type, enabled=False):
+            d = dout.to(ws.dtype).reshape(-1, dout.shape[-1])
+            dx = (dout.to(ws.dtype) @ ws).to(x_dt) if need[0] else None
+            dw = (d.t() @ xs.reshape(-1, xs.shape[-1])).to(w_dt) if need[1] else None
+            db = column_sum(d).to(b_dt) if need[2] else None
+        return dx, dw, db, None
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state dict) whose backward sums the bias gradient as a matrix-vector product
+    on CUDA (`column_sum`); under autocast it runs in the autocast dtype, as `nn.Linear` does."""
+    def forward(self, x: Tensor) -> Tensor:
+        "`x W^T + b` for `x` `(..., in_features)`."
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        return _Linear.apply(x, self.weight, self.bias, _compute_dtype(x))

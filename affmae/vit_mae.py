@@ -8,7 +8,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from .masking import mask_to_ids
 from .core import init_weights, patchify
-from .mlp import Mlp, norm_linear
+from .mlp import Linear, Mlp, norm_linear
 from .layer_norm import LayerNorm
 from .registry import register_model
 from .mae import MAEBase, grid_positions, sincos_embed
@@ -23,7 +23,7 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads: raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), Linear(dim, dim)
 
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         "Global multi-head self-attention over the tokens of `x` (B, N, C), of `norm(x)` if given (`norm_linear`)."
@@ -52,14 +52,14 @@ class ViTMAE(MAEBase):
                  dec_dim: int = 384, dec_depth: int = 4, dec_heads: int = 6, mlp_ratio: float = 4., **kw):
         super().__init__(patch=patch, in_chans=in_chans, **kw)
         self.dim, self.dec_dim = dim, dec_dim
-        self.embed = nn.Linear(patch * patch * in_chans, dim)
+        self.embed = Linear(patch * patch * in_chans, dim)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.dec_embed = nn.Linear(dim, dec_dim)
+        self.dec_embed = Linear(dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(dec_dim))
         self.dec_blocks = nn.ModuleList(Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth))
         self.dec_norm = nn.LayerNorm(dec_dim)
-        self.head = nn.Linear(dec_dim, patch * patch * in_chans)
+        self.head = Linear(dec_dim, patch * patch * in_chans)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
 

@@ -2,9 +2,9 @@
 # One device call: kernel checks (CHECKS: layer_norm, norm_linear, bias_grad, cluster_attention), then `affmae bench`
 # of affmae_base beside vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row
 # inherits memory from the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps
-# the rows done); then, if time is left (TOTAL_S), AFFMAE-Base at 2048² batch 4 under 24 GiB (without
-# checkpointing, then with it on the first stage only), operator profiles of the PROFILE="S:B ..." rows, and the
-# captured-vs-eager check.
+# the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base with its first stage
+# checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the first stage
+# only), operator profiles of the PROFILE="S:B ..." rows, and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
@@ -50,7 +50,12 @@ res = dict(parts[0], records=[r for p in parts for r in p['records']],
 open(out, 'w').write(json.dumps(res, indent=1))
 PY
 done
-for ck in none 0; do   # AFFMAE-Base at 2048² batch 4 under 24 GiB: no checkpointing, then only the first stage's
+for row in ${CK_ROWS-}; do   # CK_ROWS="512:32": AFFMAE-Base alone with its first stage checkpointed (memory for time)
+  [ "$(left)" -lt 60 ] && break
+  step 90 python3 -m affmae.bench --archs affmae_base --sizes "${row%:*}" --bs "${row#*:}" --steps 10 --warmup 3 \
+    --modes captured --no_profile --checkpoint 0 --json "$OUT/bench_ck0_${row%:*}_${row#*:}.json"
+done
+for ck in ${CK24-none 0}; do   # AFFMAE-Base at 2048² batch 4 under 24 GiB: no checkpointing (none), stage 0's (0)
   [ -z "${TINY:-}" ] && [ "$(left)" -gt 60 ] && step 90 python3 -m affmae.bench --archs affmae_base --sizes 2048 \
     --bs 4 --steps 3 --warmup 3 --mem_gib 24 --modes captured --no_profile \
     $([ "$ck" = none ] || echo --checkpoint "$ck") --json "$OUT/bench_24gib_ck$ck.json"
