@@ -9,7 +9,7 @@ run bit for bit (a capture that fails is recorded, and the eager step timed inst
 unfused one (plus 1e-3) or a replay that differs is a failure (exit 1).
 Usage: PYTHONPATH=. python kernels/check_norm_linear.py --out kernels/results [--tiny]
 (--tiny: small shapes, a CPU smoke run; without a GPU it sets TRITON_INTERPRET=1 and skips timing and memory)."""
-import argparse, datetime, json, os, pathlib, sys, time
+import argparse, copy, datetime, json, os, pathlib, sys, time
 import torch, torch.nn as nn
 from check_layer_norm import timed, peak_mb, graphed
 
@@ -76,16 +76,17 @@ def main():
                 rel[key] = {n: ((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
                             for n, o, r in zip(names, got, ref)}
                 if dev != 'cuda': continue
-                step = lambda: run(mlp_mod, norm, layer, fused, x, dy, dev)
-                mb[key] = peak_mb(step)
+                # fresh leaves for the capture: leaves used on the default stream before would be stale there
+                nc, lc, xc = copy.deepcopy(norm), copy.deepcopy(layer), x.detach().clone().requires_grad_()
+                step = lambda: run(mlp_mod, nc, lc, fused, xc, dy, dev)
                 try: graph, static = graphed(step)
                 except Exception as e:                                   # recorded; the eager time stands in
                     capture_error[key] = str(e).splitlines()[0]
                     torch.cuda.synchronize()
-                    ms[key] = timed(step, dev, 20, 3)
-                    continue
-                ms[key] = timed(graph.replay, dev, 20, 3)
-                if fused: equal = all(torch.equal(s, e) for s, e in zip(static, step()))
+                    graph = static = None
+                ms[key] = timed(step if graph is None else graph.replay, dev, 20, 3)
+                if fused and graph is not None: equal = all(torch.equal(s, e) for s, e in zip(static, step()))
+                mb[key] = peak_mb(step)
                 del graph, static
             ok = all(rel['fused'][n] <= 2 * rel['unfused'][n] + 1e-3 for n in names) and equal is not False
             failed |= not ok
