@@ -143,7 +143,7 @@ if triton is not None:
         if DW: tl.store(PART + p * 2 * C + cols, dw, mask=cm)               # row p of the (G, 2, C) partials
         if DB: tl.store(PART + p * 2 * C + C + cols, db, mask=cm)
 
-# %% ../nbs/03a_layer_norm.ipynb #1c464674
+# %% ../nbs/03a_layer_norm.ipynb #a3f8214e
 _ONES = {}   # (device, dtype, length) -> a vector of ones, made once outside CUDA-graph capture
 
 def _ones(n: int, device, dtype) -> Tensor:

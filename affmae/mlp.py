@@ -205,7 +205,7 @@ class Mlp(nn.Sequential):
                              (norm.eps, _norm_impl(norm, x, dt)))
         return out.view(*x.shape[:-1], -1)
 
-# %% ../nbs/02c_mlp.ipynb #3a9ae142
+# %% ../nbs/02c_mlp.ipynb #56b680b5
 class _Linear(torch.autograd.Function):
     "`F.linear` in dtype `dt`, saving the input and weight in `dt`; the bias gradient summed by `column_sum`."
     @staticmethod
@@ -222,8 +222,9 @@ class _Linear(torch.autograd.Function):
         xs, ws = ctx.saved_tensors
         need, (x_dt, w_dt, b_dt) = ctx.needs_input_grad, ctx.dtypes
         with torch.autocast(xs.device.type, enabled=False):
-            d = dout.to(ws.dtype).reshape(-1, dout.shape[-1])
-            dx = (dout.to(ws.dtype) @ ws).to(x_dt) if need[0] else None
+            dout = dout.to(ws.dtype)
+            d = dout.reshape(-1, dout.shape[-1])
+            dx = (dout @ ws).to(x_dt) if need[0] else None
             dw = (d.t() @ xs.reshape(-1, xs.shape[-1])).to(w_dt) if need[1] else None
             db = column_sum(d).to(b_dt) if need[2] else None
         return dx, dw, db, None
