@@ -93,7 +93,8 @@ def main():
             cases.append(dict(rows=R, C=C, layer=kind, rel_err=rel, ms_fwd_bwd_graph=ms or None, peak_mb=mb or None,
                               graph_replay_equals_eager=equal, capture_error=capture_error or None, ok=ok))
             worst = {k: max(v.values()) for k, v in rel.items()}
-            line = f"{R:>7} x {C:<4} {kind:>6}: worst rel err unfused {worst['unfused']:.1e} fused {worst['fused']:.1e}"
+            line = (f"{R:>7} x {C:<4} {kind:>6}: worst rel err unfused {worst['unfused']:.1e} "
+                    f"fused {worst['fused']:.1e}")
             if ms: line += (f" | graph ms {ms['unfused']:.3f} / {ms['fused']:.3f} ({ms['unfused'] / ms['fused']:.2f}x)"
                             f" | peak MB {mb['unfused']:.0f} / {mb['fused']:.0f}  replay = eager: {equal}")
             print(line + ('' if ok else '  FAIL') + (f'  capture failed: {capture_error}' if capture_error else ''))

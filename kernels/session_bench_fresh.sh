@@ -39,8 +39,8 @@ parts=()
 for row in ${ROWS:-512:32 1024:8 2048:2 256:8 256:16 256:32 256:128}; do
   [ "$(left)" -lt 60 ] && { echo "== no time left for $row" | tee -a "$log"; break; }
   s=${row%:*}; b=${row#*:}; part=/tmp/bench_${s}_${b}.json
-  step "${ROW_S:-110}" python3 -m affmae.bench --archs "${ARCHS:-affmae_base,vitmae_base}" --sizes "$s" --bs "$b" --steps 10 \
-    --warmup 3 --no_profile --json "$part" || continue
+  step "${ROW_S:-110}" python3 -m affmae.bench --archs "${ARCHS:-affmae_base,vitmae_base}" --sizes "$s" --bs "$b" \
+    --steps 10 --warmup 3 --no_profile --json "$part" || continue
   parts+=("$part")
   python3 - "$OUT/bench_results.json" "${parts[@]}" <<'PY'
 import json, sys
