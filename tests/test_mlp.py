@@ -1,11 +1,10 @@
 """`Mlp` keeps less for the backward pass and changes nothing else: random shapes against `nn.Sequential` and
 float64, and a whole AFFMAE model whose MLPs are swapped back to `nn.Sequential` gives the same loss and gradients
 while storing more."""
-import copy
+import copy, os
 import pytest, torch, torch.nn as nn
-import os
-from affmae.mlp import Mlp, norm_linear
-from affmae.layer_norm import LayerNorm, triton
+from affmae.mlp import Linear, Mlp, norm_linear
+from affmae.layer_norm import LayerNorm, column_sum, triton
 from affmae.registry import create_model
 
 
@@ -84,6 +83,39 @@ def test_norm_in_front_matches_separate_modules(seed):
         ours, theirs = run(fused, x, torch.bfloat16), run(unfused, x, torch.bfloat16)
         assert torch.equal(ours[0], theirs[0])
         for a, b in zip(ours[1:], theirs[1:]): assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6   # bf16 roundings
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_linear_matches_nn_linear(seed):
+    "`Linear` against `nn.Linear` with the same weights: random widths, rows (none too), with and without a bias."
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))
+    d_in, d_out, rows, bias = r(1, 40), r(1, 40), r(0, 13), seed % 2 == 0
+    ours = Linear(d_in, d_out, bias=bias)
+    ref = nn.Linear(d_in, d_out, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, rows, d_in, generator=g)
+    for a, b in zip(run(ours, x), run(ref, x)): torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(run(copy.deepcopy(ours).double(), x.double()), run(copy.deepcopy(ref).double(), x.double())):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    ours_bf, ref_bf = run(ours, x, torch.bfloat16), run(ref, x, torch.bfloat16)
+    assert torch.equal(ours_bf[0], ref_bf[0]) and ours_bf[0].dtype == torch.bfloat16
+    assert all(a.dtype == torch.float32 for a in ours_bf[1:])
+    for a, b in zip(ours_bf[1:], ref_bf[1:]): assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6   # bf16 roundings
+
+
+@pytest.mark.parametrize('gemv', [False, True])
+def test_column_sum_against_float64(gemv):
+    "`column_sum` both ways (the GEMV path runs on the CPU too when asked), on random shapes and dtypes."
+    g = torch.Generator().manual_seed(int(gemv))
+    for _ in range(6):
+        R, C = (int(v) for v in torch.randint(0, 50, (2,), generator=g))
+        for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            t = (torch.randn(R, C + 1, generator=g) * 3).to(dt)
+            s = column_sum(t, gemv)
+            assert s.dtype == dt and s.shape == (C + 1,)
+            ref = t.double().sum(0)
+            assert (s.double() - ref).abs().max() <= tol * max(1., ref.abs().max().item())
 
 
 def saved_bytes(f):
