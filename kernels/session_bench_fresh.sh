@@ -4,7 +4,8 @@
 # inherits memory from the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps
 # the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base with its first stage
 # checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the first stage
-# only), operator profiles of the PROFILE="S:B ..." rows, and the captured-vs-eager check.
+# only), operator profiles of the PROFILE="S:B ..." rows, the MEMPEAK="S:B ..." rows' memory at the peak by
+# allocation site, and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
@@ -63,6 +64,11 @@ done
 for row in ${PROFILE-}; do   # PROFILE="256:8 512:32": one eager step of each arch profiled (kernels/profile_ops.py)
   [ "$(left)" -lt 60 ] && break
   step 90 python3 kernels/profile_ops.py --archs "${ARCHS:-affmae_base,vitmae_base}" --size "${row%:*}" \
+    --bs "${row#*:}" --out "$OUT"
+done
+for row in ${MEMPEAK-}; do   # MEMPEAK="512:32": what is alive at each arch's peak, by allocation site
+  [ "$(left)" -lt 60 ] && break
+  step 90 python3 kernels/memory_peak.py --archs "${ARCHS:-affmae_base,vitmae_base}" --size "${row%:*}" \
     --bs "${row#*:}" --out "$OUT"
 done
 [ -z "${TINY:-}" ] && [ "$(left)" -gt 30 ] && \

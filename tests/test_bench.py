@@ -313,3 +313,23 @@ def test_profile_and_saved_tensor_scripts(tmp_path):
     assert aff['activations_mib'] > 0 and any(k.startswith('encoder.stages.0') for k in aff['by_module_mib'])
     assert saved['activation_ratio'] == pytest.approx(aff['activations_mib'] /
                                                       saved['archs']['vitmae_tiny']['activations_mib'])
+
+
+def test_memory_peak_breakdown_of_a_made_up_trace():
+    "`kernels/memory_peak.py`'s trace replay: the peak, when it happens, and what is alive then, by allocation site."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('memory_peak', ROOT / 'kernels' / 'memory_peak.py')
+    mp = importlib.util.module_from_spec(spec); spec.loader.exec_module(mp)
+    fr = lambda f, n: [dict(filename='/x/torch/nn/functional.py', line=1, name='linear'),
+                       dict(filename=f'/repo/affmae/{f}', line=n, name='fwd')]
+    alloc = lambda addr, size, f='mlp.py', n=10: dict(action='alloc', addr=addr, size=size, frames=fr(f, n))
+    free = lambda addr: dict(action='free_completed', addr=addr, size=0)
+    trace = [alloc(1, 100), alloc(2, 50, 'mae.py', 7), dict(action='segment_alloc', addr=9, size=10**6), free(1),
+             alloc(3, 300), alloc(4, 20, 'mae.py', 7), free(3), alloc(5, 200), free(99)]
+    r = mp.peak_breakdown(trace, baseline=1000)
+    assert (r['peak_bytes'], r['step_bytes_at_peak'], r['peak_entry'], r['alive_at_peak']) == (1370, 370, 5, 3)
+    assert r['by_site'] == {'mlp.py:10 fwd': 300, 'mae.py:7 fwd': 70}
+    assert mp.peak_breakdown([], baseline=5)['peak_bytes'] == 5
+    outside = [dict(action='alloc', addr=1, size=8, frames=[dict(filename='/x/torch/optim/adamw.py', line=3,
+                                                                 name='step')])]
+    assert mp.peak_breakdown(outside)['by_site'] == {'adamw.py:3 step': 8}
