@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call: kernel checks (CHECKS: layer_norm, norm_linear, bias_grad, cluster_attention), then `affmae bench`
-# of affmae_base beside vitmae_base (captured and eager, no profile) with every size in a fresh process, so that no row
-# inherits memory from the one before, merged into $OUT/bench_results.json after each row (a call cut short keeps
-# the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base with its first stage
+# One device call: kernel checks (CHECKS: layer_norm, norm_linear, bias_grad, weight_casts, cluster_attention), then
+# `affmae bench` of affmae_base beside vitmae_base (captured and eager, no profile) with every size in a fresh
+# process, so that no row inherits memory from the one before, merged into $OUT/bench_results.json after each row (a
+# call cut short keeps the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base with its first stage
 # checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the first stage
 # only), operator profiles of the PROFILE="S:B ..." rows, the MEMPEAK="S:B ..." rows' memory at the peak by
 # allocation site, and the captured-vs-eager check.
@@ -32,6 +32,7 @@ for c in ${CHECKS-layer_norm}; do
     layer_norm) step 120 python3 kernels/check_layer_norm.py --out "$OUT" ${TINY:+--tiny} ;;
     norm_linear) step 120 python3 kernels/check_norm_linear.py --out "$OUT" ${TINY:+--tiny} ;;
     bias_grad) step 90 python3 kernels/bench_bias_grad.py --out "$OUT" ${TINY:+--tiny} ;;
+    weight_casts) step 90 python3 kernels/bench_weight_casts.py --out "$OUT" ;;
     cluster_attention)
       step 120 env AFFMAE_AUTOTUNE=0 python3 kernels/check_cluster_attention.py --n "${CA_CASES:-120}" ;;
   esac
