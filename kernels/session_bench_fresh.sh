@@ -2,10 +2,10 @@
 # One device call: kernel checks (CHECKS: layer_norm, norm_linear, bias_grad, weight_casts, cluster_attention), then
 # `affmae bench` of affmae_base beside vitmae_base (captured and eager, no profile) with every size in a fresh
 # process, so that no row inherits memory from the one before, merged into $OUT/bench_results.json after each row (a
-# call cut short keeps the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base with its first stage
-# checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it on the first stage
-# only), operator profiles of the PROFILE="S:B ..." rows, the MEMPEAK="S:B ..." rows' memory at the peak by
-# allocation site, and the captured-vs-eager check.
+# call cut short keeps the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base
+# with its first stage checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it
+# on the first stage only), operator profiles of the PROFILE="S:B ..." rows, the MEMPEAK="S:B ..." rows' memory at
+# the peak by allocation site, and the captured-vs-eager check.
 # Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
