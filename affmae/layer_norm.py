@@ -144,7 +144,7 @@ if triton is not None:
         if DB: tl.store(PART + p * 2 * C + C + cols, db, mask=cm)
 
 # %% ../nbs/03a_layer_norm.ipynb #a3f8214e
-_ONES = {}   # (device, dtype, length) -> a vector of ones, made once outside CUDA-graph capture
+_ONES = {}   # (device, dtype, length) -> a vector of ones; never dropped, since a captured graph may read it
 
 def _ones(n: int, device, dtype) -> Tensor:
     "A vector of `n` ones, cached; one made while a CUDA graph is being captured is not kept (the graph owns it)."
