@@ -95,15 +95,21 @@ def graphed(fn):
     return graph, out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', type=pathlib.Path, help='folder to write check_layer_norm.json into')
+def check_args(doc, name):
+    "A check script's `--out` and `--tiny` arguments and its device; on the CPU (`--tiny` only) Triton's interpreter."
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument('--out', type=pathlib.Path, help=f'folder to write {name} into')
     p.add_argument('--tiny', action='store_true', help='small shapes: a smoke run in seconds, on the CPU too')
     a = p.parse_args()
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev == 'cpu':
         if not a.tiny: sys.exit('the full shapes need a GPU; --tiny runs on the CPU')
         os.environ.setdefault('TRITON_INTERPRET', '1')                  # before the kernels are defined
+    return a, dev
+
+
+def main():
+    a, dev = check_args(__doc__, 'check_layer_norm.json')
     import affmae.layer_norm as ln_mod
     if ln_mod.triton is None: sys.exit('Triton is not installed')
     t0, rows, failed = time.time(), [], False

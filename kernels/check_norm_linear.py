@@ -9,9 +9,9 @@ run bit for bit (a capture that fails is recorded, and the eager step timed inst
 unfused one (plus 1e-3) or a replay that differs is a failure (exit 1).
 Usage: PYTHONPATH=. python kernels/check_norm_linear.py --out kernels/results [--tiny]
 (--tiny: small shapes, a CPU smoke run; without a GPU it sets TRITON_INTERPRET=1 and skips timing and memory)."""
-import argparse, copy, datetime, json, os, pathlib, sys, time
+import copy, datetime, json, sys, time
 import torch, torch.nn as nn
-from check_layer_norm import timed, peak_mb, graphed
+from check_layer_norm import check_args, timed, peak_mb, graphed
 
 SHAPES = [(65536, 128), (32768, 256), (16384, 512), (8192, 768), (4096, 384)]
 TINY = [(37, 24), (64, 32)]
@@ -50,14 +50,7 @@ def reference(norm, layer, x, dy):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--out', type=pathlib.Path, help='folder to write check_norm_linear.json into')
-    p.add_argument('--tiny', action='store_true', help='small shapes: a smoke run, on the CPU too')
-    a = p.parse_args()
-    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if dev == 'cpu':
-        if not a.tiny: sys.exit('the full shapes need a GPU; --tiny runs on the CPU')
-        os.environ.setdefault('TRITON_INTERPRET', '1')                  # before the kernels are defined
+    a, dev = check_args(__doc__, 'check_norm_linear.json')
     import affmae.mlp as mlp_mod, affmae.layer_norm as ln_mod
     t0, cases, failed = time.time(), [], False
     for R, C in (TINY if a.tiny else SHAPES):
