@@ -5,8 +5,9 @@
 # call cut short keeps the rows done); then, if time is left (TOTAL_S), the CK_ROWS="S:B ..." rows of AFFMAE-Base
 # with its first stage checkpointed, AFFMAE-Base at 2048² batch 4 under 24 GiB (without checkpointing, then with it
 # on the first stage only), operator profiles of the PROFILE="S:B ..." rows, the MEMPEAK="S:B ..." rows' memory at
-# the peak by allocation site, and the captured-vs-eager check.
-# Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh):
+# the peak by allocation site, and the captured-vs-eager check (CAPTURE=0: not).
+# Run from the repository root with .whl carried (bash ../shared/gpu-wheels.sh; WHL=.whl_gpu: another wheel folder;
+# ROWS=" ", a space: no bench row):
 #   bash kernels/session_bench_fresh.sh
 #   CHECKS="cluster_attention" CA_CASES=60 TOTAL_S=480 ROW_S=110 bash kernels/session_bench_fresh.sh   # ROW_S: per row
 #   ARCHS=affmae_tiny,vitmae_tiny ROWS="64:2 32:4" TINY=1 OUT=/tmp/o bash kernels/session_bench_fresh.sh   # CPU check
@@ -15,7 +16,7 @@ t0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -z "${TINY:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
+    "${WHL:-.whl}"/*.whl || exit 1
   export PYTHONPATH=.:/tmp/site
 else export PYTHONPATH=.; fi
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -72,6 +73,6 @@ for row in ${MEMPEAK-}; do   # MEMPEAK="512:32": what is alive at each arch's pe
   step 90 python3 kernels/memory_peak.py --archs "${ARCHS:-affmae_base,vitmae_base}" --size "${row%:*}" \
     --bs "${row#*:}" --out "$OUT"
 done
-[ -z "${TINY:-}" ] && [ "$(left)" -gt 30 ] && \
+[ -z "${TINY:-}" ] && [ "${CAPTURE:-1}" = 1 ] && [ "$(left)" -gt 30 ] && \
   step "$(left)" python3 kernels/check_capture.py --out "$OUT/check_capture.json"
 echo "== $(date -u +%T) done in $(( $(date +%s) - t0 )) s" | tee -a "$log"
