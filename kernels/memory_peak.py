@@ -3,8 +3,9 @@
 Per model: a few eager steps (optimizer state made, kernels tuned), then one more with the CUDA caching allocator's
 history recorded (`torch.cuda.memory._record_memory_history`). The trace is replayed to find the moment the step's
 allocated bytes peak; the blocks alive then are grouped by the innermost stack frame inside `affmae/` (or the first
-frame at all, for allocations made outside it, e.g. by the optimizer) and by the phase they were allocated in. The
-step's peak from the trace must agree with `torch.cuda.max_memory_allocated`. Writes `memory_peak_{arch}_{S}_{B}.json`.
+frame at all, for allocations made outside it, e.g. by the optimizer). Blocks made before the step and freed in it
+(the previous step's gradients, at `zero_grad`) leave the count when freed, so the step's peak from the trace agrees
+with `torch.cuda.max_memory_allocated`. Writes `memory_peak_{arch}_{S}_{B}.json`.
 Usage: PYTHONPATH=. python kernels/memory_peak.py --archs affmae_base,vitmae_base --size 512 --bs 32 --out $OUT
 (the trace analysis, `peak_breakdown`, is pure Python and tested on the CPU with a made-up trace)."""
 import argparse, collections, json, time
@@ -20,15 +21,16 @@ def _site(frames, inside='/affmae/'):
 
 def peak_breakdown(trace, baseline=0, top=25):
     """Replay allocator `trace` entries (`action` 'alloc' / 'free_completed', `addr`, `size`, `frames`) on top of
-    `baseline` bytes already allocated: the peak, the entry index it happens at, and the bytes alive then by
-    allocation site (largest first, `top` of them) and in all."""
+    `baseline` bytes already allocated (a free of a block not allocated in the trace releases part of them): the
+    peak, the entry index it happens at, and the bytes alive then by allocation site (largest first, `top` of them)
+    and in all."""
     live, total, peak, at, peak_live = {}, 0, 0, -1, {}
     for i, e in enumerate(trace):
         if e['action'] == 'alloc':
             live[e['addr']] = e
             total += e['size']
-        elif e['action'] == 'free_completed' and e['addr'] in live:
-            total -= live.pop(e['addr'])['size']
+        elif e['action'] == 'free_completed':
+            total -= live.pop(e['addr'])['size'] if e['addr'] in live else e['size']
         else: continue
         if total > peak: peak, at, peak_live = total, i, dict(live)
     sites = collections.Counter()

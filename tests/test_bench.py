@@ -323,12 +323,14 @@ def test_memory_peak_breakdown_of_a_made_up_trace():
     fr = lambda f, n: [dict(filename='/x/torch/nn/functional.py', line=1, name='linear'),
                        dict(filename=f'/repo/affmae/{f}', line=n, name='fwd')]
     alloc = lambda addr, size, f='mlp.py', n=10: dict(action='alloc', addr=addr, size=size, frames=fr(f, n))
-    free = lambda addr: dict(action='free_completed', addr=addr, size=0)
+    free = lambda addr, size=0: dict(action='free_completed', addr=addr, size=size)
     trace = [alloc(1, 100), alloc(2, 50, 'mae.py', 7), dict(action='segment_alloc', addr=9, size=10**6), free(1),
              alloc(3, 300), alloc(4, 20, 'mae.py', 7), free(3), alloc(5, 200), free(99)]
     r = mp.peak_breakdown(trace, baseline=1000)
     assert (r['peak_bytes'], r['step_bytes_at_peak'], r['peak_entry'], r['alive_at_peak']) == (1370, 370, 5, 3)
     assert r['by_site'] == {'mlp.py:10 fwd': 300, 'mae.py:7 fwd': 70}
+    early = mp.peak_breakdown([free(99, 60)] + trace, baseline=1000)    # a block from before the step, freed first
+    assert (early['peak_bytes'], early['step_bytes_at_peak'], early['by_site']) == (1310, 310, r['by_site'])
     assert mp.peak_breakdown([], baseline=5)['peak_bytes'] == 5
     outside = [dict(action='alloc', addr=1, size=8, frames=[dict(filename='/x/torch/optim/adamw.py', line=3,
                                                                  name='step')])]
