@@ -10,7 +10,7 @@ from .layer_norm import _triton_fwd, _triton_bwd, _triton_reason, _interpreted, 
 if triton is not None: import triton.language as tl
 
 # %% auto #0
-__all__ = ['norm_linear', 'Mlp', 'Linear']
+__all__ = ['KEEP_HIDDEN_MIN_IN', 'norm_linear', 'Mlp', 'Linear']
 
 # %% ../nbs/02c_mlp.ipynb #31498b60
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -185,13 +185,16 @@ def norm_linear(norm: nn.LayerNorm, lin: nn.Linear, x: Tensor, *more) -> Tensor 
 
 
 # %% ../nbs/02c_mlp.ipynb #2eedf509
+KEEP_HIDDEN_MIN_IN = 384   # an Mlp with fewer input features recomputes its hidden layer by default
+
 class Mlp(nn.Sequential):
     """`Linear → GELU → Linear` whose backward recomputes the GELU from the saved first-layer output (`keep_hidden`)
-    or the first layer too (only the input is saved: for MLPs on a few input features). Its children are those of
-    the `nn.Sequential` it replaces, so checkpoints load unchanged; under autocast it runs in the autocast dtype."""
-    def __init__(self, d_in: int, hidden: int, d_out: int, bias_out: bool = True, keep_hidden: bool = True):
+    or the first layer too (only the input is saved; None: for inputs narrower than `KEEP_HIDDEN_MIN_IN`). Its
+    children are those of the `nn.Sequential` it replaces, so checkpoints load unchanged; under autocast it runs in
+    the autocast dtype."""
+    def __init__(self, d_in: int, hidden: int, d_out: int, bias_out: bool = True, keep_hidden: bool | None = None):
         super().__init__(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out, bias=bias_out))
-        self.keep_hidden = keep_hidden
+        self.keep_hidden = d_in >= KEEP_HIDDEN_MIN_IN if keep_hidden is None else keep_hidden
 
     def forward(self, x: Tensor, norm: nn.LayerNorm | None = None) -> Tensor:
         """`fc2(gelu(fc1(x)))` for `x` `(..., d_in)`; with `norm`, of `norm(x)`, keeping x̂ and the rows' rstd in place
