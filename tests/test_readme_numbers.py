@@ -3,7 +3,8 @@
 A *figure* is a number in README.md's prose or tables that carries a unit (`ms`, `s`, `GiB`, `MiB`, `%`, or `×`
 written right after it), or a decimal with two or more digits after the point (mIoU, losses).
 Its *source* is the result file (`….json`, or every JSON in a cited `folder/`) named last before it in the README;
-a figure with no source before it fails. It is *sourced* when that file holds it at the quoted precision:
+a figure with no source before it fails. A sign written before a figure (after a space or a bracket) is part of it.
+It is *sourced* when that file holds it at the quoted precision:
 a number that is not one of a list of raw samples (for `%`: also a fraction times 100); for a `×` figure, the ratio
 of one field of two records of a list that differ only in `arch` (same `size`, `bs` and text fields: the
 AFFMAE / ViT-MAE tables).
@@ -16,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = r'(?:\s?(?:ms|s|GiB|MiB|%)(?![\w²])|×)'
-FIGURE = re.compile(rf'(?<![\w.,])(\d[\d,]*(?:\.\d+)?)({UNIT})|(?<![\w.,])(\d+\.\d{{2,}})(?![\w.²])')
+SIGN = r'(?:(?<=[\s(])([-+−]))?'                   # a sign after a space or bracket (not a range's hyphen)
+FIGURE = re.compile(rf'{SIGN}(?<![\w.,])(\d[\d,]*(?:\.\d+)?)({UNIT})|{SIGN}(?<![\w.,])(\d+\.\d{{2,}})(?![\w.²])')
 SETTINGS = [r'```.*?```', r'`[^`\n]*`', r'\]\([^)]*\)', r'\d+(?:\.\d+)?²', r'(?:Python|torch|triton)\s+\d[\w.+]*',
             r'arXiv\s+\d+\.\d+', r'\d{4}-\d{2}-\d{2}']
 SOURCE = re.compile(r'((?:nbs|kernels)/[\w./-]*?(?:\.json|/))(?=[`\s)])')
@@ -26,8 +28,9 @@ def figures(text):
     "(quoted string, value, decimals, position) of every figure in markdown `text`."
     for pat in SETTINGS: text = re.sub(pat, lambda m: ' ' * len(m.group()), text, flags=re.S)
     for m in FIGURE.finditer(text):
-        s = m.group(1) or m.group(3)
-        yield s + (m.group(2) or '').strip(), float(s.replace(',', '')), len(s.partition('.')[2]), m.start()
+        sign, s = m.group(1) or m.group(4) or '', m.group(2) or m.group(5)
+        value = float(s.replace(',', '')) * (-1 if sign in ('-', '−') and sign else 1)
+        yield sign + s + (m.group(3) or '').strip(), value, len(s.partition('.')[2]), m.start()
 
 
 def _numbers(x):
@@ -95,6 +98,9 @@ def test_parser_finds_figures_and_skips_settings():
     text = ("0.72× and 2 % idle, 122 ms and 8.9 GiB, mIoU 0.803; `--lr 1.5e-4`, 512², torch 2.11.0, Python 3.11, "
             "arXiv 2602.16249, 2026-11-22, [x](a/0.55.png), 8 × 8,192 tokens\n```sh\nrun --bs 0.25\n```")
     assert [s for s, *_ in figures(text)] == ['0.72×', '2%', '122ms', '8.9GiB', '0.803']
+    signed = list(figures('moves it by -0.017, +0.032 (−0.073) over 0.631-0.741'))
+    assert [(s, v) for s, v, *_ in signed] == [('-0.017', -.017), ('+0.032', .032), ('−0.073', -.073),
+                                               ('0.631', .631), ('0.741', .741)]
 
 
 def test_a_typed_figure_fails(tmp_path):
@@ -103,6 +109,7 @@ def test_a_typed_figure_fails(tmp_path):
     (tmp_path / 'kernels/r.json').write_text(json.dumps(dict(miou=0.8029713828442849, records=recs)))
     good = 'From `kernels/r.json`: 0.803 mIoU, 2 % idle, 1.67× faster.'
     assert unsourced(good, tmp_path) == []
+    assert unsourced(good.replace('0.803 mIoU', '-0.803 mIoU'), tmp_path) == ['-0.803 (kernels/r.json)']
     assert unsourced('0.803 mIoU before any source; ' + good.replace('0.803', '0.813').replace('1.67', '1.76'),
                      tmp_path) == ['0.803 (no result file cited before it)', '0.813 (kernels/r.json)',
                                    '1.76× (kernels/r.json)']
