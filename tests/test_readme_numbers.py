@@ -29,7 +29,7 @@ def figures(text):
     for pat in SETTINGS: text = re.sub(pat, lambda m: ' ' * len(m.group()), text, flags=re.S)
     for m in FIGURE.finditer(text):
         sign, s = m.group(1) or m.group(4) or '', m.group(2) or m.group(5)
-        value = float(s.replace(',', '')) * (-1 if sign in ('-', '−') and sign else 1)
+        value = float(s.replace(',', '')) * (-1 if sign in ('-', '−') else 1)
         yield sign + s + (m.group(3) or '').strip(), value, len(s.partition('.')[2]), m.start()
 
 
