@@ -104,13 +104,14 @@ def _precision(learn, mixed_precision):
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                capture=True, decay_depth=None, **model_kw):
+                capture=True, decay_depth=None, freeze=False, **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
     optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`),
     weight decay `wd`, gradient clipping at norm `clip` and gradient accumulation over `accum` batches (one
     optimiser step per `accum` batches); `capture`: on CUDA, each training step is a replayed CUDA graph
-    (`CaptureStep`)."""
+    (`CaptureStep`); `freeze`: the head alone trains (fastai's `freeze`: every earlier parameter group frozen, its
+    norms too)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if pretrained is not None: load_pretrained(model, pretrained)
@@ -123,6 +124,7 @@ def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', l
                        splitter=layer_splitter, wd=wd, cbs=cbs)
     learn.classes = tuple(classes)
     _precision(learn, mixed_precision)
+    if freeze: learn.train_bn = False; learn.freeze()
     return learn
 
 # %% ../nbs/10e_finetune.ipynb #db887acb
@@ -302,6 +304,7 @@ def finetune(
     no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
     head:str=None,             # image path of the transformers' head: pyramid or image (default: the model's)
     decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
+    freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -313,8 +316,9 @@ def finetune(
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
              f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
+    _require(not freeze or arch != 'unet', "--freeze trains a transformer's head alone; unet has no encoder to freeze")
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
-    o['accum'] = accum
+    o['accum'], o['freeze'] = accum, freeze
     rank = init_distributed()                                      # under torchrun: one process per GPU
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
@@ -331,7 +335,7 @@ def finetune(
         print('class weights from the labels:', ', '.join(f'{c} {w:.2f}' for c, w in zip(classes, o['class_weights'])))
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
-                        accum=accum, capture=not no_capture, decay_depth=decay_depth,
+                        accum=accum, capture=not no_capture, decay_depth=decay_depth, freeze=freeze,
                         **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)

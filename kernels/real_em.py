@@ -360,8 +360,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
-                        decay_depth=decay_depth, per_class=False, **kw)
-    if frozen: learn.train_bn = False; learn.freeze()        # the last parameter group (the head) alone trains
+                        decay_depth=decay_depth, per_class=False, freeze=frozen, **kw)
     lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
     t = time.time()
     with learn.no_bar(), learn.no_logging():
