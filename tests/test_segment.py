@@ -255,3 +255,19 @@ def test_model_layer_imports_no_training_layer():
             "'affmae.cli'))]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+@pytest.mark.parametrize('arch', ['affmae_tiny', 'vitmae_tiny'])
+def test_head_without_image_path(arch, tmp_path):
+    "`head_skip='none'`: the logits depend on the backbone's features alone, and the choice survives a checkpoint."
+    from affmae.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = create_model(arch, 'segmentation', n_classes=3, head_skip='none').eval()
+    hd = model.head
+    feats, img = torch.randn(1, hd.proj[0].in_channels, 6, 6), torch.randn(1, 1, 6 * hd.stride, 6 * hd.stride)
+    with torch.no_grad(): same = hd(feats, img), hd(feats, torch.randn_like(img))
+    assert torch.equal(*same) and not any('skips' in n for n, _ in model.named_parameters())
+    save_checkpoint(model, tmp_path / 'seg.safetensors', ['a', 'b', 'c'])
+    back, meta = load_model(tmp_path)
+    assert meta['config']['head_skip'] == back.head.skip == 'none'
+    with torch.no_grad(): assert torch.allclose(back(img), model(img))
