@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
-           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining']
+           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining', 'per_draw']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -199,3 +199,11 @@ def plot_pretraining(res, axs=None):
     axs[0].set_ylabel('loss / trivial level')
     axs[0].figure.tight_layout()
     return axs[0].figure
+
+# %% ../nbs/12_real_em.ipynb #0c022de6
+def per_draw(res):
+    "(set, seed) -> {(arch, init, variant): run} for one results file (seed 0 where the file has one draw)."
+    out = {}
+    for n, s in res['sets'].items():
+        for r in s['runs']: out.setdefault((n, r.get('seed', 0)), {})[r['arch'], r['init'], r.get('variant')] = r
+    return out
