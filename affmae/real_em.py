@@ -200,7 +200,7 @@ def plot_pretraining(res, axs=None):
     axs[0].figure.tight_layout()
     return axs[0].figure
 
-# %% ../nbs/12_real_em.ipynb #0c022de6
+# %% ../nbs/12_real_em.ipynb #43bff1ac
 def per_draw(res):
     "(set, seed) -> {(arch, init, variant): run} for one results file (seed 0 where the file has one draw)."
     out = {}
