@@ -276,7 +276,7 @@ def plot_bench(res, ax=None):
     if not any(r.get('peak_mem_gib') for r in res['records']):
         ax[1].set_title('(peak memory is measured on CUDA only)', fontsize=9)
     ax[0].set_title(f"{res['device']}, {res['config']['amp'] or 'fp32'}, AdamW", fontsize=9)
-    sizes = sorted({r['size'] for r in res['records']})
+    sizes = sorted({r['size'] for r in main})                          # the plotted sizes only
     for a in ax: a.set_xticks(sizes, [f'{s}²' for s in sizes]); a.minorticks_off()
     ax[1].set_ylim(0, 1.15*ax[1].get_ylim()[1]); ax[0].figure.tight_layout()
     return ax
