@@ -305,6 +305,7 @@ def finetune(
     head:str=None,             # image path of the transformers' head: pyramid, image or none (default: the model's)
     decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
     freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
+    freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -316,9 +317,12 @@ def finetune(
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
              f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
-    _require(not freeze or arch != 'unet', "--freeze trains a transformer's head alone; unet has no encoder to freeze")
+    _require(not (freeze or freeze_epochs) or arch != 'unet',
+             "--freeze and --freeze_epochs train a transformer's head alone; unet has no encoder to freeze")
+    _require(freeze_epochs >= 0 and not (freeze and freeze_epochs),
+             f"--freeze_epochs must be >= 0 and without --freeze (the head alone throughout), got {freeze_epochs}")
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
-    o['accum'], o['freeze'] = accum, freeze
+    o['accum'], o['freeze'], o['freeze_epochs'] = accum, freeze, freeze_epochs
     rank = init_distributed()                                      # under torchrun: one process per GPU
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
@@ -335,11 +339,17 @@ def finetune(
         print('class weights from the labels:', ', '.join(f'{c} {w:.2f}' for c, w in zip(classes, o['class_weights'])))
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
-                        accum=accum, capture=not no_capture, decay_depth=decay_depth, freeze=freeze,
+                        accum=accum, capture=not no_capture, decay_depth=decay_depth,
+                        freeze=freeze or freeze_epochs > 0,
                         **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
+    head_values = []
+    if freeze_epochs:                                              # the new head first, on features left as loaded
+        learn.fit_one_cycle(freeze_epochs, o['lr'], pct_start=o['warmup'], **div_final)
+        head_values = learn.recorder.values; learn.unfreeze()
     learn.fit_one_cycle(o['epochs'], o['lr'], pct_start=o['warmup'], **div_final)
+    learn.recorder.values[:0] = head_values                        # history.json: both phases, in order
     if rank: return learn                                           # rank 0 writes the outputs
     _save_run(learn, out, o, classes, dls, img_size, pretrained, label_frac)
     return learn

@@ -4,7 +4,8 @@ A notebook executed with a non-interactive matplotlib backend (`MPLBACKEND=Agg`)
 drops every figure; the docs then lose their plots without any other check failing. A cell *draws* when it calls
 `plt.show()` or `plt.subplots(`, or calls a `plot_…`, `show_figure` or `show_batch` at the start of a line; cells
 that only define functions or are exported (library code), and cells flagged `notest`, `gpu`, `slow` or `eval: false`
-(never run for the docs), are left out. Re-execute a failing notebook with the inline backend (no `MPLBACKEND` set) to store its figures."""
+(never run for the docs), are left out. Re-execute a failing notebook with `python tests/execute_nbs.py NOTEBOOK`
+(nbdev's shell, the inline backend) to store its figures."""
 import json, re
 from pathlib import Path
 import pytest
@@ -41,4 +42,4 @@ def test_detects_a_lost_figure():
 @pytest.mark.parametrize('path', NBS, ids=[p.name for p in NBS])
 def test_figures_stored(path):
     missing = drawing_cells_without_figures(json.loads(path.read_text()))
-    assert not missing, f"{path.name}: cells that draw but store no figure (re-run without MPLBACKEND): {missing}"
+    assert not missing, f"{path.name}: cells that draw but store no figure (run tests/execute_nbs.py on it): {missing}"

@@ -1,0 +1,15 @@
+"""The house rules the index's Developing section states, checked on the exported modules: one job per module, under
+500 lines (nbdev's symbol index `_modidx.py` aside), and lines of at most 120 characters (the first line of a module's
+`__all__` aside, which nbdev writes wrapped at 120 before prefixing `__all__ = `)."""
+from pathlib import Path
+import pytest
+
+MODULES = sorted(p for p in (Path(__file__).resolve().parent.parent / 'affmae').glob('*.py') if p.name != '_modidx.py')
+
+
+@pytest.mark.parametrize('path', MODULES, ids=[p.name for p in MODULES])
+def test_module_size_and_lines(path):
+    lines = path.read_text().splitlines()
+    assert len(lines) < 500, f"{path.name}: {len(lines)} lines (split it: one job per module)"
+    long = [i + 1 for i, l in enumerate(lines) if len(l) > 120 and not l.startswith('__all__ = ')]
+    assert not long, f"{path.name}: lines longer than 120 characters: {long}"
