@@ -360,12 +360,12 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
-                        decay_depth=decay_depth, per_class=False, freeze=frozen, **kw)
+                        decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0, **kw)
     lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
     t = time.time()
     with learn.no_bar(), learn.no_logging():
-        if head_first:                                       # fastai's fine_tune: the new head first, then all
-            learn.freeze(); epoch(head_first); learn.fit_one_cycle(1, lr); learn.unfreeze()
+        if head_first:                                       # as `finetune --freeze_epochs`: the head first, then all
+            epoch(head_first); learn.fit_one_cycle(1, lr); learn.unfreeze()
         epoch(steps - head_first); learn.fit_one_cycle(1, lr)
     train_s = time.time() - t
     crop_miou = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))['miou']
