@@ -1,14 +1,14 @@
 """Real EM end to end (issue 13): pretraining on real micrographs, then fine-tuning at 10 % and 100 % of the labels.
 
-Data (`--data`: one or more roots, comma-separated; each set is taken from the first root that holds it), the layout
-of `../shared/data` (its README has sources and licences):
+Data (`--data`: one or more roots, comma-separated; each split of a set is taken from the first root that holds it),
+the layout of `../shared/data` (its README has sources and licences):
   drosophila-vnc  images/ + masks/ (sections 0-15 train, 16-19 held out), unlabelled/stack2.tif; 5 classes
   sbem-mito       training/ (train), validation/ (held out), unlabelled/; background, mitochondria
   kidney-gbm      train/, test/ (held out); background, gbm
   podocyte-tem    4 unlabelled images (if absent: the copy that ships in affmae, `affmae.data.sample_dir()`)
 Sets that are missing are skipped. A device call carries at most 64 MiB with the working tree, so the sets can
 travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`
-(a set's unlabelled images may sit in another root than its labelled ones).
+(a set's held-out split or unlabelled images may sit in another root than its training split).
 Everything is first copied into a work folder as uncompressed TIFF (memory-mapped crops; `--tiny`: centre crops of a
 few images per split).
 
@@ -155,7 +155,10 @@ def free():
 
 # ---- data: every set as uncompressed TIFF in a work folder (train/test splits, unlabelled) ----
 roots = [Path(r.strip()) for r in a.data.split(',') if r.strip()]
-def find(name): return next((r / name for r in roots if (r / name).is_dir()), None)
+def find(name, split):
+    "The set folder `root/name` of the first root that holds the labelled split `split` (masks, classes.txt), or None."
+    held = (r / name for r in roots if (r / name / 'classes.txt').is_file() and (r / name / split / 'masks').is_dir())
+    return next(held, None)
 SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation'), 'kidney-gbm': ('train', 'test')}
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
 work = Path(tempfile.mkdtemp(prefix='real_em_'))
@@ -196,18 +199,21 @@ def copy_unlabelled(src, dst):
 t = time.time()
 sets, pre_paths = {}, []
 for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets first, in order
-    root = find(name)
-    if root is None: log(f'{name}: not found under {a.data}, skipped'); continue
     tr, te = SPLITS[name]
+    root, te_root = find(name, tr), find(name, te or tr)
+    if root is None or (name in wanted and te_root is None):
+        log(f"{name}: {'held-out' if root else 'training'} split not found under {a.data}, skipped"); continue
     def pairs(d): return [(f, m) for f, m, _, _ in EMFolder(d, masks=True).files]
     if te is None: train, test = pairs(root)[:-4], pairs(root)[-4:]   # split the sections by index: last 4 held out
-    else: train, test = pairs(root / tr), pairs(root / te)
+    else: train, test = pairs(root / tr), pairs(te_root / te) if name in wanted else []
     if tiny: train, test = train[:3], test[:1]
     copy_pairs(train, work / name / 'train')
     if name in pre_sets: pre_paths.append(work / name / 'train' / 'images')
     if name not in wanted: continue
     copy_pairs(test, work / name / 'test')
-    classes = [l.strip() for l in (root / 'classes.txt').read_text().splitlines() if l.strip()]
+    classes, te_classes = ([l.strip() for l in (r / 'classes.txt').read_text().splitlines() if l.strip()]
+                           for r in (root, te_root))
+    if classes != te_classes: p.error(f"{name}: {root} and {te_root} name different classes")
     sets[name] = dict(train=work / name / 'train', test=work / name / 'test', classes=classes)
     counts = sum(np.bincount(read_mask(m).ravel(), minlength=len(classes))[:len(classes)]
                  for m in sorted((work / name / 'test' / 'masks').iterdir()))

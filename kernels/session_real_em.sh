@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
 # Device calls of a real-EM round (issue 13) on one warm machine, one phase a call; run from the repository root.
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
-# (data_em_a: drosophila-vnc's sections, the held-out ones whole with `prep_data_em.py --full`; data_em_s: its
-# unlabelled stack; data_em_b: sbem-mito + kidney-gbm training and unlabelled images; data_em_c: their fine-tuning
-# and held-out splits, or its halves data_em_d (sbem-mito) and data_em_e (kidney-gbm) when the tree outgrows it)
-# are carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: one folder or two
-# a call; check `du -sb` against 67,108,864 bytes less the tree); ignored folders stay on a warm machine, which is
-# given back after 30 s idle: issue the next call at once. PRE_DATA overrides the pretraining roots.
+# (`bash kernels/prep_real_em_data.sh`: data_em_a, data_em_s, data_em_d, data_em_e, what each holds in its header) are
+# carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: that script prints what
+# each folder leaves); ignored folders stay on a warm machine, which is given back after 30 s idle: issue the next
+# call at once. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # fastai's loop with and without the lagged loss
-#   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _b, kept
+#   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _d, _e, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
-#   e.g. ... finetune 575 data_em_a,data_em_d drosophila-vnc,sbem-mito --fracs 0.1 --ft-steps 700 --compare-lr 2e-4
+#   e.g. ... finetune 480 data_em_d,data_em_e sbem-mito,kidney-gbm --fracs 0.1 --ft-steps 700
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 phase=$1; shift
@@ -35,7 +33,7 @@ checks)
   done ;;
 pretrain)
   t=$1; shift
-  step "$t" python3 kernels/real_em.py --data "${PRE_DATA:-data_em_a,data_em_s,data_em_b}" --out "$OUT" \
+  step "$t" python3 kernels/real_em.py --data "${PRE_DATA:-data_em_a,data_em_s,data_em_d,data_em_e}" --out "$OUT" \
     --pretrain-only --save-pretrained runs/pre --budget "$(( t - 15 ))" --pre-frac 0.85 "$@" ;;
 finetune)
   t=$1 data=$2 sets=$3; shift 3
