@@ -4,7 +4,7 @@
 
 # %% ../nbs/09b_cli.ipynb #4fd839f0
 from __future__ import annotations
-import os, re, sys, importlib, importlib.util
+import os, re, sys, ast, importlib, importlib.util
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser, store_true, Param
 
@@ -42,12 +42,19 @@ def _command(name: str):
         if callable(f): SUBCOMMANDS[name] = f
     return SUBCOMMANDS.get(name)
 
+def _summary(name: str) -> str:
+    "First line of the docstring of subcommand `name`; a lazy one's is read from its module's source, not imported."
+    if name in SUBCOMMANDS: doc = SUBCOMMANDS[name].__doc__
+    else:
+        spec = importlib.util.find_spec(LAZY_COMMANDS[name])
+        tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else ast.Module(body=[])
+        doc = next((ast.get_docstring(f) for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == name), None)
+    return (doc or '').strip().split('\n')[0]
+
 def _usage() -> str:
-    lazy = [n for n in LAZY_COMMANDS if n not in SUBCOMMANDS]
-    usage = "usage: affmae {" + ",".join(list(SUBCOMMANDS) + lazy) + "} [options]"
-    return usage + "   (affmae <command> -h for its options)\n" + "\n".join(
-        f"  {n:12s} {(f.__doc__ or '').splitlines()[0]}" for n, f in SUBCOMMANDS.items()) + "".join(
-        f"\n  {n:12s} (from {LAZY_COMMANDS[n]})" for n in lazy)
+    names = list(SUBCOMMANDS) + [n for n in LAZY_COMMANDS if n not in SUBCOMMANDS]
+    return ("usage: affmae {" + ",".join(names) + "} [options]   (affmae <command> -h for its options)\n"
+            + "\n".join(f"  {n:12s} {_summary(n)}" for n in names))
 
 def main(argv=None) -> int:
     """Entry point of the `affmae` command: dispatch `argv` (default `sys.argv[1:]`) to a subcommand;
