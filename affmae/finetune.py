@@ -302,7 +302,7 @@ def finetune(
     overwrite:store_true=False, # replace an earlier run's outputs in --out
     num_workers:int=0,         # data-loading workers
     no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
-    head:str=None,             # image path of the transformers' head: pyramid, image or none (default: the model's)
+    head:str=None,             # image path of a transformer's head: pyramid, unet, image or none (default: the model's)
     decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
     freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
-           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining', 'per_draw']
+           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining', 'per_draw',
+           'class_gaps']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -206,4 +207,13 @@ def per_draw(res):
     out = {}
     for n, s in res['sets'].items():
         for r in s['runs']: out.setdefault((n, r.get('seed', 0)), {})[r['arch'], r['init'], r.get('variant')] = r
+    return out
+
+def class_gaps(res, arch='affmae_base', init='pretrained', rival='unet'):
+    """(set, seed) -> {class: held-out IoU of `rival` (from scratch) minus that of `arch` from `init`}, for each draw
+    of one results file that holds both main runs (no `variant`)."""
+    out = {}
+    for k, d in per_draw(res).items():
+        a, r = d.get((arch, init, None)), d.get((rival, 'scratch', None))
+        if a and r: out[k] = {c: r['per_class'][c]['iou'] - a['per_class'][c]['iou'] for c in a['per_class']}
     return out

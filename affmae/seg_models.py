@@ -101,38 +101,42 @@ class ImagePyramid(nn.Module):
             maps.append(x)
         return maps
 
-HEAD_SKIPS = ('image', 'pyramid', 'none')
+HEAD_SKIPS = ('image', 'pyramid', 'unet', 'none')
 
 class UpHead(nn.Module):
     """Per-pixel logits from a stride-`stride` map: ×2 upsamplings, each fused with image features at that scale, one
     conv of the average-pooled image (`skip='image'`) or an `ImagePyramid` level (`skip='pyramid'`), or with none
-    (`skip='none'`: the backbone's features alone decide); `width`: at stride/2 (default 64, or 16·stride with the
-    pyramid: a U-Net's widths, 32 at full resolution, ×2 a level)."""
+    (`skip='none'`: the backbone's features alone decide); `skip='unet'`: the pyramid one level deeper, its
+    stride-`stride` level fused with the backbone's features (a whole U-Net encoder beside the backbone); `width`: at
+    stride/2 (default 64, or 16·stride with a pyramid: a U-Net's widths, 32 at full resolution, ×2 a level)."""
     def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image'):
         super().__init__()
         n = int(round(math.log2(stride)))
         if 2**n != stride: raise ValueError(f"stride must be a power of 2, got {stride}")
         if skip not in HEAD_SKIPS: raise ValueError(f"skip must be one of {HEAD_SKIPS}, got {skip!r}")
-        width = width or (16 * stride if skip == 'pyramid' else 64)
-        ws = [max(width >> i, 32 if skip == 'pyramid' else 16) for i in range(n)]     # stride/2 ... 1
-        cs = ws if skip == 'pyramid' else [w // 2 for w in ws] if skip == 'image' else [0] * n   # fused image features
+        pyr = skip in ('pyramid', 'unet')
+        width = width or (16 * stride if pyr else 64)
+        ws = [max(width >> i, 32 if pyr else 16) for i in range(n)]                      # stride/2 ... 1
+        cs = ws if pyr else [w // 2 for w in ws] if skip == 'image' else [0] * n          # fused image features
+        deep = 2 * ws[0] if skip == 'unet' else 0                                         # the image at `stride`
         self.stride, self.skip = stride, skip
-        self.proj = conv_gn(in_dim, ws[0], 1)
-        self.skips = ImagePyramid(in_chans, cs[::-1]) if skip == 'pyramid' else \
+        self.proj = conv_gn(in_dim + deep, ws[0], 3 if deep else 1)
+        self.skips = ImagePyramid(in_chans, cs[::-1] + ([deep] if deep else [])) if pyr else \
                      nn.ModuleList(conv_gn(in_chans, c) for c in cs if c)
         self.ups = nn.ModuleList(nn.Sequential(conv_gn(ws[max(i-1, 0)] + c, w), conv_gn(w, w))
                                  for i, (w, c) in enumerate(zip(ws, cs)))
         self.cls = nn.Conv2d(ws[-1], n_classes, 1)
 
     def image_features(self, img):
-        "The image's features at strides `stride`/2, …, 2, 1 (coarsest first; none with `skip='none'`)."
-        if self.skip == 'pyramid': return self.skips(img)[::-1]
+        "The image's features at strides `stride`/2, …, 2, 1 (coarsest first; `stride` first with `skip='unet'`)."
+        if self.skip in ('pyramid', 'unet'): return self.skips(img)[::-1]
         ss = [self.stride >> (i + 1) for i in range(len(self.skips))]
         return [conv(F.avg_pool2d(img, s) if s > 1 else img) for s, conv in zip(ss, self.skips)]
 
     def forward(self, feats, img):
         "Logits `(B, n_classes, H, W)` from features `feats` at stride `stride` and the image `img` `(B, C, H, W)`."
-        x, ims = self.proj(feats), self.image_features(img)
+        ims = self.image_features(img)
+        x = self.proj(torch.cat([feats, ims.pop(0)], 1) if self.skip == 'unet' else feats)
         for i, up in enumerate(self.ups):
             x = F.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
             x = up(torch.cat([x, ims[i]], 1) if ims else x)

@@ -205,7 +205,7 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     assert 0 <= res['miou'] <= 1 and set(res['per_class']) == set(rec['classes'])
     # bad arguments: clear message, non-zero exit
     assert main(['finetune', '--label-frac', '1.5']) == 2
-    assert main(['finetune', '--head', 'unet']) == 2 and main(['finetune', '--arch', 'unet', '--head', 'image']) == 2
+    assert main(['finetune', '--head', 'u-net']) == 2 and main(['finetune', '--arch', 'unet', '--head', 'image']) == 2
     assert main(['evaluate', str(tmp_path/'nope.safetensors')]) == 2
     assert main(['predict', str(ck), str(tmp_path/'missing.tif')]) == 2
 
@@ -270,4 +270,27 @@ def test_head_without_image_path(arch, tmp_path):
     save_checkpoint(model, tmp_path / 'seg.safetensors', ['a', 'b', 'c'])
     back, meta = load_model(tmp_path)
     assert meta['config']['head_skip'] == back.head.skip == 'none'
+    with torch.no_grad(): assert torch.allclose(back(img), model(img))
+
+
+@pytest.mark.parametrize('arch', ['affmae_tiny', 'vitmae_tiny'])
+def test_head_unet_image_path(arch, tmp_path):
+    "`head_skip='unet'`: one image level more than the pyramid, at the head's input stride, used; survives a checkpoint."
+    from affmae.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    model = create_model(arch, 'segmentation', n_classes=3, head_skip='unet').eval()
+    hd, pyr = model.head, create_model(arch, 'segmentation', n_classes=3, head_skip='pyramid').head
+    img = torch.randn(1, 1, 4 * hd.stride, 4 * hd.stride)
+    ims = hd.image_features(img)
+    assert len(ims) == len(pyr.image_features(img)) + 1 and ims[0].shape[-2:] == (4, 4)
+    assert hd.proj[0].in_channels == pyr.proj[0].in_channels + ims[0].shape[1]
+    feats = torch.randn(1, pyr.proj[0].in_channels, 4, 4)
+    with torch.no_grad():
+        out = hd(feats, img)
+        hd.image_features = lambda x: [torch.zeros_like(ims[0]), *ims[1:]]       # the deepest level zeroed alone
+        assert not torch.allclose(hd(feats, img), out)
+    del hd.image_features
+    save_checkpoint(model, tmp_path / 'seg.safetensors', ['a', 'b', 'c'])
+    back, meta = load_model(tmp_path)
+    assert meta['config']['head_skip'] == back.head.skip == 'unet'
     with torch.no_grad(): assert torch.allclose(back(img), model(img))
