@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The data folders of a real-EM round (`session_real_em.sh`), from the sets' folder (default ../shared/data), into
-# git-ignored folders of the repository root (replaced), each small enough to travel in one device call beside the tree:
+# git-ignored folders of the repository root (replaced), each small enough to travel in one device call beside the
+# tree:
 #   data_em_a  drosophila-vnc: training sections cut to 640², the held-out ones (16-19) whole (all five classes)
 #   data_em_s  drosophila-vnc's unlabelled 20-plane stack, cut to 640²
 #   data_em_d  sbem-mito (training, validation, unlabelled) and kidney-gbm's held-out split, cut to 512²
