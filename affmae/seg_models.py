@@ -129,7 +129,7 @@ class UpHead(nn.Module):
 
     def image_features(self, img):
         "The image's features at strides `stride`/2, …, 2, 1 (coarsest first; `stride` first with `skip='unet'`)."
-        if self.skip in ('pyramid', 'unet'): return self.skips(img)[::-1]
+        if isinstance(self.skips, ImagePyramid): return self.skips(img)[::-1]
         ss = [self.stride >> (i + 1) for i in range(len(self.skips))]
         return [conv(F.avg_pool2d(img, s) if s > 1 else img) for s, conv in zip(ss, self.skips)]
 
