@@ -147,6 +147,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              precision: str = None,     # bf16, fp16 or none (mixed precision on CUDA only; default: the recipe's)
              n_synth: int = 256,        # number of synthetic images with --data synthetic
              epoch_len: int = None,     # crops per epoch (default: one per image)
+             balance: str = 'area',     # draw images by area, equally (slice), or each --data path equally (source)
              valid_pct: float = .1,     # fraction of the images held out for validation, in [0, 1)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
@@ -158,7 +159,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     "Pretrain an AFFMAE or ViT-MAE model on EM images."
     from fastai.torch_core import set_seed
     from affmae.prep import PAPER_PREP
-    from affmae.data import pretrain_dls, data_paths
+    from affmae.data import pretrain_dls, data_paths, source_shares, BALANCES
     from affmae.mae import MASKERS
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     from affmae.distributed import init_distributed, data_parallel, accum_steps
@@ -180,6 +181,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require((lr or 1) > 0 and (wd or 0) >= 0, f"--lr must be positive and --wd non-negative, got {lr} and {wd}")
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
+    _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     _require(not checkpoint or arch.startswith('affmae'),
              f"--checkpoint is an option of the affmae models, not {arch}")
     _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
@@ -195,8 +197,11 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     if eff_bs: accum = accum_steps(eff_bs, bs)
     set_seed(seed)
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                       num_workers=workers, epoch_len=epoch_len,
+                       num_workers=workers, epoch_len=epoch_len, balance=balance,
                        **(dict(PAPER_PREP, augment=False) if recipe == 'paper' else {}))
+    if rank == 0 and len(getattr(dls.src, 'paths', ())) > 1:                 # how the corpus is mixed
+        mix = source_shares(dls.src, dls.train_ds.idxs, dls.train_ds.weights)
+        print(f'crops drawn by {balance}:', ', '.join(f'{p} {v:.0%}' for p, v in mix.items()))
     learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
                         precision='fp32' if precision == 'none' else precision, recipe=recipe,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',

@@ -20,9 +20,9 @@ from .augment import AUGMENTS, distort
 from .prep import robust_range, norm_stats, clahe, resize_whole, full_range
 
 # %% auto #0
-__all__ = ['find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files', 'EMSources',
-           'SynthEM', 'EMCrops', 'dihedral', 'EMBatch', 'split_items', 'EMDataLoader', 'pretrain_dls', 'segment_dls',
-           'data_tour']
+__all__ = ['BALANCES', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files',
+           'EMSources', 'SynthEM', 'EMCrops', 'sample_weights', 'source_shares', 'dihedral', 'EMBatch', 'split_items',
+           'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #da3f6c13
 def _mask_stem(f): return f.stem[:-5] if f.stem.endswith('_mask') else f.stem
@@ -157,8 +157,11 @@ class EMSources:
     "Every 2-D slice of every image file under `paths` (folders, stacks, images), masks skipped; slices cached."
     def __init__(self, paths, min_size=0, cache_mb=1024):
         self.paths, self.cache_bytes, self._cache, self._cached = data_paths(paths), cache_mb*2**20, {}, 0
-        files = list(dict.fromkeys(f for p in self.paths for f in pretrain_files(p)))   # each file once
+        files = {}                                                           # each file once, from its first path
+        for si, p in enumerate(self.paths):
+            for f in pretrain_files(p): files.setdefault(f, si)
         self.folders = [EMFolder(f, min_size=min_size, cache_mb=0) for f in files]   # headers checked here; one cache
+        self.file_source = list(files.values())
         self.items = [(j, k) for j, src in enumerate(self.folders) for k in range(len(src))]
         self.carrier = np.uint8 if all(s.carrier == np.uint8 for s in self.folders) else np.float32
         self.path = ','.join(map(str, self.paths))
@@ -174,6 +177,9 @@ class EMSources:
         return a
     def name(self, i): s, k = self._at(i); return s.name(k)
     def file_of(self, i): return self.items[i][0]
+    def source_of(self, i):
+        "Index in `paths` of the path slice `i` was found under."
+        return self.file_source[self.items[i][0]]
     def __repr__(self): return f"EMSources({self.path!r}: {len(self.folders)} files, {len(self)} slices)"
 
 # %% ../nbs/00_data.ipynb #c15cf1cd
@@ -201,16 +207,19 @@ class SynthEM(torch.utils.data.Dataset):
 class EMCrops(torch.utils.data.Dataset):
     """Square crops of `size` from items `idxs` of `src`, as `(img (1,S,S), range (2,))` (+ `mask (S,S)` uint8 if
     `masks`); each image first `clahe`-equalised (clip limit `clahe`) and resized whole to `resize`², if given.
-    `range` is the image's percentiles `pct`, or the `full_range` of its type if `pct` is None."""
+    `range` is the image's percentiles `pct`, or the `full_range` of its type if `pct` is None. `weights`: how often
+    a shuffling `EMDataLoader` draws each of `idxs` (`sample_weights`), None for equally often."""
     def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
-                 clahe=None, resize=None):
+                 clahe=None, resize=None, weights=None):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
         self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
         if resize is not None and resize < size:
             raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
-        self.n, self.codes, self._range = epoch_len or len(self.idxs), codes, {}
+        self.n, self.codes, self._range, self.weights = epoch_len or len(self.idxs), codes, {}, weights
         self.carrier = getattr(src, 'carrier', np.float32)
         if not self.idxs: raise EMDataError(f"{getattr(src, 'path', src)}: no slices to draw crops from")
+        if weights is not None and len(weights) != len(self.idxs):
+            raise EMDataError(f"{len(weights)} weights for {len(self.idxs)} slices")
     def __len__(self): return self.n
     def prep(self, a):
         "Image `a` equalised (`clahe`) and resized (`resize`) as configured."
@@ -245,6 +254,28 @@ class EMCrops(torch.utils.data.Dataset):
                               f"{tuple(self.codes)}")
         if mx > 255: raise EMDataError(f"{self.src.name(j)}: mask has label {mx}; at most 256 classes are supported")
         return img, self._range[j], torch.from_numpy(np.array(m[y0:y0+s, x0:x0+s], dtype=np.uint8))
+
+# %% ../nbs/00_data.ipynb #a39e4486
+BALANCES = ('area', 'slice', 'source')
+
+def sample_weights(src, idxs, balance='area', resize=None):
+    """Probability of drawing each of the items `idxs` of `src` for a training crop, by `balance` ('area': by
+    pixels, 'slice': equally, 'source': each of `src`'s paths equally, by area within), or None if all are equal."""
+    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    idxs = list(idxs)
+    if len(idxs) < 2: return None
+    w = np.array([1. if balance == 'slice' or resize else math.prod(src.shape(i)) for i in idxs], float)
+    if balance == 'source':
+        s = np.array([src.source_of(i) if hasattr(src, 'source_of') else 0 for i in idxs])
+        w /= np.bincount(s, weights=w)[s]
+    return None if np.allclose(w, w[0]) else w / w.sum()
+
+def source_shares(src, idxs, weights=None):
+    "Share of the training crops that `weights` (`sample_weights`, None: equal) draw from each of `src`'s paths."
+    w = np.full(len(idxs), 1/len(idxs)) if weights is None else np.asarray(weights)
+    names = [str(p) for p in getattr(src, 'paths', [getattr(src, 'path', src)])]
+    s = [src.source_of(i) if hasattr(src, 'source_of') else 0 for i in idxs]
+    return {n: float(v) for n, v in zip(names, np.bincount(s, weights=w, minlength=len(names)))}
 
 # %% ../nbs/00_data.ipynb #5f4a1a95
 def dihedral(x, *ys, generator=None):
@@ -302,6 +333,11 @@ def _overlay_cmap(codes):
 
 class EMDataLoader(DataLoader):
     "A fastai `DataLoader` of EM crops whose `show_batch` draws images, and masks over them."
+    def get_idxs(self):
+        "fastai's indices, or, shuffling a dataset with `weights` (`EMCrops`), `n` draws by those weights."
+        w = getattr(self.dataset, 'weights', None)
+        if w is None or not self.shuffle or not self.n: return super().get_idxs()
+        return self.rng.choices(range(len(w)), weights=w, k=self.n)
     def show_batch(self, b=None, max_n=8, ncols=4, figsize=None, alpha=0.45, show=True):
         "Draw up to `max_n` samples of batch `b` (default: `one_batch()`); returns the figure."
         b = self.after_batch.decode(b if b is not None else self.one_batch())
@@ -326,7 +362,7 @@ class EMDataLoader(DataLoader):
         return fig
 
 def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks, pct, epoch_len,
-            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True):
+            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True, balance='slice'):
     if norm is not None and stats is not None: raise EMDataError("pass norm or stats, not both")
     if resize is not None and resize < size: raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
     if norm is not None: pct, stats = None, tuple(norm)                    # fixed: the type's full range, then norm
@@ -342,7 +378,8 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         if masks: codes = mask_classes(src, codes)
         train, valid = split_items(src, valid_pct, seed)
     prep = dict(clahe=clahe, resize=resize)
-    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes, **prep)
+    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes, weights=sample_weights(src, train, balance,
+                  resize) if path is not None else None, **prep)
     mean, std = stats or norm_stats(src, train, pct, seed=seed, prep=tds.prep)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
@@ -356,17 +393,20 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
 
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                  pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
-                 clahe=None, resize=None, norm=None, augment=True):
+                 clahe=None, resize=None, norm=None, augment=True, balance='area'):
     """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
     The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
-    `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published)."""
+    `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published).
+    `balance`: how often each slice is drawn (`sample_weights`: by 'area', equally by 'slice', or by 'source')."""
     from affmae.shards import is_shards, shard_dls     # WebDataset shards: streamed, no folder scan
+    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     if is_shards(path):
         if clahe or resize or norm: raise EMDataError("clahe, resize and norm apply to folders and files, not shards")
+        if balance == 'source': raise EMDataError("balance='source' applies to folders and files, not shards")
         return shard_dls(path, size, bs, valid_pct, num_workers, device, pct=pct, epoch_len=epoch_len, stats=stats)
     path = sample_dir() if path is None else None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, False, pct, epoch_len,
-                   synth_size, synth_kw, None, stats, clahe, resize, norm, augment)
+                   synth_size, synth_kw, None, stats, clahe, resize, norm, augment, balance)
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                 codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,

@@ -275,8 +275,8 @@ def test_embedded_podocyte_default():
     x = torch.cat([dls.one_batch()[0] for _ in range(4)])
     assert x.shape == (16, 1, 128, 128) and abs(x.mean().item()) < 0.5
 
-def test_cli_data_several_ways(tmp_path):
-    "`affmae pretrain --data` takes space-separated, repeated and comma-separated paths."
+def test_cli_data_several_ways(tmp_path, capsys):
+    "`affmae pretrain --data` takes space-separated, repeated and comma-separated paths, and says how it mixes them."
     from fastcore.script import anno_parser
     from affmae.cli import pretrain, main
     parse = lambda *a: anno_parser(pretrain).parse_args(list(a)).data
@@ -286,5 +286,26 @@ def test_cli_data_several_ways(tmp_path):
     tifffile.imwrite(tmp_path/'st.tif', rnd((2, 40, 40), seed=3))
     out = tmp_path/'run'
     assert main(['pretrain', '--data', str(tmp_path/'0.png'), str(tmp_path/'1.png'), '--data', str(tmp_path/'st.tif'),
-                 '--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '2', '--epochs', '1', '--out', str(out)]) == 0
+                 '--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '2', '--epochs', '1', '--out', str(out),
+                 '--valid-pct', '0', '--balance', 'source']) == 0
     assert (out/'checkpoints'/'epoch_000.safetensors').exists()
+    mix = next(l for l in capsys.readouterr().out.splitlines() if l.startswith('crops drawn by source:'))
+    assert mix.count('33%') == 3, mix                                 # three paths, one of them a 2-plane stack
+
+def test_balance_by_area_and_source(tmp_path):
+    "Training crops come from each slice by its area (default), each path equally ('source'), or each slice equally."
+    (tmp_path/'tiles').mkdir()
+    for i in range(6): png(tmp_path/'tiles'/f'{i}.png', rnd((40, 40), seed=i))
+    tifffile.imwrite(tmp_path/'st.tif', rnd((2, 80, 80), seed=9), photometric='minisblack')
+    paths, n = [tmp_path/'tiles', tmp_path/'st.tif'], 6000
+    def drawn(balance):
+        set_seed(0)
+        dls = pretrain_dls(paths, size=32, bs=8, valid_pct=0, epoch_len=n, device='cpu', balance=balance)
+        src, idx = dls.src, dls.train.get_idxs()
+        ids = dls.train_ds.idxs
+        return np.bincount([src.source_of(ids[i % len(ids)]) for i in idx], minlength=2) / n
+    np.testing.assert_allclose(drawn('area'), [6/14, 8/14], atol=.03)       # 6 × 40² against 2 × 80²
+    np.testing.assert_allclose(drawn('source'), [.5, .5], atol=.03)
+    np.testing.assert_allclose(drawn('slice'), [6/8, 2/8], atol=1e-9)       # the plain shuffle: exactly
+    with pytest.raises(EMDataError, match="balance='source' applies to folders and files, not shards"):
+        pretrain_dls(str(tmp_path/'shard-{000000..000001}.tar'), size=32, balance='source')

@@ -244,6 +244,7 @@ def test_pretrain_argument_errors(tmp_path, capsys):
                       (['--arch', 'aff_mini'], 'is not a pretraining model'),
                       (['--img-size', 8], '--img-size must be a multiple'),
                       (['--n-synth', 0], 'must be positive'), (['--valid-pct', 1], '--valid-pct must be in [0, 1)'),
+                      (['--balance', 'pixels'], '--balance must be one of area, slice, source'),
                       (['--resume', tmp_path / 'none'], 'no such checkpoint')):
         rc, err = cli(capsys, 'pretrain', '--out', tmp_path / 'o', *args)
         assert rc == 2 and msg in err, (args, err)
