@@ -7,18 +7,24 @@
 set -uo pipefail
 t0=$(date +%s); mode=${1:-full}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv | tee "$OUT/env.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/env.txt"
-bench() { name=$1; shift; python3 -m affmae.bench "$@" --json "$OUT/$name.json" 2>&1 | grep -v 'USDT\|SyncActivityProfilerHandler' | tee "$OUT/$name.log"; }
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', \
+  torch.version.cuda)" | tee -a "$OUT/env.txt"
+bench() { name=$1; shift; python3 -m affmae.bench "$@" --json "$OUT/$name.json" 2>&1 |
+  grep -v 'USDT\|SyncActivityProfilerHandler' | tee "$OUT/$name.log"; }
 if [ "$mode" = check ]; then
   python3 kernels/check_capture.py --out "$OUT/check_capture.json" 2>&1 | tee "$OUT/check_capture.log"
   bench smoke --archs affmae_base,vitmae_base --sizes 256 --bs 8 --steps 6 --warmup 3
 else
-  [ "$mode" = bench ] && python3 kernels/check_capture.py --out "$OUT/check_capture.json" 2>&1 | tee "$OUT/check_capture.log"
-  bench bench_results --archs affmae_base,vitmae_base --sizes 256,256,256,256,512,1024,2048 --bs 8,16,32,128,32,8,2 --steps 10 --warmup 3
-  [ "$mode" = full ] && python3 kernels/fastai_loop.py --out "$OUT/fastai_loop.json" 2>&1 | grep -v 'Epoch\|epoch' | tee "$OUT/fastai_loop.log"
+  [ "$mode" = bench ] && python3 kernels/check_capture.py --out "$OUT/check_capture.json" 2>&1 |
+    tee "$OUT/check_capture.log"
+  bench bench_results --archs affmae_base,vitmae_base --sizes 256,256,256,256,512,1024,2048 --bs 8,16,32,128,32,8,2 \
+    --steps 10 --warmup 3
+  [ "$mode" = full ] && python3 kernels/fastai_loop.py --out "$OUT/fastai_loop.json" 2>&1 | grep -v 'Epoch\|epoch' |
+    tee "$OUT/fastai_loop.log"
   python3 -c "
 import json
 from affmae.bench import run_bench

@@ -82,7 +82,7 @@ def run(seed, dev):
     tf, tg = TOL[dtype]
     if huge: tf, tg = 4 * tf, 4 * tg
     errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, rgrads)]
-    if loc:   # the coefficient's gradient sums dS·d², which cancels: its error against Σ|dS|·d², as the CPU tests do
+    if loc:   # the coefficient's gradient sums dS·d², which cancels: error against Σ|dS|·d², as the CPU tests do
         ds = rgrads[-1]
         scale = (ds.abs() * d2).sum() + 1e-2 * d2.square().mean().sqrt()
         errs[len(grads)] = ((grads[-1].double() - rgrads[len(grads) - 1]).abs().sum() / scale).item()

@@ -21,7 +21,7 @@ step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "
 case $phase in
 install)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
-  python3 -c 'import fastai, fastcore, torch, triton; print(fastai.__version__, torch.__version__, triton.__version__)' |
+  python3 -c 'import fastai, torch, triton; print(fastai.__version__, torch.__version__, triton.__version__)' |
     tee -a "$log"; du -sh data_em_* | tee -a "$log" ;;
 checks)
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$log"

@@ -6,6 +6,7 @@
 set -euo pipefail
 out=${1:?usage: train_tiny_podocyte.sh OUT_DIR}
 mkdir -p "$out"
-python -c "import sys; from affmae.cli import main; sys.exit(main())" pretrain --arch affmae_tiny --img_size 256 --bs 32 --epochs 12 --epoch_len 2048 --lr 1e-3 ${EXTRA:-} \
+python -c "import sys; from affmae.cli import main; sys.exit(main())" pretrain --arch affmae_tiny --img_size 256 \
+  --bs 32 --epochs 12 --epoch_len 2048 --lr 1e-3 ${EXTRA:-} \
   --out "$out/run" --seed 0 2>&1 | tee "$out/train_tiny_podocyte.log"
 cp "$(ls -t "$out"/run/checkpoints/*.safetensors | head -1)" "$out/affmae_tiny_podocyte.safetensors"

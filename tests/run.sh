@@ -9,7 +9,10 @@ echo "== nbdev_export leaves affmae/ unchanged"
 before=$(git status --porcelain -- affmae | md5sum)
 nbdev_export
 after=$(git status --porcelain -- affmae | md5sum)
-if [ "$before" != "$after" ]; then git status --porcelain -- affmae; git diff --stat -- affmae; echo "FAIL: affmae/ is out of sync with nbs/: run nbdev_export and commit"; exit 1; fi
+if [ "$before" != "$after" ]; then
+  git status --porcelain -- affmae; git diff --stat -- affmae
+  echo "FAIL: affmae/ is out of sync with nbs/: run nbdev_export and commit"; exit 1
+fi
 
 echo "== README.md is generated from nbs/index.ipynb"
 python tests/readme.py --check

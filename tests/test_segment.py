@@ -275,7 +275,7 @@ def test_head_without_image_path(arch, tmp_path):
 
 @pytest.mark.parametrize('arch', ['affmae_tiny', 'vitmae_tiny'])
 def test_head_unet_image_path(arch, tmp_path):
-    "`head_skip='unet'`: one image level more than the pyramid, at the head's input stride, used; survives a checkpoint."
+    "`head_skip='unet'`: one image level more than the pyramid, at the head's input stride, used; kept by a checkpoint."
     from affmae.checkpoint import save_checkpoint
     torch.manual_seed(0)
     model = create_model(arch, 'segmentation', n_classes=3, head_skip='unet').eval()
