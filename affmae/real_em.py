@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
            'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining', 'per_draw',
-           'class_gaps']
+           'class_gaps', 'plot_classes']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -217,3 +217,23 @@ def class_gaps(res, arch='affmae_base', init='pretrained', rival='unet'):
         a, r = d.get((arch, init, None)), d.get((rival, 'scratch', None))
         if a and r: out[k] = {c: r['per_class'][c]['iou'] - a['per_class'][c]['iou'] for c in a['per_class']}
     return out
+
+# %% ../nbs/12_real_em.ipynb #a2799809
+def plot_classes(res, name, frac=0.1, seed=None, ax=None):
+    """Held-out IoU per class of each run of set `name` in `res` at label fraction `frac`, one draw (`seed`; default
+    the first run's), one bar per run, grouped by class; returns the figure."""
+    s = res['sets'][name]
+    runs = [r for r in s['runs'] if np.isclose(r['label_frac'], frac) and r.get('per_class')]
+    if not runs: raise ValueError(f"{name}: no run with per-class scores at {frac:.0%} of the labels")
+    seed = runs[0].get('seed', 0) if seed is None else seed
+    runs = [r for r in runs if r.get('seed', 0) == seed]
+    ax = ax or plt.subplots(figsize=(2 + 1.8*len(s['classes']), 3.2))[1]
+    w, xs = .8/max(len(runs), 1), np.arange(len(s['classes']))
+    for j, r in enumerate(runs):
+        iou = [(r['per_class'].get(c) or {}).get('iou') for c in s['classes']]
+        ax.bar(xs + (j - (len(runs) - 1)/2)*w, [np.nan if v is None else v for v in iou], w,
+               label=model_name({k: v for k, v in r.items() if k != 'seed'}), color=plt.cm.tab10(j % 10))
+    ax.set_xticks(xs, s['classes'], fontsize=8); ax.set_ylim(0, 1); ax.set_ylabel('held-out IoU')
+    ax.set_title(f"{name}, {frac:.0%} of the labels, draw {seed}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc='upper right')
+    return ax.figure
