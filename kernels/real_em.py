@@ -27,7 +27,8 @@ few images per split).
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out),
    all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
-   from scratch for the wall-clock time that the pretrained affmae_base run took; then (`--compare-head`,
+   from scratch for the wall-clock time that the pretrained affmae_base run took (the U-Net's cost a step and a fit in
+   fastai's loop measured once a call, `loop_timing`); then (`--compare-head`,
    `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
    each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
    frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains), and
@@ -416,6 +417,20 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen] + \
            [(f'head first {a.compare_head_first}', arch, init, dict(HEAD, head_first=a.compare_head_first))
             for arch, init in CONFIGS if a.compare_head_first and init == 'pretrained']
+def loop_timing(dls, s, arch, n=(10, 60), **kw):
+    """`arch`'s cost in fastai's loop on `dls`, as a run pays it: (seconds a step, seconds a fit beside its steps:
+    capture, warm-up, validation), from three fits of a throwaway Learner (the first captures the step)."""
+    tds, ts = dls.train.dataset, []
+    tds.idxs = list(dls.all_idxs)
+    learn = seg_learner(dls, arch, classes=s['classes'], loss_func=a.loss, per_class=False, **kw)
+    with learn.no_bar(), learn.no_logging():
+        for k in (n[0], *n):
+            tds.n = dls.train.n = B * k
+            t = time.time(); learn.fit(1, 1e-6); ts.append(time.time() - t)
+    del learn; free()
+    step = max(1e-4, (ts[2] - ts[1]) / (n[1] - n[0]))
+    return step, max(0., ts[0] - n[0] * step)
+
 examples, truths = {}, {}        # the first held-out image of each set: truth, and every run's prediction
 class OverBudget(Exception): pass
 run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
@@ -439,10 +454,13 @@ def fine_tune_set(name, s, dls, steps):
                     f"({row['train_s']:.1f} s + eval {row['eval_s']:.1f} s)")
             t_aff = next(r['train_s'] for r in reversed(res['sets'][name]['runs'])
                          if (r['arch'], r['init'], r['label_frac']) == (ARCHS[0], 'pretrained', frac))
-            # the same seconds: the U-Net's captured step plus the Learner's cost per step, as affmae's run measured it
-            # (a fixed few tens of ms, not a multiple of the step: scaling by OVERHEAD gave the U-Net ~1.6x the time)
-            loop_s = max(0., t_aff / steps - T[f'{ARCHS[0]}_finetune_step_s'])
-            u_steps = max(10, int(t_aff / (T['unet_finetune_step_s'] + loop_s)))
+            # the same seconds: the U-Net's step and fixed cost as fastai's loop pays them, measured once a call
+            # (from the captured step alone, the Learner's cost per step of the transformer's run gave ~0.7x the time)
+            if 'unet_loop_step_s' not in T:
+                T['unet_loop_step_s'], T['unet_loop_fixed_s'] = loop_timing(dls, s, 'unet', **UNET_KW)
+                log(f"unet in fastai's loop: {T['unet_loop_step_s'] * 1e3:.1f} ms a step, "
+                    f"{T['unet_loop_fixed_s']:.1f} s a fit beside its steps")
+            u_steps = max(10, int((t_aff - T['unet_loop_fixed_s']) / T['unet_loop_step_s']))
             if tiny: u_steps = min(u_steps, 2 * steps)          # the CPU check: mechanics, not the match
             row, ex[name, frac, 'unet', 'scratch'] = budgeted(f'{name} {frac:.0%}{tag} unet', dls, s, 'unet',
                                                               'scratch', frac, u_steps, seed, **UNET_KW)
