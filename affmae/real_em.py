@@ -218,7 +218,7 @@ def class_gaps(res, arch='affmae_base', init='pretrained', rival='unet'):
         if a and r: out[k] = {c: r['per_class'][c]['iou'] - a['per_class'][c]['iou'] for c in a['per_class']}
     return out
 
-# %% ../nbs/12_real_em.ipynb #a2799809
+# %% ../nbs/12_real_em.ipynb #942b2b8b
 def plot_classes(res, name, frac=0.1, seed=None, ax=None):
     """Held-out IoU per class of each run of set `name` in `res` at label fraction `frac`, one draw (`seed`; default
     the first run's), one bar per run, grouped by class; returns the figure."""
