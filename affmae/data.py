@@ -258,6 +258,8 @@ class EMCrops(torch.utils.data.Dataset):
 # %% ../nbs/00_data.ipynb #a39e4486
 BALANCES = ('area', 'slice', 'source')
 
+def _source_of(src, i): return src.source_of(i) if hasattr(src, 'source_of') else 0   # one path: source 0
+
 def sample_weights(src, idxs, balance='area', resize=None):
     """Probability of drawing each of the items `idxs` of `src` for a training crop, by `balance` ('area': by
     pixels, 'slice': equally, 'source': each of `src`'s paths equally, by area within), or None if all are equal."""
@@ -266,7 +268,7 @@ def sample_weights(src, idxs, balance='area', resize=None):
     if len(idxs) < 2: return None
     w = np.array([1. if balance == 'slice' or resize else math.prod(src.shape(i)) for i in idxs], float)
     if balance == 'source':
-        s = np.array([src.source_of(i) if hasattr(src, 'source_of') else 0 for i in idxs])
+        s = np.array([_source_of(src, i) for i in idxs])
         w /= np.bincount(s, weights=w)[s]
     return None if np.allclose(w, w[0]) else w / w.sum()
 
@@ -274,7 +276,7 @@ def source_shares(src, idxs, weights=None):
     "Share of the training crops that `weights` (`sample_weights`, None: equal) draw from each of `src`'s paths."
     w = np.full(len(idxs), 1/len(idxs)) if weights is None else np.asarray(weights)
     names = [str(p) for p in getattr(src, 'paths', [getattr(src, 'path', src)])]
-    s = [src.source_of(i) if hasattr(src, 'source_of') else 0 for i in idxs]
+    s = [_source_of(src, i) for i in idxs]
     return {n: float(v) for n, v in zip(names, np.bincount(s, weights=w, minlength=len(names)))}
 
 # %% ../nbs/00_data.ipynb #5f4a1a95
@@ -378,8 +380,8 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         if masks: codes = mask_classes(src, codes)
         train, valid = split_items(src, valid_pct, seed)
     prep = dict(clahe=clahe, resize=resize)
-    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes, weights=sample_weights(src, train, balance,
-                  resize) if path is not None else None, **prep)
+    tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes,
+                  weights=sample_weights(src, train, balance, resize), **prep)
     mean, std = stats or norm_stats(src, train, pct, seed=seed, prep=tds.prep)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
