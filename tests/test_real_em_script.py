@@ -1,0 +1,70 @@
+"`kernels/real_em.py --tiny` end to end on small synthetic stand-ins of the real sets: the GPU session's two phases."
+import json, subprocess, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from affmae.synth import synth_em
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = {'drosophila-vnc': (('.', 6),), 'sbem-mito': (('training', 3), ('validation', 2)),
+        'kidney-gbm': (('train', 3), ('test', 2))}
+CLASSES = {'drosophila-vnc': 'intracellular membrane mitochondria synapse glia_extracellular',
+           'sbem-mito': 'background mitochondria', 'kidney-gbm': 'background gbm'}
+
+
+def _png(path, a):
+    path.parent.mkdir(parents=True, exist_ok=True); Image.fromarray(a).save(path)
+
+
+def _fake_sets(root, size=112):
+    "The layout of `../shared/data` for the three labelled sets (synthetic EM) and one unlabelled image."
+    seed = 0
+    for name, splits in SETS.items():
+        (root / name).mkdir(parents=True)
+        (root / name / 'classes.txt').write_text('\n'.join(CLASSES[name].split()) + '\n')
+        for split, n in splits:
+            for i in range(n):
+                img, lbl = (t.numpy() for t in synth_em(size + 16 * (i % 2), seed=seed)); seed += 1
+                lbl = lbl if name == 'drosophila-vnc' else (lbl == 2).astype(np.uint8)
+                _png(root / name / split / 'images' / f'{name[:3]}{i:02d}.png', (img * 255).astype(np.uint8))
+                _png(root / name / split / 'masks' / f'{name[:3]}{i:02d}.png', lbl.astype(np.uint8))
+    _png(root / 'sbem-mito' / 'unlabelled' / 'u00.png', (synth_em(size, seed=99)[0].numpy() * 255).astype(np.uint8))
+
+
+def _run(*args, timeout=900):
+    r = subprocess.run([sys.executable, str(ROOT / 'kernels' / 'real_em.py'), '--tiny', *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg', 'PYTHONWARNINGS': 'ignore',
+                            'PATH': '/usr/bin:/bin', 'HOME': str(Path.home())})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_pretrain_then_finetune(tmp_path):
+    data, pre, out1, out2 = (tmp_path / d for d in ('data', 'pre', 'out1', 'out2'))
+    _fake_sets(data)
+    _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre)
+    saved = json.loads((pre / 'pretrain.json').read_text())
+    for arch in ('affmae_tiny', 'vitmae_tiny'):
+        assert (pre / f'{arch}.pt').is_file()
+        p = saved['pretrain'][arch]
+        assert p['balance'] == 'area' and abs(sum(p['mix'].values()) - 1) < 1e-6, p['mix']
+        assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
+    _run('--data', data, '--sets', 'sbem-mito,kidney-gbm', '--out', out2, '--load-pretrained', pre,
+         '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
+         '--compare-head', 'pyramid', '--compare-head-first', 2)
+    res = json.loads((out2 / 'real_em.json').read_text())
+    assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
+    for name in ('sbem-mito', 'kidney-gbm'):
+        runs = res['sets'][name]['runs']
+        got = sorted((r['arch'], r['init'], r.get('variant') or '') for r in runs)
+        assert got == sorted([('affmae_tiny', 'pretrained', ''), ('affmae_tiny', 'scratch', ''),
+                              ('vitmae_tiny', 'pretrained', ''), ('unet', 'scratch', ''),
+                              ('affmae_tiny', 'pretrained', 'pyramid head'),
+                              ('affmae_tiny', 'pretrained', 'head first 2'),
+                              ('vitmae_tiny', 'pretrained', 'head first 2')]), got
+        assert all(0 <= r['miou'] <= 1 for r in runs)
+        assert {r['head'] for r in runs if r['arch'] != 'unet'} == {'unet', 'pyramid'}
+        unet = next(r for r in runs if r['arch'] == 'unet')
+        assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
+    assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
