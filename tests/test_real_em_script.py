@@ -50,12 +50,12 @@ def test_pretrain_then_finetune(tmp_path):
         p = saved['pretrain'][arch]
         assert p['balance'] == 'area' and abs(sum(p['mix'].values()) - 1) < 1e-6, p['mix']
         assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
-    _run('--data', data, '--sets', 'sbem-mito,kidney-gbm', '--out', out2, '--load-pretrained', pre,
+    _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
          '--compare-head', 'pyramid', '--compare-head-first', 2)
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
-    for name in ('sbem-mito', 'kidney-gbm'):
+    for name in SETS:
         runs = res['sets'][name]['runs']
         got = sorted((r['arch'], r['init'], r.get('variant') or '') for r in runs)
         assert got == sorted([('affmae_tiny', 'pretrained', ''), ('affmae_tiny', 'scratch', ''),
