@@ -393,6 +393,7 @@ def predict(
     bs:int=4,                                                        # tiles per batch
     device:str=None,                                                 # auto (default), cpu, cuda or cuda:N
     overwrite:store_true=False,                                      # replace outputs of an earlier run in --out
+    tta:store_true=False,                                            # average each tile's 8 flips and rotations (8x)
 ):
     "Segment images: writes `<name>_labels.tif` (one plane per slice) and `<name>_overlay.png` per image into `out`."
     _check_infer(tile, overlap, bs)
@@ -407,7 +408,7 @@ def predict(
     for f, lp, op in todo:
         n = image_info(f)[0]
         planes = [read_plane(f, k, n) for k in range(n)]
-        lbls = np.stack([predict_plane(model, a, meta, overlap, bs, dev, tile) for a in planes])
+        lbls = np.stack([predict_plane(model, a, meta, overlap, bs, dev, tile, tta) for a in planes])
         lp.parent.mkdir(parents=True, exist_ok=True)
         save_labels(lbls if n > 1 else lbls[0], lp)
         save_overlay(planes[n//2], lbls[n//2], op)
@@ -427,6 +428,7 @@ def evaluate(
     overlap:float=0.25, # tile overlap fraction
     bs:int=4,           # tiles per batch
     device:str=None,    # auto (default: cuda if available), cpu, cuda or cuda:N
+    tta:store_true=False, # average each tile's 8 flips and rotations (8x the time)
 ):
     "Score a checkpoint on whole images: prints the IoU/Dice table (mIoU, per-image fg IoU) and the scores as JSON."
     _check_infer(tile, overlap, bs)
@@ -440,7 +442,7 @@ def evaluate(
     _require(not named or tuple(named) == tuple(meta['classes']), f"--data {data}: classes {', '.join(named or ())} "
              f"do not match the checkpoint's ({', '.join(meta['classes'])})")
     src = eval_source(data, n_synth, tile or meta.get('tile') or 512)
-    res = evaluate_model(model, src, meta, overlap, bs, dev, tile)
+    res = evaluate_model(model, src, meta, overlap, bs, dev, tile, tta)
     res.update(ckpt=str(ckpt), data=str(data or f'synthetic (n={n_synth}, held-out seed)'))
     print(score_table(res))
     print(json.dumps(res))

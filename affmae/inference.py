@@ -13,7 +13,7 @@ from .seg_metrics import confusion, image_fg_iou, iou_dice, miou
 from .seg_io import check_mask
 
 # %% auto #0
-__all__ = ['tile_starts', 'blend_window', 'sliding_window', 'prep_plane', 'predict_plane', 'eval_source', 'evaluate_model',
+__all__ = ['tile_starts', 'blend_window', 'd4', 'sliding_window', 'prep_plane', 'predict_plane', 'eval_source', 'evaluate_model',
            'score_table']
 
 # %% ../nbs/10d_inference.ipynb #3cfe6b5b
@@ -34,9 +34,23 @@ def _as_batch(img):
     if img.ndim != 4: raise ValueError(f"expected an image (H,W), (1,H,W) or (B,1,H,W); got shape {tuple(img.shape)}")
     return img
 
+def d4(x, k, inverse=False):
+    "Symmetry `k` (0-7) of the square on the last two dims of `x` (bits: flip x, flip y, transpose), or its inverse."
+    ops = [op for b, op in enumerate((lambda t: t.flip(-1), lambda t: t.flip(-2), lambda t: t.transpose(-1, -2)))
+           if k >> b & 1]
+    for op in (ops[::-1] if inverse else ops): x = op(x)                  # each op undoes itself
+    return x
+
+def _tile_logits(model, tiles, amp, tta):
+    "`model`'s logits of a batch of square `tiles`; with `tta`, the mean over the 8 symmetries, each turned back."
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp and tiles.is_cuda):
+        if not tta: return model(tiles)
+        return sum(d4(model(d4(tiles, k)), k, inverse=True).float() for k in range(8)) / 8
+
 @torch.no_grad()
-def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, amp=True):
-    "Logits `(B,C,H,W)` of `model` on `img` of any size (see _as_batch) from overlapping `tile`² windows, blended."
+def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, amp=True, tta=False):
+    """Logits `(B,C,H,W)` of `model` on `img` of any size (see _as_batch) from overlapping `tile`² windows, blended;
+    `tta`: each window's logits averaged over the 8 flips and rotations of the square (8× the model calls)."""
     img = _as_batch(img)
     if not 0 <= overlap < 1: raise ValueError(f"overlap must be in [0, 1); got {overlap}")
     B, _, H, W = img.shape
@@ -53,8 +67,7 @@ def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, am
         for i in range(0, len(offs), bs):
             chunk = offs[i:i+bs]
             tiles = torch.stack([img[b, :, y:y+tile, x:x+tile] for y, x in chunk])
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp and img.is_cuda):
-                lo = model(tiles)
+            lo = _tile_logits(model, tiles, amp, tta)
             if lo.ndim != 4 or lo.shape[0] != len(chunk) or lo.shape[-2:] != tiles.shape[-2:]:
                 raise ValueError(f"model must map (B,1,h,w) to (B,C,h,w) logits; "
                                  f"got {tuple(lo.shape)} for input {tuple(tiles.shape)}")
@@ -72,34 +85,34 @@ def prep_plane(a, stats, pct=(0.5, 99.5)):
     return ((x - mean)/std)[None, None]
 
 @torch.no_grad()
-def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None):
-    "Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (stats, tile), tiled."
+def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
+    "Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (stats, tile), tiled (`tta`)."
     tile = tile or meta.get('tile')
     if not tile: raise ValueError("the checkpoint records no training tile size: pass one (--tile)")
     x = prep_plane(a, meta.get('stats'), meta.get('pct', (0.5, 99.5))).to(device)
-    return sliding_window(model, x, tile, overlap, bs, out_device='cpu')[0].argmax(0).numpy()
+    return sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
 
 def eval_source(data=None, n_synth=8, size=512, seed=1):
     "Labelled planes to score: every image/mask pair under `data`, else `n_synth` synthetic images of an unused seed."
     return EMFolder(data, masks=True) if data else SynthEM(n_synth, size, seed=seed)
 
 # %% ../nbs/10d_inference.ipynb #2febe955
-def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None):
+def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
     """mIoU and foreground mIoU (over the classes present in the truth: `miou`), per-class IoU/Dice, the per-image
     foreground IoU and the pixel confusion matrix (rows: true class, columns: predicted) of `model` over every plane
-    of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by sliding window."""
+    of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by sliding window (`tta`: `sliding_window`'s)."""
     classes, cm, img_iou = meta['classes'], None, []
     for i in range(len(src)):
         a = src.image(i)
         m = torch.from_numpy(check_mask(src.mask(i), len(classes), a.shape, name=src.name(i)))
-        p = torch.from_numpy(predict_plane(model, a, meta, overlap, bs, device, tile))
+        p = torch.from_numpy(predict_plane(model, a, meta, overlap, bs, device, tile, tta))
         c = confusion(p, m, len(classes))
         cm = c if cm is None else cm + c
         img_iou.append(image_fg_iou(p, m, len(classes)).mean().item())
     iou, dice = iou_dice(cm)
     nan2none = lambda v: None if math.isnan(v) else round(float(v), 5)
     return dict(miou=nan2none(miou(cm)), fg_miou=nan2none(miou(cm, first=1)),
-                img_fg_iou=nan2none(sum(img_iou)/len(img_iou)), n_images=len(src), n_pixels=int(cm.sum()),
+                img_fg_iou=nan2none(sum(img_iou)/len(img_iou)), n_images=len(src), n_pixels=int(cm.sum()), tta=tta,
                 per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k])) for k, c in enumerate(classes)},
                 confusion=cm.tolist())
 

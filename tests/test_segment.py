@@ -203,6 +203,11 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     assert main(['evaluate', str(ck), '--n-synth', '2', '--json-out', str(tmp_path/'s.json')]) == 0
     res = json.loads((tmp_path/'s.json').read_text())
     assert 0 <= res['miou'] <= 1 and set(res['per_class']) == set(rec['classes'])
+    assert main(['evaluate', str(ck), '--n-synth', '2', '--tta', '--json-out', str(tmp_path/'t.json')]) == 0
+    tta = json.loads((tmp_path/'t.json').read_text())
+    assert tta['tta'] and not res['tta'] and 0 <= tta['miou'] <= 1 and tta['n_pixels'] == res['n_pixels']
+    assert main(['predict', str(ck), str(tmp_path/'stack.tif'), '--out', str(tmp_path/'pred_tta'), '--tta']) == 0
+    assert tifffile.imread(tmp_path/'pred_tta'/'stack_labels.tif').shape == (2, 100, 60)
     # bad arguments: clear message, non-zero exit
     assert main(['finetune', '--label-frac', '1.5']) == 2
     assert main(['finetune', '--head', 'u-net']) == 2 and main(['finetune', '--arch', 'unet', '--head', 'image']) == 2
