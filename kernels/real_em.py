@@ -39,8 +39,9 @@ few images per split).
    default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
    model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run
    a row with its `seed`.
-3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`): mIoU (all classes),
-   foreground IoU (mean over foreground classes), foreground Dice; example predictions per set.
+3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
+   also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
+   foreground Dice; example predictions per set.
 
 Step counts come from step times measured at the start (with the runs' loss and class weights), so the whole script
 fits `--budget` seconds; a run that would end past it if as long as the last one is not started (`stopped_early`
@@ -94,6 +95,7 @@ p.add_argument('--pre-ft-lr', type=float, default=None,
 p.add_argument('--workers', type=int, default=4,
                help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
+p.add_argument('--tta', action='store_true', help='held-out scores with test-time flips and rotations (8x the time)')
 p.add_argument('--loss', default='ce_dice', help='fine-tuning loss of every model (`affmae.seg_metrics.LOSSES`)')
 p.add_argument('--class-weights', default='', choices=('', 'auto'),
                help="fine-tuning class weights: none, or auto (`balanced_weights` of each run's labelled images)")
@@ -386,7 +388,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     model = learn.model.eval()
     rec = dict(classes=s['classes'], stats=dls.stats, tile=S)
     t = time.time()
-    sc = evaluate_model(model, dls.test_src, rec, overlap=0.25, bs=16, device=dev)
+    sc = evaluate_model(model, dls.test_src, rec, overlap=0.25, bs=16, device=dev, tta=a.tta)
     eval_s = time.time() - t
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
@@ -400,7 +402,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
                **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}),
                **({'trainable': sum(p.numel() for p in model.parameters() if p.requires_grad)} if frozen else {}))
-    example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev).astype(np.uint8)
+    example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev, tta=a.tta).astype(np.uint8)
     del learn, model; free()
     return row, example
 
