@@ -21,7 +21,7 @@ from .prep import robust_range, norm_stats, clahe, resize_whole, full_range
 
 # %% auto #0
 __all__ = ['BALANCES', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files',
-           'EMSources', 'SynthEM', 'EMCrops', 'sample_weights', 'source_shares', 'dihedral', 'EMBatch', 'split_items',
+           'EMSources', 'SynthEM', 'EMCrops', 'dihedral', 'EMBatch', 'sample_weights', 'source_shares', 'split_items',
            'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #da3f6c13
@@ -255,30 +255,6 @@ class EMCrops(torch.utils.data.Dataset):
         if mx > 255: raise EMDataError(f"{self.src.name(j)}: mask has label {mx}; at most 256 classes are supported")
         return img, self._range[j], torch.from_numpy(np.array(m[y0:y0+s, x0:x0+s], dtype=np.uint8))
 
-# %% ../nbs/00_data.ipynb #a39e4486
-BALANCES = ('area', 'slice', 'source')
-
-def _source_of(src, i): return src.source_of(i) if hasattr(src, 'source_of') else 0   # one path: source 0
-
-def sample_weights(src, idxs, balance='area', resize=None):
-    """Probability of drawing each of the items `idxs` of `src` for a training crop, by `balance` ('area': by
-    pixels, 'slice': equally, 'source': each of `src`'s paths equally, by area within), or None if all are equal."""
-    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
-    idxs = list(idxs)
-    if len(idxs) < 2: return None
-    w = np.array([1. if balance == 'slice' or resize else math.prod(src.shape(i)) for i in idxs], float)
-    if balance == 'source':
-        s = np.array([_source_of(src, i) for i in idxs])
-        w /= np.bincount(s, weights=w)[s]
-    return None if np.allclose(w, w[0]) else w / w.sum()
-
-def source_shares(src, idxs, weights=None):
-    "Share of the training crops that `weights` (`sample_weights`, None: equal) draw from each of `src`'s paths."
-    w = np.full(len(idxs), 1/len(idxs)) if weights is None else np.asarray(weights)
-    names = [str(p) for p in getattr(src, 'paths', [getattr(src, 'path', src)])]
-    s = [_source_of(src, i) for i in idxs]
-    return {n: float(v) for n, v in zip(names, np.bincount(s, weights=w, minlength=len(names)))}
-
 # %% ../nbs/00_data.ipynb #5f4a1a95
 def dihedral(x, *ys, generator=None):
     """Apply a random one of the 8 symmetries of the square to each sample of `x` `(B,...,S,S)` and the same to each
@@ -311,6 +287,30 @@ class EMBatch:
         return ((x - self.mean)/self.std, *[m.long() for m in ms])
     def decode(self, b): return (b[0]*self.std + self.mean, *b[1:])
     def __repr__(self): return f"EMBatch(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment!r})"
+
+# %% ../nbs/00_data.ipynb #a39e4486
+BALANCES = ('area', 'slice', 'source')
+
+def _source_of(src, i): return src.source_of(i) if hasattr(src, 'source_of') else 0   # one path: source 0
+
+def sample_weights(src, idxs, balance='area', resize=None):
+    """Probability of drawing each of the items `idxs` of `src` for a training crop, by `balance` ('area': by
+    pixels, 'slice': equally, 'source': each of `src`'s paths equally, by area within), or None if all are equal."""
+    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    idxs = list(idxs)
+    if len(idxs) < 2: return None
+    w = np.array([1. if balance == 'slice' or resize else math.prod(src.shape(i)) for i in idxs], float)
+    if balance == 'source':
+        s = np.array([_source_of(src, i) for i in idxs])
+        w /= np.bincount(s, weights=w)[s]
+    return None if np.allclose(w, w[0]) else w / w.sum()
+
+def source_shares(src, idxs, weights=None):
+    "Share of the training crops that `weights` (`sample_weights`, None: equal) draw from each of `src`'s paths."
+    w = np.full(len(idxs), 1/len(idxs)) if weights is None else np.asarray(weights)
+    names = [str(p) for p in getattr(src, 'paths', [getattr(src, 'path', src)])]
+    s = [_source_of(src, i) for i in idxs]
+    return {n: float(v) for n, v in zip(names, np.bincount(s, weights=w, minlength=len(names)))}
 
 # %% ../nbs/00_data.ipynb #46778e12
 def split_items(src, valid_pct=0.1, seed=0):
