@@ -215,11 +215,16 @@ class EMCrops(torch.utils.data.Dataset):
         self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
         if resize is not None and resize < size:
             raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
-        self.n, self.codes, self._range, self.weights = epoch_len or len(self.idxs), codes, {}, weights
+        self.n, self.codes, self._range = epoch_len or len(self.idxs), codes, {}
         self.carrier = getattr(src, 'carrier', np.float32)
         if not self.idxs: raise EMDataError(f"{getattr(src, 'path', src)}: no slices to draw crops from")
         if weights is not None and len(weights) != len(self.idxs):
             raise EMDataError(f"{len(weights)} weights for {len(self.idxs)} slices")
+        self._weight = None if weights is None else dict(zip(self.idxs, map(float, weights)))
+    @property
+    def weights(self):
+        "The draw weight of each of `idxs` (kept per item: a subset of `idxs` keeps its own), or None: equal."
+        return None if self._weight is None else [self._weight[j] for j in self.idxs]
     def __len__(self): return self.n
     def prep(self, a):
         "Image `a` equalised (`clahe`) and resized (`resize`) as configured."
