@@ -369,7 +369,7 @@ class EMDataLoader(DataLoader):
         return fig
 
 def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks, pct, epoch_len,
-            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True, balance='slice'):
+            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True, balance='area'):
     if norm is not None and stats is not None: raise EMDataError("pass norm or stats, not both")
     if resize is not None and resize < size: raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
     if norm is not None: pct, stats = None, tuple(norm)                    # fixed: the type's full range, then norm
@@ -417,12 +417,13 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                 codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
-                clahe=None, resize=None, norm=None, augment=True):
+                clahe=None, resize=None, norm=None, augment=True, balance='area'):
     """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
-    `clahe`, `resize` (masks by nearest neighbour), `norm` and `augment` as in `pretrain_dls`."""
+    `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`."""
+    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
-                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment)
+                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance)
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):

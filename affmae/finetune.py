@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from .synth import EM_CLASSES
 from .readers import image_info, read_plane
 from .augment import AUGMENTS
-from .data import read_classes, segment_dls
+from .data import BALANCES, read_classes, segment_dls
 from .registry import create_model, list_models
 from .checkpoint import load_model, save_checkpoint
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
@@ -306,6 +306,7 @@ def finetune(
     decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
     freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
+    balance:str='area',        # draw training images by area (default) or equally (slice)
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -317,6 +318,7 @@ def finetune(
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
              f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
+    _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     _require(not (freeze or freeze_epochs) or arch != 'unet',
              "--freeze and --freeze_epochs train a transformer's head alone; unet has no encoder to freeze")
     _require(freeze_epochs >= 0 and not (freeze and freeze_epochs),
@@ -329,7 +331,7 @@ def finetune(
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                      num_workers=num_workers, codes=names, augment=o['augment'])
+                      num_workers=num_workers, codes=names, augment=o['augment'], balance=balance)
     classes = names or tuple(dls.codes)
     _require(o['class_weights'] in (None, 'auto') or len(o['class_weights']) == len(classes),
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")

@@ -265,6 +265,23 @@ def test_several_sources_bad_inputs(tmp_path):
     (tmp_path/'m'/'masks').mkdir(parents=True); png(tmp_path/'m'/'masks'/'x.png', rnd((64, 64)))
     with pytest.raises(EMDataError, match='only masks found'): EMSources(tmp_path/'m')
 
+def test_segment_balance_by_area_kept_by_a_label_subset(tmp_path):
+    "Labelled images of two sizes: crops by area; a subset of the labelled images keeps its own weights."
+    from affmae.finetune import label_subset
+    (tmp_path/'images').mkdir(); (tmp_path/'masks').mkdir()
+    for i, side in enumerate((40, 40, 40, 80)):
+        png(tmp_path/'images'/f'{i}.png', rnd((side, side), seed=i))
+        png(tmp_path/'masks'/f'{i}.png', (rnd((side, side), seed=10 + i) % 2).astype(np.uint8))
+    dls = segment_dls(tmp_path, size=32, bs=4, valid_pct=0, device='cpu', epoch_len=4000)
+    np.testing.assert_allclose(dls.train_ds.weights, [1/7, 1/7, 1/7, 4/7])
+    assert segment_dls(tmp_path, size=32, bs=4, valid_pct=0, device='cpu', balance='slice').train_ds.weights is None
+    label_subset(dls, .5, seed=0)
+    kept = dls.train_ds.idxs
+    assert len(kept) == 2 and len(dls.train_ds.weights) == 2
+    draws = np.bincount(dls.train.get_idxs(), minlength=2) / 4000
+    want = np.array([4. if j == 3 else 1. for j in kept]); want /= want.sum()
+    np.testing.assert_allclose(draws, want, atol=.03)
+
 def test_embedded_podocyte_default():
     "`pretrain_dls()` reads the four podocyte TEM images shipped in the package, with their licence beside them."
     assert (sample_dir()/'LICENSE.md').read_text().startswith('MIT License')

@@ -228,7 +228,8 @@ def test_finetune_argument_errors(tmp_path, capsys):
                       (['--num-workers', -1], '--num-workers must be >= 0'),
                       (['--classes', 'a,b'], 'the synthetic data has 5 classes'),
                       (['--n-synth', 0], 'must be positive'),
-                      (['--arch', 'unet', '--freeze'], 'unet has no encoder to freeze')):
+                      (['--arch', 'unet', '--freeze'], 'unet has no encoder to freeze'),
+                      (['--balance', 'pixels'], '--balance must be one of area, slice, source')):
         rc, err = cli(capsys, *base, *args)
         assert rc == 2 and msg in err, (args, err)
     assert not (tmp_path / 'ft').exists()                                              # nothing written
