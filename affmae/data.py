@@ -340,11 +340,14 @@ def _overlay_cmap(codes):
 
 class EMDataLoader(DataLoader):
     "A fastai `DataLoader` of EM crops whose `show_batch` draws images, and masks over them."
-    def get_idxs(self):
-        "fastai's indices, or, shuffling a dataset with `weights` (`EMCrops`), `n` draws by those weights."
+    def draws(self, k):
+        "`k` items drawn by the dataset's `weights` (`EMCrops`) when shuffling a weighted dataset, else None."
         w = getattr(self.dataset, 'weights', None)
-        if w is None or not self.shuffle or not self.n: return super().get_idxs()
-        return self.rng.choices(range(len(w)), weights=w, k=self.n)
+        return self.rng.choices(range(len(w)), weights=w, k=k) if w is not None and self.shuffle and k else None
+    def get_idxs(self):
+        "fastai's indices, or, shuffling a dataset with `weights`, `n` draws by those weights."
+        d = self.draws(self.n)
+        return super().get_idxs() if d is None else d
     def show_batch(self, b=None, max_n=8, ncols=4, figsize=None, alpha=0.45, show=True):
         "Draw up to `max_n` samples of batch `b` (default: `one_batch()`); returns the figure."
         b = self.after_batch.decode(b if b is not None else self.one_batch())

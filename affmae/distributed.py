@@ -59,8 +59,11 @@ class RankDL(EMDataLoader):
         super().__init__(dataset, **kw)
         self.n = -(-len(dataset) // world)
     def get_idxs(self):
-        idxs = list(range(len(self.dataset)))
-        return rank_items(self.shuffle_fn(idxs) if self.shuffle else idxs, self.rank, self.world)
+        idxs = self.draws(len(self.dataset))                 # a weighted dataset: the one-process draws
+        if idxs is None:
+            idxs = list(range(len(self.dataset)))
+            if self.shuffle: idxs = self.shuffle_fn(idxs)
+        return rank_items(idxs, self.rank, self.world)
     def new(self, dataset=None, cls=None, **kw):
         return super().new(dataset, cls, **{'rank': self.rank, 'world': self.world, **kw})
 
