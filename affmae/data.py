@@ -407,7 +407,8 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
     """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
     The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
     `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published).
-    `balance`: how often each slice is drawn (`sample_weights`: by 'area', equally by 'slice', or by 'source')."""
+    `balance`: how often each slice of folders and files is drawn (`sample_weights`: by 'area', equally by 'slice',
+    or by 'source'); shards stream as they were written."""
     from affmae.shards import is_shards, shard_dls     # WebDataset shards: streamed, no folder scan
     if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     if is_shards(path):
