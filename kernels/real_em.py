@@ -272,7 +272,6 @@ for arch in ARCHS:
     if not a.pretrain_only: T[f'{arch}_finetune_step_s'] = ft_timing(arch, **HEAD)
 if not a.pretrain_only:
     if a.compare_head: T['compare_finetune_step_s'] = ft_timing(ARCHS[0], head_skip=a.compare_head)
-    T['unet_finetune_step_s'] = ft_timing('unet', **UNET_KW)
 log('step times', {k: round(v, 4) for k, v in T.items() if k.endswith('step_s')})
 
 OVERHEAD = 1.5                                               # fastai's per-step work, Learner set-up, loaders
