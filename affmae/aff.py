@@ -331,11 +331,12 @@ def aff_mini(**kw) -> AFFEncoder:
 
 @register_model(kind='encoder')
 def aff_small(**kw) -> AFFEncoder:
+    "`affmae_small`'s encoder: half `aff_base`'s widths, depths 2-2-6-2."
     return AFFEncoder(**{**dict(dims=(64, 128, 256, 384), depths=(2, 2, 6, 2), heads=(2, 4, 8, 12)), **kw})
 
 @register_model(kind='encoder')
 def aff_base(**kw) -> AFFEncoder:
-    "AFFMAE-Base's encoder: ≈ 65.6 M parameters."
+    "AFFMAE-Base's encoder: the paper's widths, depths and heads (about 65.6 M parameters in the paper)."
     return AFFEncoder(**{**dict(dims=(128, 256, 512, 768), depths=(3, 4, 16, 2), heads=(4, 8, 16, 24)), **kw})
 
 # %% ../nbs/06_aff.ipynb #da0d1fb4
