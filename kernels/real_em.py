@@ -53,7 +53,8 @@ pretrain_curves.png, recon_<arch>.png (first and last epoch's reconstructions, o
 Run from the repository root:
   PYTHONPATH=.:$PYTHONPATH python kernels/real_em.py --data data_em --out $OUT --budget 450
   PYTHONPATH=. python kernels/real_em.py --data ../shared/data --out /tmp/real_em_tiny --tiny   # CPU check, < 2 min
-  In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre
+  In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
+  that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
 import argparse, json, math, shutil, tempfile, time, warnings
 from pathlib import Path
@@ -66,6 +67,9 @@ p.add_argument('--data', default='data_em', help='root folder(s) of the sets, co
 p.add_argument('--out', default='runs/real_em')
 p.add_argument('--budget', type=float, default=450., help='seconds for the whole script')
 p.add_argument('--tiny', action='store_true', help='tiny models, crops and step counts on the CPU: checks the script')
+p.add_argument('--archs', default=None,
+               help='with --pretrain-only: the transformers to pretrain (default both); a second call can pretrain '
+                    'the other into the same --save-pretrained folder')
 p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
 p.add_argument('--pre-sets', default='drosophila-vnc,sbem-mito,kidney-gbm',
                help='labelled sets whose training splits join the pretraining corpus (held-out splits never do)')
@@ -129,11 +133,14 @@ out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
 S = 32 if tiny else a.size
 PB, B = (4, 4) if tiny else (a.pre_bs, a.bs)
 W = 0 if tiny else a.workers
-ARCHS = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
+BOTH = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
+ARCHS = a.archs.split(',') if a.archs else BOTH
+if a.archs and (not a.pretrain_only or set(ARCHS) - set(BOTH)):
+    p.error(f"--archs {a.archs}: with --pretrain-only, one or both of {', '.join(BOTH)}")
 UNET_KW = dict(width=8) if tiny else {}
 FRACS = [float(f) for f in a.fracs.split(',')]
 SEEDS = [int(x) for x in a.ft_seeds.split(',')] if a.ft_seeds else [a.seed]
-PRE_LR = dict(zip(ARCHS, map(float, a.pre_lr.split(','))))
+PRE_LR = dict(zip(BOTH, map(float, a.pre_lr.split(','))))
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.data.core import DataLoaders
@@ -300,9 +307,14 @@ else:
         "Keep `arch`'s pretrained model (written whole, then renamed: never half a file) and the records so far."
         keep.mkdir(parents=True, exist_ok=True)
         torch.save(states[arch], keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
-        (keep / 'pretrain.json').write_text(json.dumps(dict(
-            run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=T,
-            **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}), indent=1))
+        rec = dict(run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=dict(T),
+                   **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')})
+        if (prev := keep / 'pretrain.json').is_file():  # the other arch, pretrained alike in an earlier call: kept
+            prev = json.loads(prev.read_text())
+            if all(prev[k] == rec[k] for k in ('pretrain_steps', 'pretrain_data')):
+                rec['pretrain'] = {**{k: v for k, v in prev['pretrain'].items() if k not in ARCHS}, **rec['pretrain']}
+                rec['timing'] = {**prev['timing'], **rec['timing']}
+        tmp = keep / 'pretrain.tmp'; tmp.write_text(json.dumps(rec, indent=1)); tmp.replace(keep / 'pretrain.json')
     arch_s = 0.                                              # wall seconds of the last arch's pretraining
     for arch in ARCHS:
         if time.time() - t0 + 1.1 * arch_s > a.budget:       # the same steps again would end past the budget

@@ -31,20 +31,24 @@ def _fake_sets(root, size=112):
     _png(root / 'sbem-mito' / 'unlabelled' / 'u00.png', (synth_em(size, seed=99)[0].numpy() * 255).astype(np.uint8))
 
 
-def _run(*args, timeout=900):
+def _run(*args, timeout=900, ok=True):
     r = subprocess.run([sys.executable, str(ROOT / 'kernels' / 'real_em.py'), '--tiny', *map(str, args)],
                        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                        env={'PYTHONPATH': str(ROOT), 'MPLBACKEND': 'Agg', 'PYTHONWARNINGS': 'ignore',
                             'PATH': '/usr/bin:/bin', 'HOME': str(Path.home())})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
+    assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
 
 
 def test_pretrain_then_finetune(tmp_path):
     data, pre, out1, out2 = (tmp_path / d for d in ('data', 'pre', 'out1', 'out2'))
     _fake_sets(data)
-    _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre)
+    err = _run('--data', data, '--out', out1, '--archs', 'vitmae_tiny', ok=False)        # --archs: pretraining only
+    assert 'error: --archs vitmae_tiny: with --pretrain-only' in err, err
+    for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
+        _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
+    assert sorted(saved['pretrain']) == ['affmae_tiny', 'vitmae_tiny']
     for arch in ('affmae_tiny', 'vitmae_tiny'):
         assert (pre / f'{arch}.pt').is_file()
         p = saved['pretrain'][arch]
