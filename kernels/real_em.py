@@ -448,10 +448,17 @@ examples, truths = {}, {}        # the first held-out image of each set: truth, 
 class OverBudget(Exception): pass
 run_s = dict(last=0.)            # seconds of the last run: a run that would end past the budget is not started
 def budgeted(what, *args, **kw):
-    "`run(*args, **kw)`, unless (as long as the last run) it would end past `--budget`: `OverBudget`, all kept."
+    """`run(*args, **kw)`, unless (as long as the last run) it would end past `--budget`: `OverBudget`, all kept. A run
+    whose loader worker dies is run once more from the start (its row says why in `retried`)."""
     if time.time() - t0 + run_s['last'] > a.budget:
         res['stopped_early'] = what; log(f'budget spent: stopping before {what}'); raise OverBudget
-    t = time.time(); out = run(*args, **kw); run_s['last'] = time.time() - t
+    t = time.time()
+    try: out = run(*args, **kw)
+    except RuntimeError as e:                                # run 13 lost a run to a worker killed by SIGABRT
+        if 'DataLoader worker' not in str(e): raise
+        log(f'{what}: {e}; running it once more'); free()
+        out = run(*args, **kw); out[0]['retried'] = str(e)
+    run_s['last'] = time.time() - t
     return out
 def fine_tune_set(name, s, dls, steps):
     "Every run of set `name` at every label fraction and seed (`OverBudget` stops it)."

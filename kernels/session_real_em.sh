@@ -15,7 +15,7 @@ export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 phase=$1; shift
 log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
-  grep -v 'Epoch\|it/s' | tail -60 >> "$log"; }
+  grep -v 'Epoch\|it/s' >> "$log"; }         # every line but progress bars: a dying worker's own message too
 [ -d .site/fastai ] ||
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
 case $phase in
