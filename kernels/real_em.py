@@ -312,8 +312,7 @@ else:
         if (prev := keep / 'pretrain.json').is_file():  # the other arch, pretrained alike in an earlier call: kept
             prev = json.loads(prev.read_text())
             if all(prev[k] == rec[k] for k in ('pretrain_steps', 'pretrain_data')):
-                rec['pretrain'] = {**{k: v for k, v in prev['pretrain'].items() if k not in ARCHS}, **rec['pretrain']}
-                rec['timing'] = {**prev['timing'], **rec['timing']}
+                rec['pretrain'], rec['timing'] = ({**prev[k], **rec[k]} for k in ('pretrain', 'timing'))
         tmp = keep / 'pretrain.tmp'; tmp.write_text(json.dumps(rec, indent=1)); tmp.replace(keep / 'pretrain.json')
     arch_s = 0.                                              # wall seconds of the last arch's pretraining
     for arch in ARCHS:
