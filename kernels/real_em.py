@@ -25,8 +25,9 @@ few images per split).
    `--save-pretrained DIR` keeps the pretrained models and their records; a later call (the same warm machine, with
    more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
-   affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out),
-   all for the same number of steps, with the segmentation head `--head` (its image path: `head_skip`); then `unet`
+   affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out,
+   `--archs affmae_base` ViT-MAE-Base altogether), all for the same number of steps, with the segmentation head
+   `--head` (its image path: `head_skip`); then `unet`
    from scratch for the wall-clock time that the pretrained affmae_base run took (the U-Net's cost a step and a fit in
    fastai's loop measured once a call, `loop_timing`); then (`--compare-head`,
    `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
@@ -68,8 +69,8 @@ p.add_argument('--out', default='runs/real_em')
 p.add_argument('--budget', type=float, default=450., help='seconds for the whole script')
 p.add_argument('--tiny', action='store_true', help='tiny models, crops and step counts on the CPU: checks the script')
 p.add_argument('--archs', default=None,
-               help='with --pretrain-only: the transformers to pretrain (default both); a second call can pretrain '
-                    'the other into the same --save-pretrained folder')
+               help='the transformers to pretrain or fine-tune (default both); with --pretrain-only, a second call can '
+                    'pretrain the other into the same --save-pretrained folder; fine-tuning needs affmae first')
 p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
 p.add_argument('--pre-sets', default='drosophila-vnc,sbem-mito,kidney-gbm',
                help='labelled sets whose training splits join the pretraining corpus (held-out splits never do)')
@@ -135,8 +136,9 @@ PB, B = (4, 4) if tiny else (a.pre_bs, a.bs)
 W = 0 if tiny else a.workers
 BOTH = ['affmae_tiny', 'vitmae_tiny'] if tiny else ['affmae_base', 'vitmae_base']
 ARCHS = a.archs.split(',') if a.archs else BOTH
-if a.archs and (not a.pretrain_only or set(ARCHS) - set(BOTH)):
-    p.error(f"--archs {a.archs}: with --pretrain-only, one or both of {', '.join(BOTH)}")
+if a.archs and (set(ARCHS) - set(BOTH) or not (a.pretrain_only or ARCHS[0] == BOTH[0])):
+    p.error(f"--archs {a.archs}: one or both of {', '.join(BOTH)}; fine-tuning needs {BOTH[0]} first (the U-Net "
+            "is matched to its seconds)")
 UNET_KW = dict(width=8) if tiny else {}
 FRACS = [float(f) for f in a.fracs.split(',')]
 SEEDS = [int(x) for x in a.ft_seeds.split(',')] if a.ft_seeds else [a.seed]
@@ -536,6 +538,6 @@ for r, (name, frac) in enumerate(rows):
         ax.set_title(title if r == 0 else '', fontsize=8); ax.set_xticks([]); ax.set_yticks([])
     axs[r, 0].set_ylabel(f"{name}\n{res['sets'][name]['test_images'][0]}, {frac:.0%} of labels", fontsize=7)
 fig.tight_layout(); fig.savefig(out / 'examples.png', dpi=80); plt.close(fig)
-print(results_table(res)); print(); print(targets_table(check_targets(res, ARCHS[0], ARCHS[1])))
+print(results_table(res)); print(); print(targets_table(check_targets(res, *BOTH)))
 shutil.rmtree(work, ignore_errors=True)
 log('done; results in', out / 'real_em.json')

@@ -43,8 +43,8 @@ def _run(*args, timeout=900, ok=True):
 def test_pretrain_then_finetune(tmp_path):
     data, pre, out1, out2 = (tmp_path / d for d in ('data', 'pre', 'out1', 'out2'))
     _fake_sets(data)
-    err = _run('--data', data, '--out', out1, '--archs', 'vitmae_tiny', ok=False)        # --archs: pretraining only
-    assert 'error: --archs vitmae_tiny: with --pretrain-only' in err, err
+    err = _run('--data', data, '--out', out1, '--archs', 'vitmae_tiny', ok=False)    # fine-tuning: affmae first
+    assert 'error: --archs vitmae_tiny: one or both of affmae_tiny, vitmae_tiny; fine-tuning needs affmae' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
@@ -72,3 +72,8 @@ def test_pretrain_then_finetune(tmp_path):
         unet = next(r for r in runs if r['arch'] == 'unet')
         assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
+    _run('--data', data, '--sets', 'sbem-mito', '--out', out1, '--load-pretrained', pre, '--archs', 'affmae_tiny',
+         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '')          # ViT-MAE left out of fine-tuning
+    runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
+    got = sorted((r['arch'], r['init']) for r in runs)
+    assert got == [('affmae_tiny', 'pretrained'), ('affmae_tiny', 'scratch'), ('unet', 'scratch')], got
