@@ -29,8 +29,8 @@ few images per split).
    `--archs affmae_base` ViT-MAE-Base altogether), all for the same number of steps, with the segmentation head
    `--head` (its image path: `head_skip`); then `unet` from scratch for the wall-clock time that the pretrained
    affmae_base run took (the U-Net's cost a step and a fit in fastai's loop measured once a call, `loop_timing`); then
-   (`--compare-head`, `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and (`--compare-lr`)
-   each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
+   (`--compare-head`, `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth,
+   and (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
    frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains), and
    (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
    `fine_tune`: freeze, fit, unfreeze, fit), each recorded as a `variant`. Runs from pretrained encoders peak at
