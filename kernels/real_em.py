@@ -26,19 +26,19 @@ few images per split).
    more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out,
-   `--archs affmae_base` ViT-MAE-Base altogether), all for the same number of steps, with the segmentation head
-   `--head` (its image path: `head_skip`); then `unet` from scratch for the wall-clock time that the pretrained
-   affmae_base run took (the U-Net's cost a step and a fit in fastai's loop measured once a call, `loop_timing`); then
-   (`--compare-head`, `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth,
-   and (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but its head
-   frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what trains), and
-   (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
+   `--archs affmae_base` ViT-MAE-Base altogether), all for the same number of steps, with the segmentation head `--head`
+   (its image path: `head_skip`); then `unet` from scratch for the wall-clock time that the pretrained affmae_base run
+   took (the U-Net's cost a step and a fit in fastai's loop measured once a call, `loop_timing`); then
+   (`--compare-head`, `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and
+   (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but
+   its head frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what
+   trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
    `fine_tune`: freeze, fit, unfreeze, fit), each recorded as a `variant`. Runs from pretrained encoders peak at
    `--pre-ft-lr` (default `--ft-lr`, that of the runs from scratch and the U-Net). Same crops, augmentation
-   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
-   default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
-   model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run
-   a row with its `seed`.
+   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by default;
+   `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every model. With
+   `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a row with its
+   `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
