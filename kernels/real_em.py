@@ -56,7 +56,10 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, json, math, shutil, tempfile, time, warnings
+import argparse, json, math, os, shutil, tempfile, time, warnings
+# many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
+# the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
+os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
 from pathlib import Path
 import numpy as np, torch, tifffile
 from PIL import Image
