@@ -32,10 +32,10 @@ from .graphs import CaptureStep
 from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
-__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps', 'LayerDecay',
-           'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'class_frequencies', 'balanced_weights',
-           'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune', 'load_segmenter', 'predict',
-           'evaluate']
+__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps',
+           'LayerDecay', 'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'class_frequencies',
+           'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune',
+           'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -219,18 +219,20 @@ def plot_grid(rows, ax=None, title='held-out mIoU'):
 # %% ../nbs/10e_finetune.ipynb #e38d6a42
 FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=1e-3, lr_final=None, warmup=.25,
                          wd=.05, clip=None, lr_decay=.75, epochs=20, bs=8, augment='flips')
+PRETRAINED_LR = 2e-4                               # default peak lr from a pretrained encoder
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
                                    lr_final=1e-8, warmup=25/700, wd=.0075, clip=5., epochs=700, bs=24,
                                    augment='full'))
 
-def finetune_options(recipe: str | None = None, **given) -> dict:
-    "The fine-tuning options: `FINETUNE_DEFAULTS`, updated by the preset `recipe`, then by the `given` that are set."
+def finetune_options(recipe: str | None = None, pretrained: bool = False, **given) -> dict:
+    """The fine-tuning options: `FINETUNE_DEFAULTS` (lr `PRETRAINED_LR` from a `pretrained` encoder), updated by the
+    preset `recipe`, then by the `given` that are set."""
     if recipe is not None and recipe not in FINETUNE_RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; one of {', '.join(FINETUNE_RECIPES)}")
     unknown = set(given) - set(FINETUNE_DEFAULTS)
     if unknown: raise ValueError(f"unknown fine-tuning option(s) {', '.join(sorted(unknown))}")
-    return {**FINETUNE_DEFAULTS, **FINETUNE_RECIPES.get(recipe, {}),
+    return {**FINETUNE_DEFAULTS, **({'lr': PRETRAINED_LR} if pretrained else {}), **FINETUNE_RECIPES.get(recipe, {}),
             **{k: v for k, v in given.items() if v is not None}, 'recipe': recipe}
 
 def _loss_kw(opts) -> dict:
@@ -285,7 +287,7 @@ def finetune(
     focal_gamma:float=None,    # focal loss exponent (default 2)
     class_weights:str=None,    # per-class loss weights, comma-separated, class 0 first, or auto (from the labels)
     augment:str=None,          # none, flips (default: dihedral) or full (flips, affine, elastic, photometric)
-    lr:float=None,             # peak learning rate, of the head with lr_decay (default 1e-3)
+    lr:float=None,             # peak lr, of the head with lr_decay (default 1e-3; 2e-4 from --pretrained)
     lr_final:float=None,       # final learning rate (default: lr/1e5, fastai's one-cycle)
     warmup:float=None,         # fraction of training spent warming up (default 0.25)
     wd:float=None,             # weight decay (default 0.05)
@@ -310,9 +312,9 @@ def finetune(
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
-    o = finetune_options(recipe, epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma, lr=lr, lr_final=lr_final,
-                         class_weights=_floats(class_weights, '--class-weights'), warmup=warmup, wd=wd, clip=clip,
-                         lr_decay=lr_decay, augment=augment) | dict(arch=arch)
+    o = finetune_options(recipe, pretrained=bool(pretrained), epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma,
+                         lr=lr, lr_final=lr_final, class_weights=_floats(class_weights, '--class-weights'),
+                         warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, augment=augment) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),

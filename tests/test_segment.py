@@ -214,6 +214,22 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     assert main(['evaluate', str(tmp_path/'nope.safetensors')]) == 2
     assert main(['predict', str(ck), str(tmp_path/'missing.tif')]) == 2
 
+def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
+    "From pretrained weights the peak lr defaults to `PRETRAINED_LR`; `--lr` and a preset's lr still win."
+    import warnings
+    from affmae.cli import main
+    tiny = ['--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '4', '--n-synth', '4', '--epochs', '1']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert main(['pretrain', *tiny, '--precision', 'none', '--out', str(tmp_path/'pre')]) == 0
+        pre = ['--pretrained', str(tmp_path/'pre'/'checkpoints')]
+        runs = {'scratch': [], 'pretrained': pre, 'given': [*pre, '--lr', '5e-4'], 'paper': [*pre, '--recipe', 'paper']}
+        for name, extra in runs.items():
+            assert main(['finetune', *tiny, *extra, '--out', str(tmp_path/name)]) == 0
+    lr = {k: load_model(tmp_path/k/'seg.safetensors')[1]['recipe']['lr'] for k in runs}
+    assert lr == dict(scratch=FINETUNE_DEFAULTS['lr'], pretrained=PRETRAINED_LR, given=5e-4,
+                      paper=FINETUNE_RECIPES['paper']['lr']) and PRETRAINED_LR < FINETUNE_DEFAULTS['lr']
+
 def test_evaluate_folder_mismatched_mask(tmp_path):
     import tifffile
     (tmp_path/'images').mkdir(); (tmp_path/'masks').mkdir()
