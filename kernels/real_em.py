@@ -34,7 +34,7 @@ few images per split).
    its head frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what
    trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
    `fine_tune`: freeze, fit, unfreeze, fit), each recorded as a `variant`. Runs from pretrained encoders peak at
-   `--pre-ft-lr` (default `--ft-lr`, that of the runs from scratch and the U-Net). Same crops, augmentation
+   `--pre-ft-lr` (default the library's `PRETRAINED_LR`), the others at `--ft-lr`. Same crops, augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by default;
    `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every model. With
    `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a row with its
@@ -98,7 +98,7 @@ p.add_argument('--pre-steps', type=int, default=None, help='pretraining steps pe
 p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per run (default: from the budget)')
 p.add_argument('--ft-lr', type=float, default=1e-3, help='peak fine-tuning lr of the runs from scratch and the U-Net')
 p.add_argument('--pre-ft-lr', type=float, default=None,
-               help='peak fine-tuning lr of the runs from pretrained encoders (default: --ft-lr)')
+               help="peak fine-tuning lr of the runs from pretrained encoders (default: the library's, PRETRAINED_LR)")
 p.add_argument('--workers', type=int, default=4,
                help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
@@ -153,7 +153,7 @@ from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls,
                          sample_dir, source_shares)
 from affmae.learner import mae_learner
 from affmae.registry import create_model
-from affmae.finetune import seg_learner, label_subset, class_frequencies, balanced_weights
+from affmae.finetune import seg_learner, label_subset, class_frequencies, balanced_weights, PRETRAINED_LR
 from affmae.inference import evaluate_model, predict_plane
 from affmae.seg_io import overlay, to_uint8
 from affmae.graphs import StepGraph
@@ -391,7 +391,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0, **kw)
-    lr = lr or (a.pre_ft_lr or a.ft_lr if pre else a.ft_lr)
+    lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     t = time.time()
     with learn.no_bar(), learn.no_logging():
         if head_first:                                       # as `finetune --freeze_epochs`: the head first, then all
