@@ -56,7 +56,7 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, json, math, os, shutil, tempfile, time, warnings
+import argparse, gc, json, math, os, shutil, tempfile, time, warnings
 # many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
 # the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
 os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
@@ -170,7 +170,9 @@ def save(): (out / 'real_em.json').write_text(json.dumps(res, indent=1))
 def sync():
     if dev == 'cuda': torch.cuda.synchronize()
 def free():
-    if dev == 'cuda': torch.cuda.empty_cache()
+    """Give a finished run's GPU memory back: a Learner's callbacks hold it in a cycle, so `del` alone leaves its
+    model, optimiser state and captured graph to a later garbage collection."""
+    if dev == 'cuda': gc.collect(); torch.cuda.empty_cache()
 
 # ---- data: every set as uncompressed TIFF in a work folder (train/test splits, unlabelled) ----
 roots = [Path(r.strip()) for r in a.data.split(',') if r.strip()]
