@@ -33,7 +33,8 @@ few images per split).
    (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but
    its head frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what
    trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
-   `fine_tune`: freeze, fit, unfreeze, fit), each recorded as a `variant`. Runs from pretrained encoders peak at
+   `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
+   count: what the U-Net's lead owes to its steps), each recorded as a `variant`. Runs from pretrained encoders peak at
    `--pre-ft-lr` (default the library's `PRETRAINED_LR`), the others at `--ft-lr`. Same crops, augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by default;
    `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every model. With
@@ -126,9 +127,12 @@ p.add_argument('--compare-frozen', action='store_true',
 p.add_argument('--compare-head-first', type=int, default=None,
                help="also fine-tune each pretrained model training its head alone for this many of the run's steps "
                     "first (fastai's fine_tune)")
+p.add_argument('--compare-steps', type=int, default=None,
+               help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
 if a.compare_head_first is not None and not (a.ft_steps and 0 < a.compare_head_first < a.ft_steps):
     p.error(f"--compare-head-first {a.compare_head_first}: needs --ft-steps larger than it (got {a.ft_steps})")
+if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-steps must be >= 1, got {a.compare_steps}")
 t0 = time.time()
 tiny = a.tiny
 dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
@@ -425,7 +429,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
-# model training its head alone first
+# model training its head alone first; pretrained affmae for another number of steps
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -434,7 +438,9 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
             if a.compare_lr and init == 'pretrained'] + \
            [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen] + \
            [(f'head first {a.compare_head_first}', arch, init, dict(HEAD, head_first=a.compare_head_first))
-            for arch, init in CONFIGS if a.compare_head_first and init == 'pretrained']
+            for arch, init in CONFIGS if a.compare_head_first and init == 'pretrained'] + \
+           ([(f'{a.compare_steps} steps', ARCHS[0], 'pretrained', dict(HEAD, steps=a.compare_steps))]
+            if a.compare_steps else [])
 def loop_timing(dls, s, arch, n=(10, 60), **kw):
     """`arch`'s cost in fastai's loop on `dls`, as a run pays it: (seconds a step, seconds a fit beside its steps:
     capture, warm-up, validation), from three fits of a throwaway Learner (the first captures the step)."""
@@ -494,8 +500,9 @@ def fine_tune_set(name, s, dls, steps):
             log(f"{name} {frac:.0%}{tag} unet: mIoU {f3(row['miou'])} fg IoU {f3(row['fg_iou'])} ({u_steps} steps, "
                 f"{row['train_s']:.1f} s against {t_aff:.1f} s)")
             for variant, arch, init, kw in VARIANTS:
+                kw = dict(kw); n = kw.pop('steps', steps)
                 row, _ = budgeted(f'{name} {frac:.0%}{tag} {arch} {init}, {variant}', dls, s, arch,
-                                  init, frac, steps, seed, variant, **kw)
+                                  init, frac, n, seed, variant, **kw)
                 res['sets'][name]['runs'].append(row); save()
                 log(f"{name} {frac:.0%}{tag} {arch} {init}, {variant}: mIoU {f3(row['miou'])} fg IoU "
                     f"{f3(row['fg_iou'])}")

@@ -45,6 +45,7 @@ def test_pretrain_then_finetune(tmp_path):
     _fake_sets(data)
     err = _run('--data', data, '--out', out1, '--archs', 'vitmae_tiny', ok=False)    # fine-tuning: affmae first
     assert 'error: --archs vitmae_tiny: one or both of affmae_tiny, vitmae_tiny; fine-tuning needs affmae' in err, err
+    assert '--compare-steps must be >= 1, got 0' in _run('--data', data, '--out', out1, '--compare-steps', 0, ok=False)
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
@@ -56,7 +57,7 @@ def test_pretrain_then_finetune(tmp_path):
         assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
-         '--compare-head', 'pyramid', '--compare-head-first', 2)
+         '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3)
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -66,7 +67,9 @@ def test_pretrain_then_finetune(tmp_path):
                               ('vitmae_tiny', 'pretrained', ''), ('unet', 'scratch', ''),
                               ('affmae_tiny', 'pretrained', 'pyramid head'),
                               ('affmae_tiny', 'pretrained', 'head first 2'),
-                              ('vitmae_tiny', 'pretrained', 'head first 2')]), got
+                              ('vitmae_tiny', 'pretrained', 'head first 2'),
+                              ('affmae_tiny', 'pretrained', '3 steps')]), got
+        assert {r['steps'] for r in runs if r.get('variant') == '3 steps'} == {3}
         assert all(0 <= r['miou'] <= 1 for r in runs)
         assert {r['head'] for r in runs if r['arch'] != 'unet'} == {'unet', 'pyramid'}
         unet = next(r for r in runs if r['arch'] == 'unet')
