@@ -46,13 +46,17 @@ def decay_steps(n, depth=None):
     return [round((n - 1 - i) * (depth - 1) / max(n - 1, 1)) for i in range(n)]
 
 class LayerDecay(Callback):
-    "Layer-wise lr decay: parameter group `i` of `n` trains at `decay**decay_steps(n, depth)[i]` × the head's lr."
+    """Layer-wise lr decay: parameter group `i` of `n` trains at `decay**decay_steps(n, depth)[i]` × the lr that `fit`
+    or its schedule sets, the head (the last of two or more groups) at `head_mult` × it."""
     order, run_valid = 61, False  # right after `ParamScheduler` (60) has set this batch's lr
-    def __init__(self, decay, depth=None): self.decay, self.depth = decay, depth
+    def __init__(self, decay=1., depth=None, head_mult=1.):
+        self.decay, self.depth, self.head_mult = decay, depth, head_mult
     def before_batch(self):
-        hs = self.opt.hypers
-        lr = hs[-1]['lr']
-        self.opt.set_hyper('lr', [lr*self.decay**k for k in decay_steps(len(hs), self.depth)])   # fastai's or wrapped
+        lrs = [h['lr'] for h in self.opt.hypers]
+        if len(set(lrs)) == 1: self.lr = lrs[0]       # one lr for every group: fit's or the schedule's, not yet spread
+        mults = [self.decay**k for k in decay_steps(len(lrs), self.depth)]
+        if len(lrs) > 1: mults[-1] *= self.head_mult
+        self.opt.set_hyper('lr', [self.lr*m for m in mults])                              # fastai's or wrapped
 
 def layer_splitter(model):
     "Parameter groups from `model.layer_groups()` (input to head; the rest joins the last group), else one group."
@@ -104,10 +108,11 @@ def _precision(learn, mixed_precision):
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                capture=True, decay_depth=None, freeze=False, **model_kw):
+                capture=True, decay_depth=None, freeze=False, head_lr_mult=1., **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
-    optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`),
+    optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`)
+    and the head's peak lr at `head_lr_mult` × the others' (`LayerDecay`),
     weight decay `wd`, gradient clipping at norm `clip` and gradient accumulation over `accum` batches (one
     optimiser step per `accum` batches); `capture`: on CUDA, each training step is a replayed CUDA graph
     (`CaptureStep`); `freeze`: the head alone trains (fastai's `freeze`: every earlier parameter group frozen, its
@@ -115,7 +120,8 @@ def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', l
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if pretrained is not None: load_pretrained(model, pretrained)
-    cbs = list(cbs or []) + ([LayerDecay(lr_decay, decay_depth)] if lr_decay else []) \
+    spread = lr_decay or head_lr_mult != 1
+    cbs = list(cbs or []) + ([LayerDecay(lr_decay or 1., decay_depth, head_lr_mult)] if spread else []) \
           + ([GradientClip(clip)] if clip else []) + ([Accumulate(accum)] if accum != 1 else []) \
           + ([CaptureStep(model_loss=False)] if capture else [])
     loss = seg_loss(loss_func, **(loss_kw or {})) if isinstance(loss_func, str) else loss_func
@@ -218,7 +224,7 @@ def plot_grid(rows, ax=None, title='held-out mIoU'):
 
 # %% ../nbs/10e_finetune.ipynb #e38d6a42
 FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=1e-3, lr_final=None, warmup=.25,
-                         wd=.05, clip=None, lr_decay=.75, epochs=20, bs=8, augment='flips')
+                         wd=.05, clip=None, lr_decay=.75, head_lr=None, epochs=20, bs=8, augment='flips')
 PRETRAINED_LR = 2e-4                               # default peak lr from a pretrained encoder
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
@@ -257,6 +263,8 @@ def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_sy
     _require(0 < label_frac <= 1, f"--label-frac must be in (0, 1], got {label_frac}")
     _require(o['lr'] > 0 and 0 < o['lr_decay'] <= 1,
              f"--lr must be positive and --lr-decay in (0, 1], got {o['lr']} and {o['lr_decay']}")
+    _require(o['head_lr'] is None or (o['head_lr'] > 0 and o['arch'] != 'unet'),
+             f"--head-lr must be positive, for a transformer (unet has no separate head), got {o['head_lr']}")
     _require(o['lr_final'] is None or 0 < o['lr_final'] < o['lr'],
              f"--lr-final must be in (0, --lr), got {o['lr_final']}")
     _require(0 <= o['warmup'] < 1 and o['wd'] >= 0,
@@ -295,6 +303,7 @@ def finetune(
     accum:int=1,               # gradient accumulation: one optimiser step every N batches
     eff_bs:int=None,           # effective batch (bs x processes x accum): sets --accum
     lr_decay:float=None,       # layer-wise lr decay, 1 = off (default 0.75)
+    head_lr:float=None,        # peak lr of the head, the part a pretrained checkpoint lacks (default: --lr)
     label_frac:float=1.,       # fraction of the training images whose labels are used
     n_synth:int=64,            # synthetic training images (without --data)
     valid_pct:float=0.1,       # held-out fraction, in (0, 1)
@@ -314,7 +323,8 @@ def finetune(
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
     o = finetune_options(recipe, pretrained=bool(pretrained), epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma,
                          lr=lr, lr_final=lr_final, class_weights=_floats(class_weights, '--class-weights'),
-                         warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, augment=augment) | dict(arch=arch)
+                         warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, head_lr=head_lr,
+                         augment=augment) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
@@ -344,7 +354,7 @@ def finetune(
     learn = seg_learner(dls, arch, pretrained=pretrained, classes=classes, loss_func=o['loss'], loss_kw=_loss_kw(o),
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
                         accum=accum, capture=not no_capture, decay_depth=decay_depth,
-                        freeze=freeze or freeze_epochs > 0,
+                        freeze=freeze or freeze_epochs > 0, head_lr_mult=(o['head_lr'] or o['lr'])/o['lr'],
                         **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)

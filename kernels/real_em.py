@@ -33,11 +33,13 @@ few images per split).
    (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but
    its head frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what
    trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
-   `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
+   `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-head-lr X`) each pretrained model with its new head at
+   peak lr X (`finetune --head-lr`), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
    count: what the U-Net's lead owes to its steps), each recorded as a `variant`. Runs from pretrained encoders peak at
-   `--pre-ft-lr` (default the library's `PRETRAINED_LR`), the others at `--ft-lr`. Same crops, augmentation
-   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by default;
-   `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every model. With
+   `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
+   `--ft-lr`. Same crops, augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
+   loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
+   AdamW one-cycle for every model. With
    `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a row with its
    `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
@@ -100,6 +102,8 @@ p.add_argument('--ft-steps', type=int, default=None, help='fine-tuning steps per
 p.add_argument('--ft-lr', type=float, default=1e-3, help='peak fine-tuning lr of the runs from scratch and the U-Net')
 p.add_argument('--pre-ft-lr', type=float, default=None,
                help="peak fine-tuning lr of the runs from pretrained encoders (default: the library's, PRETRAINED_LR)")
+p.add_argument('--pre-head-lr', type=float, default=None,
+               help="peak lr of the pretrained runs' head (`finetune --head-lr`; default: the run's)")
 p.add_argument('--workers', type=int, default=4,
                help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
@@ -127,12 +131,16 @@ p.add_argument('--compare-frozen', action='store_true',
 p.add_argument('--compare-head-first', type=int, default=None,
                help="also fine-tune each pretrained model training its head alone for this many of the run's steps "
                     "first (fastai's fine_tune)")
+p.add_argument('--compare-head-lr', type=float, default=None,
+               help="also fine-tune each pretrained model with its head at this peak lr (the rest at the run's)")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
 if a.compare_head_first is not None and not (a.ft_steps and 0 < a.compare_head_first < a.ft_steps):
     p.error(f"--compare-head-first {a.compare_head_first}: needs --ft-steps larger than it (got {a.ft_steps})")
 if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-steps must be >= 1, got {a.compare_steps}")
+for o in ('pre_head_lr', 'compare_head_lr'):
+    if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
 t0 = time.time()
 tiny = a.tiny
 dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
@@ -384,7 +392,7 @@ def set_dls(s):
     return new
 
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
-        head_first=0, **kw):
+        head_first=0, head_lr=None, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -394,10 +402,12 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     torch.manual_seed(seed)
     pre = init == 'pretrained'
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
+    lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
+    head_lr = head_lr or (a.pre_head_lr if pre else None)
     learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
-                        decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0, **kw)
-    lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
+                        decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0,
+                        head_lr_mult=(head_lr or lr)/lr, **kw)
     t = time.time()
     with learn.no_bar(), learn.no_logging():
         if head_first:                                       # as `finetune --freeze_epochs`: the head first, then all
@@ -413,7 +423,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
-               train_s=round(train_s, 2),
+               **({'head_lr': head_lr} if head_lr else {}), train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], confusion=sc['confusion'],
@@ -429,7 +439,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
-# model training its head alone first; pretrained affmae for another number of steps
+# model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
+# another number of steps
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -439,6 +450,8 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen] + \
            [(f'head first {a.compare_head_first}', arch, init, dict(HEAD, head_first=a.compare_head_first))
             for arch, init in CONFIGS if a.compare_head_first and init == 'pretrained'] + \
+           [(f'head lr {a.compare_head_lr:g}', arch, init, dict(HEAD, head_lr=a.compare_head_lr))
+            for arch, init in CONFIGS if a.compare_head_lr and init == 'pretrained'] + \
            ([(f'{a.compare_steps} steps', ARCHS[0], 'pretrained', dict(HEAD, steps=a.compare_steps))]
             if a.compare_steps else [])
 def loop_timing(dls, s, arch, n=(10, 60), **kw):

@@ -46,6 +46,7 @@ def test_pretrain_then_finetune(tmp_path):
     err = _run('--data', data, '--out', out1, '--archs', 'vitmae_tiny', ok=False)    # fine-tuning: affmae first
     assert 'error: --archs vitmae_tiny: one or both of affmae_tiny, vitmae_tiny; fine-tuning needs affmae' in err, err
     assert '--compare-steps must be >= 1, got 0' in _run('--data', data, '--out', out1, '--compare-steps', 0, ok=False)
+    assert '--compare-head-lr must be positive' in _run('--data', data, '--out', out1, '--compare-head-lr', 0, ok=False)
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
@@ -57,7 +58,7 @@ def test_pretrain_then_finetune(tmp_path):
         assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
-         '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3)
+         '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3)
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -68,7 +69,11 @@ def test_pretrain_then_finetune(tmp_path):
                               ('affmae_tiny', 'pretrained', 'pyramid head'),
                               ('affmae_tiny', 'pretrained', 'head first 2'),
                               ('vitmae_tiny', 'pretrained', 'head first 2'),
+                              ('affmae_tiny', 'pretrained', 'head lr 0.005'),
+                              ('vitmae_tiny', 'pretrained', 'head lr 0.005'),
                               ('affmae_tiny', 'pretrained', '3 steps')]), got
+        assert [r.get('head_lr') for r in runs if r.get('variant') == 'head lr 0.005'] == [5e-3, 5e-3]
+        assert all('head_lr' not in r for r in runs if r.get('variant') != 'head lr 0.005')
         assert {r['steps'] for r in runs if r.get('variant') == '3 steps'} == {3}
         assert all(0 <= r['miou'] <= 1 for r in runs)
         assert {r['head'] for r in runs if r['arch'] != 'unet'} == {'unet', 'pyramid'}
@@ -76,7 +81,8 @@ def test_pretrain_then_finetune(tmp_path):
         assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
     _run('--data', data, '--sets', 'sbem-mito', '--out', out1, '--load-pretrained', pre, '--archs', 'affmae_tiny',
-         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '')          # ViT-MAE left out of fine-tuning
+         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3)   # ViT-MAE left out
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
-    got = sorted((r['arch'], r['init']) for r in runs)
-    assert got == [('affmae_tiny', 'pretrained'), ('affmae_tiny', 'scratch'), ('unet', 'scratch')], got
+    got = sorted((r['arch'], r['init'], r.get('head_lr')) for r in runs)
+    assert got == [('affmae_tiny', 'pretrained', 1e-3), ('affmae_tiny', 'scratch', None),
+                   ('unet', 'scratch', None)], got

@@ -215,7 +215,8 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
     assert main(['predict', str(ck), str(tmp_path/'missing.tif')]) == 2
 
 def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
-    "From pretrained weights the peak lr defaults to `PRETRAINED_LR`; `--lr` and a preset's lr still win."
+    """From pretrained weights the peak lr defaults to `PRETRAINED_LR`; `--lr` and a preset's lr still win; `--head-lr`
+    sets the head's own."""
     import warnings
     from affmae.cli import main
     tiny = ['--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '4', '--n-synth', '4', '--epochs', '1']
@@ -223,12 +224,17 @@ def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
         warnings.simplefilter('ignore')
         assert main(['pretrain', *tiny, '--precision', 'none', '--out', str(tmp_path/'pre')]) == 0
         pre = ['--pretrained', str(tmp_path/'pre'/'checkpoints')]
-        runs = {'scratch': [], 'pretrained': pre, 'given': [*pre, '--lr', '5e-4'], 'paper': [*pre, '--recipe', 'paper']}
+        runs = {'scratch': [], 'pretrained': pre, 'given': [*pre, '--lr', '5e-4'], 'paper': [*pre, '--recipe', 'paper'],
+                'head': [*pre, '--head-lr', '1e-3']}
         for name, extra in runs.items():
             assert main(['finetune', *tiny, *extra, '--out', str(tmp_path/name)]) == 0
-    lr = {k: load_model(tmp_path/k/'seg.safetensors')[1]['recipe']['lr'] for k in runs}
-    assert lr == dict(scratch=FINETUNE_DEFAULTS['lr'], pretrained=PRETRAINED_LR, given=5e-4,
-                      paper=FINETUNE_RECIPES['paper']['lr']) and PRETRAINED_LR < FINETUNE_DEFAULTS['lr']
+        assert main(['finetune', *tiny, '--head-lr', '0']) == 2
+        assert main(['finetune', *tiny, '--arch', 'unet', '--head-lr', '1e-3']) == 2
+    recipe = {k: load_model(tmp_path/k/'seg.safetensors')[1]['recipe'] for k in runs}
+    assert {k: r['lr'] for k, r in recipe.items()} == dict(
+        scratch=FINETUNE_DEFAULTS['lr'], pretrained=PRETRAINED_LR, given=5e-4, paper=FINETUNE_RECIPES['paper']['lr'],
+        head=PRETRAINED_LR) and PRETRAINED_LR < FINETUNE_DEFAULTS['lr']
+    assert recipe['head']['head_lr'] == 1e-3 and recipe['pretrained']['head_lr'] is None
 
 def test_evaluate_folder_mismatched_mask(tmp_path):
     import tifffile
