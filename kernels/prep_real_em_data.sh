@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The data folders of a real-EM round (`session_real_em.sh`), from the sets' folder (default ../shared/data), into
-# git-ignored folders of the repository root (replaced), each small enough to travel in one device call beside the
-# tree:
+# git-ignored folders of the repository root (replaced); a folder too large to travel in one device call beside the
+# tree is also split into parts that do (`split_carry.py`: data_em_e_p1, data_em_e_p2, ...):
 #   data_em_a  drosophila-vnc: training sections cut to 640², the held-out ones (16-19) whole (all five classes)
 #   data_em_s  drosophila-vnc's unlabelled 20-plane stack, cut to 640²
 #   data_em_d  sbem-mito (training, validation, unlabelled) and kidney-gbm's held-out split, cut to 512²
@@ -19,8 +19,4 @@ prep "$D/sbem-mito" data_em_d/sbem-mito --max 512 --skip ''
 prep "$D/kidney-gbm/test" data_em_d/kidney-gbm/test --max 512 --skip ''
 prep "$D/kidney-gbm/train" data_em_e/kidney-gbm/train --max 512 --skip ''
 for d in data_em_d data_em_e; do cp "$D/kidney-gbm/classes.txt" $d/kidney-gbm/; done
-tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-echo "tree $tree bytes; a call carries 67108864 in all; each folder alone leaves:"
-for d in data_em_a data_em_s data_em_d data_em_e .whl_gpu; do
-  [ -e $d ] && echo "  $d $(du -sb $d | cut -f1) -> $(( 67108864 - tree - $(du -sb $d | cut -f1) ))"
-done
+python3 kernels/split_carry.py data_em_a data_em_s data_em_d data_em_e .whl_gpu    # what to carry, split to fit

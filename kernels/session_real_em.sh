@@ -2,9 +2,10 @@
 # Device calls of a real-EM round (issue 13) on one warm machine, one phase a call; run from the repository root.
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
 # (`bash kernels/prep_real_em_data.sh`: data_em_a, data_em_s, data_em_d, data_em_e, what each holds in its header) are
-# carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: that script prints what
-# each folder leaves); ignored folders stay on a warm machine, which is given back after 30 s idle: issue the next
-# call at once. PRE_DATA overrides the pretraining roots.
+# carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: that script splits a
+# folder that does not fit into parts, `split_carry.py`, and prints what to carry; every phase first merges the parts
+# carried so far back into their folder); ignored folders stay on a warm machine, which is given back after 30 s idle:
+# issue the next call at once. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # fastai's loop with and without the lagged loss
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _d, _e, kept
@@ -16,6 +17,9 @@ phase=$1; shift
 log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
   grep -v 'Epoch\|it/s' >> "$log"; }         # every line but progress bars: a dying worker's own message too
+for part in data_em_*_p[0-9]*/; do                      # parts of a split folder (split_carry.py) into the folder
+  [ -d "$part" ] && mkdir -p "${part%_p*}" && cp -rn "$part". "${part%_p*}/"
+done
 [ -d .site/fastai ] ||
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl
 case $phase in
