@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
-           'levels_report', 'check_targets', 'targets_table', 'plot_scores', 'plot_pretraining', 'per_draw',
-           'class_gaps', 'plot_classes']
+           'levels_report', 'check_targets', 'targets_table', 'merge_draws', 'plot_scores', 'plot_pretraining',
+           'per_draw', 'class_gaps', 'plot_classes']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -156,6 +156,24 @@ def targets_table(checks):
     rows = ['| target | set | labels | value | against | met |', '|---|---|---|---:|---:|---|']
     return '\n'.join(rows + [f"| {c['what']} | {c['set']} | {f(c['label_frac'])} | {c['value']:.3f} | "
                               f"{c['against']:.3f} | {'yes' if c['met'] else '**no**'} |" for c in checks])
+
+# %% ../nbs/12_real_em.ipynb #0bf47fc6
+def _seed(res, r):
+    "A run's draw: its `seed`, else its file's one fine-tuning seed (`--ft-seeds`, else `--seed`), else 0."
+    args = res.get('args', {})
+    return r.get('seed', int(str(args.get('ft_seeds') or args.get('seed') or 0).split(',')[0]))
+
+def merge_draws(*results):
+    """One results dict holding the draws of several results files, each run tagged with its `seed`; a set's draw
+    that an earlier file holds is left out; settings and pretraining records those of the first file."""
+    sets, seen = {}, set()
+    for res in results:
+        new = {n: [dict(r, seed=_seed(res, r)) for r in s['runs'] if (n, _seed(res, r)) not in seen]
+               for n, s in res['sets'].items()}
+        for n, s in res['sets'].items():
+            sets.setdefault(n, dict(s, runs=[]))['runs'] += new[n]
+        seen |= {(n, r['seed']) for n, rs in new.items() for r in rs}
+    return dict(results[0], sets=sets)
 
 # %% ../nbs/12_real_em.ipynb #d17a4789
 def plot_scores(res, metric='miou', axs=None):

@@ -7,7 +7,9 @@ held-out pixels per class counted by `real_em.py --classes-only` (same `--data`)
 writes `present_classes.json` beside them: per results file (`real_em*.json`), every run's scores re-averaged and the
 issue's targets (`check_targets`) read from them. A folder without `heldout_classes.json` (runs that already average
 over the classes present) gets `targets.json`: the same, scores as recorded. Either way a file whose pretrained models
-were also fine-tuned as a variant (`--compare-lr`, `--compare-head`) adds that variant's targets (`variant_targets`).
+were also fine-tuned as a variant (`--compare-lr`, `--compare-head`) adds that variant's targets (`variant_targets`),
+and a folder of several draws (`--ft-seeds`, a file each) adds the targets on each model's mean over them
+(`over_draws`: `merge_draws` of the files in name order, each set's draw counted once).
 
     python kernels/real_em.py --data data_em_a,data_em_c --classes-only --out /tmp/held
     cp /tmp/held/real_em.json kernels/results/real_em_run9/heldout_classes.json
@@ -16,7 +18,7 @@ were also fine-tuned as a variant (`--compare-lr`, `--compare-head`) adds that v
 """
 import argparse, json
 from pathlib import Path
-from affmae.real_em import load_results, rescore, check_targets
+from affmae.real_em import load_results, rescore, check_targets, merge_draws
 
 p = argparse.ArgumentParser()
 p.add_argument('run', help="a run's folder of real_em*.json files (and heldout_classes.json, to re-score)")
@@ -25,15 +27,20 @@ run = Path(a.run)
 held_file = run / 'heldout_classes.json'
 held = ({n: s['test_class_pixels'] for n, s in load_results(held_file)['sets'].items()}
         if held_file.exists() else None)
-out = dict(test_class_pixels=held, results={})
+out, files = dict(test_class_pixels=held, results={}), []
 for f in sorted(run.glob('real_em*.json')):
     res = rescore(load_results(f), held) if held else load_results(f)
+    files.append(res)
     archs = [x for x in res['archs'] if x != 'unet']
     rec = dict(sets={n: dict(classes=s['classes'], runs=s['runs']) for n, s in res['sets'].items()},
                targets=check_targets(res, *archs[:2]))
     variants = sorted({r['variant'] for s in res['sets'].values() for r in s['runs'] if r.get('variant')})
     if variants: rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants}
     out['results'][f.name] = rec
+merged = merge_draws(*files)
+if len({r['seed'] for s in merged['sets'].values() for r in s['runs']}) > 1:
+    archs = [x for x in merged['archs'] if x != 'unet']
+    out['over_draws'] = check_targets(merged, *archs[:2])
 dest = run / ('present_classes.json' if held else 'targets.json')
 dest.write_text(json.dumps(out, indent=1))
 print('wrote', dest, {k: len(v['targets']) for k, v in out['results'].items()})
