@@ -4,7 +4,7 @@
 
 # %% ../nbs/10e_finetune.ipynb #51b80298
 from __future__ import annotations
-import json, math, random, time
+import gc, json, math, random, time
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -176,8 +176,11 @@ def _grid_run(dls, arch, init, frac, steps, lr, lr_decay, seed, pretrained, kw) 
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, lr)
     vals = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
     scores = {k: None if v is None or v != v else float(v) for k, v in vals.items()}
-    return dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps,
-                seconds=round(time.time()-t, 2), **scores)
+    row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps,
+               seconds=round(time.time()-t, 2), **scores)
+    del learn; gc.collect()          # a Learner sits in a reference cycle: free its model and optimiser state now
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    return row
 
 def finetune_grid(dls, archs, pretrained=None, fracs=(0.1, 1.), steps=100, lr=1e-3, lr_decay=0.75, seed=0,
                   inits=('pretrained', 'scratch'), **kw):
