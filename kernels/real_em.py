@@ -35,7 +35,9 @@ few images per split).
    trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
    `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-head-lr X`) each pretrained model with its new head at
    peak lr X (`finetune --head-lr`), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
-   count: what the U-Net's lead owes to its steps), each recorded as a `variant`. Runs from pretrained encoders peak at
+   count: what the U-Net's lead owes to its steps), and (`--compare-head-alone`) affmae_base's `'unet'` head alone
+   from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the U-Net), each
+   recorded as a `variant`. Runs from pretrained encoders peak at
    `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
    `--ft-lr`. Same crops, augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
    loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
@@ -133,6 +135,8 @@ p.add_argument('--compare-head-first', type=int, default=None,
                     "first (fastai's fine_tune)")
 p.add_argument('--compare-head-lr', type=float, default=None,
                help="also fine-tune each pretrained model with its head at this peak lr (the rest at the run's)")
+p.add_argument('--compare-head-alone', action='store_true',
+               help="also fine-tune affmae's 'unet' head alone from scratch, its backbone features zeros")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
@@ -171,6 +175,7 @@ from affmae.seg_io import overlay, to_uint8
 from affmae.graphs import StepGraph
 from affmae.seg_metrics import seg_loss
 from affmae.real_em import plot_pretraining, plot_scores, results_table, check_targets, targets_table, recon_levels
+from head_path_cpu import HeadAlone                     # kernels/: the 'unet' head's image path alone
 
 HEAD = dict(head_skip=a.head)
 res = dict(device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu', torch=torch.__version__,
@@ -392,7 +397,7 @@ def set_dls(s):
     return new
 
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
-        head_first=0, head_lr=None, **kw):
+        head_first=0, head_lr=None, head_alone=False, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -404,7 +409,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
-    learn = seg_learner(dls, arch, pretrained=states[arch] if pre else None, classes=s['classes'],
+    model = HeadAlone(len(s['classes']), stride=create_model(arch).patch) if head_alone else arch
+    learn = seg_learner(dls, model, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0,
                         head_lr_mult=(head_lr or lr)/lr, **kw)
@@ -440,7 +446,7 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
-# another number of steps
+# another number of steps; affmae's 'unet' head alone, from scratch
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -453,7 +459,9 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            [(f'head lr {a.compare_head_lr:g}', arch, init, dict(HEAD, head_lr=a.compare_head_lr))
             for arch, init in CONFIGS if a.compare_head_lr and init == 'pretrained'] + \
            ([(f'{a.compare_steps} steps', ARCHS[0], 'pretrained', dict(HEAD, steps=a.compare_steps))]
-            if a.compare_steps else [])
+            if a.compare_steps else []) + \
+           ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
+            if a.compare_head_alone else [])
 def loop_timing(dls, s, arch, n=(10, 60), **kw):
     """`arch`'s cost in fastai's loop on `dls`, as a run pays it: (seconds a step, seconds a fit beside its steps:
     capture, warm-up, validation), from three fits of a throwaway Learner (the first captures the step)."""
@@ -534,8 +542,8 @@ for si, name in enumerate(names):
     eval_s = 2 / 3 * test_tiles * T[f'{ARCHS[0]}_finetune_step_s'] / B + 0.1 * len(dls.test_src) + 1
     # a variant's step: its model's, but for the other head's (timed apart); the U-Net runs affmae's seconds
     per_step = sum(T[f'{arch}_finetune_step_s'] for arch, _ in CONFIGS) + T[f'{ARCHS[0]}_finetune_step_s'] \
-               + sum(T[f'{arch}_finetune_step_s'] if kw.get('head_skip') == a.head else T['compare_finetune_step_s']
-                     for _, arch, _, kw in VARIANTS)
+               + sum(T[f'{arch}_finetune_step_s'] if kw.get('head_skip') == a.head or kw.get('head_alone')
+                     else T['compare_finetune_step_s'] for _, arch, _, kw in VARIANTS)
     runs_left, n_runs = (len(names) - si) * len(FRACS) * len(SEEDS), len(CONFIGS) + 1 + len(VARIANTS)
     steps = a.ft_steps or (4 if tiny else
                            max(20, int((left / runs_left - n_runs * (eval_s + 4)) / (per_step * OVERHEAD))))

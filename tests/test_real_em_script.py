@@ -58,7 +58,8 @@ def test_pretrain_then_finetune(tmp_path):
         assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
-         '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3)
+         '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3,
+         '--compare-head-alone')
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -71,7 +72,8 @@ def test_pretrain_then_finetune(tmp_path):
                               ('vitmae_tiny', 'pretrained', 'head first 2'),
                               ('affmae_tiny', 'pretrained', 'head lr 0.005'),
                               ('vitmae_tiny', 'pretrained', 'head lr 0.005'),
-                              ('affmae_tiny', 'pretrained', '3 steps')]), got
+                              ('affmae_tiny', 'pretrained', '3 steps'),
+                              ('affmae_tiny', 'scratch', 'head alone')]), got
         assert [r.get('head_lr') for r in runs if r.get('variant') == 'head lr 0.005'] == [5e-3, 5e-3]
         assert all('head_lr' not in r for r in runs if r.get('variant') != 'head lr 0.005')
         assert {r['steps'] for r in runs if r.get('variant') == '3 steps'} == {3}
