@@ -108,12 +108,15 @@ class UpHead(nn.Module):
     conv of the average-pooled image (`skip='image'`) or an `ImagePyramid` level (`skip='pyramid'`), or with none
     (`skip='none'`: the backbone's features alone decide); `skip='unet'`: the pyramid one level deeper, its
     stride-`stride` level fused with the backbone's features (a whole U-Net encoder beside the backbone); `width`: at
-    stride/2 (default 64, or 16·stride with a pyramid: a U-Net's widths, 32 at full resolution, ×2 a level)."""
-    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image'):
+    stride/2 (default 64, or 16·stride with a pyramid: a U-Net's widths, 32 at full resolution, ×2 a level);
+    `zero_fuse` (with `skip='unet'`): the fusing convolution's weights on the backbone's channels start at zero, so
+    training starts from the image path alone and lets the backbone's features in as far as their gradients pull."""
+    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image', zero_fuse=False):
         super().__init__()
         n = int(round(math.log2(stride)))
         if 2**n != stride: raise ValueError(f"stride must be a power of 2, got {stride}")
         if skip not in HEAD_SKIPS: raise ValueError(f"skip must be one of {HEAD_SKIPS}, got {skip!r}")
+        if zero_fuse and skip != 'unet': raise ValueError(f"zero_fuse needs skip='unet', got {skip!r}")
         pyr = skip in ('pyramid', 'unet')
         width = width or (16 * stride if pyr else 64)
         ws = [max(width >> i, 32 if pyr else 16) for i in range(n)]                      # stride/2 ... 1
@@ -121,6 +124,7 @@ class UpHead(nn.Module):
         deep = 2 * ws[0] if skip == 'unet' else 0                                         # the image at `stride`
         self.stride, self.skip = stride, skip
         self.proj = conv_gn(in_dim + deep, ws[0], 3 if deep else 1)
+        if zero_fuse: nn.init.zeros_(self.proj[0].weight[:, :in_dim])                  # the backbone's channels
         self.skips = ImagePyramid(in_chans, cs[::-1] + ([deep] if deep else [])) if pyr else \
                      nn.ModuleList(conv_gn(in_chans, c) for c in cs if c)
         self.ups = nn.ModuleList(nn.Sequential(conv_gn(ws[max(i-1, 0)] + c, w), conv_gn(w, w))
@@ -170,7 +174,8 @@ class FPNHead(nn.Module):
 class ViTSeg(nn.Module):
     "ViT-MAE encoder on all patches, a simple feature pyramid from 4 of its blocks, `FPNHead`, `UpHead` to pixels."
     pretrained_prefixes = ('embed.', 'blocks.', 'norm.')
-    def __init__(self, vit, n_classes, fpn_dim=256, head_width=None, taps=None, head_skip='pyramid'):
+    def __init__(self, vit, n_classes, fpn_dim=256, head_width=None, taps=None, head_skip='pyramid',
+                 head_zero_fuse=False):
         super().__init__()
         self.patch, self.dim, D = vit.patch, vit.dim, vit.dim
         self.embed, self.blocks, self.norm = vit.embed, vit.blocks, vit.norm
@@ -183,7 +188,7 @@ class ViTSeg(nn.Module):
         self.pyramid = nn.ModuleList([up, nn.Identity(), pool(2), pool(4)])
         self.fpn = FPNHead((D//2, D, D, D), fpn_dim)
         self.head = UpHead(fpn_dim, n_classes, stride=self.patch//2, in_chans=vit.in_chans, width=head_width,
-                           skip=head_skip)
+                           skip=head_skip, zero_fuse=head_zero_fuse)
 
 # %% ../nbs/10a_seg_models.ipynb #47057aab
 @patch
@@ -214,8 +219,9 @@ def layer_groups(self: ViTSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #6a4225ff
 def _vit_seg(name, fpn_dim):
-    def build(n_classes=5, fpn_dim=fpn_dim, head_width=None, taps=None, head_skip='pyramid', **kw):
-        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip)
+    def build(n_classes=5, fpn_dim=fpn_dim, head_width=None, taps=None, head_skip='pyramid', head_zero_fuse=False,
+              **kw):
+        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip, head_zero_fuse)
     build.__doc__ = f"`ViTSeg` on a `{name}` encoder."
     return build
 
@@ -226,14 +232,14 @@ for _n, _fd in (('vitmae_tiny', 32), ('vitmae_small', 128), ('vitmae_base', 256)
 class AFFSeg(nn.Module):
     "AFF encoder on all patches + pretrained point decoder (queries at every patch) + `UpHead`: per-pixel logits."
     pretrained_prefixes = ('encoder.', 'decoder.')
-    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid'):
+    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False):
         super().__init__()
         self.patch, self.encoder, self.decoder = mae.patch, mae.encoder, mae.decoder
         hs = self.decoder.heads
         for i in range(len(hs) - 1): hs[i] = nn.Identity()         # intermediate reconstruction heads: unused
         hs[-1][1] = nn.Identity()                                  # last head: keep its LayerNorm, drop the projection
         self.head = UpHead(self.decoder.dim, n_classes, stride=self.patch, in_chans=self.encoder.in_chans,
-                           width=head_width, skip=head_skip)
+                           width=head_width, skip=head_skip, zero_fuse=head_zero_fuse)
 
 # %% ../nbs/10a_seg_models.ipynb #bb467b48
 @patch
@@ -266,9 +272,9 @@ def layer_groups(self: AFFSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #a2c7eee8
 def _aff_seg(name):
-    def build(n_classes=5, head_width=None, head_skip='pyramid', **kw):
+    def build(n_classes=5, head_width=None, head_skip='pyramid', head_zero_fuse=False, **kw):
         if name.endswith('_paper'): kw.setdefault('ds', .4)      # the published fine-tuning merges at rate 0.4
-        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip)
+        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip, head_zero_fuse)
     build.__doc__ = f"`AFFSeg` on an `{name}` backbone."
     return build
 

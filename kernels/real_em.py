@@ -35,15 +35,15 @@ few images per split).
    trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
    `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-head-lr X`) each pretrained model with its new head at
    peak lr X (`finetune --head-lr`), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
-   count: what the U-Net's lead owes to its steps), and (`--compare-head-alone`) affmae_base's `'unet'` head alone
-   from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the U-Net), each
-   recorded as a `variant`. Runs from pretrained encoders peak at
-   `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
-   `--ft-lr`. Same crops, augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
-   loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
-   AdamW one-cycle for every model. With
-   `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a row with its
-   `seed`.
+   count: what the U-Net's lead owes to its steps), and (`--compare-zero-fuse`) pretrained affmae_base whose `'unet'`
+   head starts from its image path alone (`head_zero_fuse`), and (`--compare-head-alone`) affmae_base's `'unet'`
+   head alone from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the
+   U-Net), each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's
+   `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops, augmentation
+   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
+   default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
+   model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a
+   row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
@@ -135,6 +135,9 @@ p.add_argument('--compare-head-first', type=int, default=None,
                     "first (fastai's fine_tune)")
 p.add_argument('--compare-head-lr', type=float, default=None,
                help="also fine-tune each pretrained model with its head at this peak lr (the rest at the run's)")
+p.add_argument('--compare-zero-fuse', action='store_true',
+               help="also fine-tune the pretrained affmae model with its 'unet' head's backbone channels at zero "
+                    "(`head_zero_fuse`; needs --head unet)")
 p.add_argument('--compare-head-alone', action='store_true',
                help="also fine-tune affmae's 'unet' head alone from scratch, its backbone features zeros")
 p.add_argument('--compare-steps', type=int, default=None,
@@ -143,6 +146,7 @@ a = p.parse_args()
 if a.compare_head_first is not None and not (a.ft_steps and 0 < a.compare_head_first < a.ft_steps):
     p.error(f"--compare-head-first {a.compare_head_first}: needs --ft-steps larger than it (got {a.ft_steps})")
 if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-steps must be >= 1, got {a.compare_steps}")
+if a.compare_zero_fuse and a.head != 'unet': p.error(f"--compare-zero-fuse needs --head unet, got --head {a.head}")
 for o in ('pre_head_lr', 'compare_head_lr'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
 t0 = time.time()
@@ -446,7 +450,8 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
-# another number of steps; affmae's 'unet' head alone, from scratch
+# another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; affmae's 'unet' head
+# alone, from scratch
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -460,6 +465,7 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
             for arch, init in CONFIGS if a.compare_head_lr and init == 'pretrained'] + \
            ([(f'{a.compare_steps} steps', ARCHS[0], 'pretrained', dict(HEAD, steps=a.compare_steps))]
             if a.compare_steps else []) + \
+           ([('zero fuse', ARCHS[0], 'pretrained', dict(HEAD, head_zero_fuse=True))] if a.compare_zero_fuse else []) + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
             if a.compare_head_alone else [])
 def loop_timing(dls, s, arch, n=(10, 60), **kw):
