@@ -34,7 +34,11 @@ class HeadAlone(nn.Module):
         return self.head(feats, x)[..., :H, :W]
 
 
-MODELS = {'unet': lambda n: create_model('unet', 'segmentation', n_classes=n), 'head_alone': HeadAlone}
+MODELS = {'unet': lambda n: create_model('unet', 'segmentation', n_classes=n), 'head_alone': HeadAlone,
+          # the same head beside a small transformer (from scratch), its backbone channels at first random or zero
+          'affmae_tiny': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n, head_skip='unet'),
+          'affmae_tiny_zero_fuse': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n,
+                                                          head_skip='unet', head_zero_fuse=True)}
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,7 +50,7 @@ if __name__ == '__main__':
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--frac', type=float, default=0.1, help='share of the training tiles whose labels are used')
     p.add_argument('--seeds', default='0,1', help='draws of the labelled tiles (and init and crops), comma-separated')
-    p.add_argument('--models', default=','.join(MODELS))
+    p.add_argument('--models', default='unet,head_alone', help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', required=True, help='results JSON')
     a = p.parse_args()
