@@ -168,7 +168,7 @@ def merge_draws(*results):
     that an earlier file holds is left out; settings and pretraining records those of the first file."""
     sets, seen = {}, set()
     for res in results:
-        new = {n: [dict(r, seed=_seed(res, r)) for r in s['runs'] if (n, _seed(res, r)) not in seen]
+        new = {n: [r for r in (dict(r, seed=_seed(res, r)) for r in s['runs']) if (n, r['seed']) not in seen]
                for n, s in res['sets'].items()}
         for n, s in res['sets'].items():
             sets.setdefault(n, dict(s, runs=[]))['runs'] += new[n]

@@ -61,7 +61,7 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, gc, json, math, os, shutil, tempfile, time, warnings
+import argparse, functools, gc, json, math, os, shutil, tempfile, time, warnings
 # many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
 # the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
 os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
@@ -400,6 +400,8 @@ def set_dls(s):
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
     return new
 
+patch_of = functools.cache(lambda arch: create_model(arch).patch)     # an arch's patch side, read off one model
+
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
         head_first=0, head_lr=None, head_alone=False, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
@@ -413,7 +415,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
-    model = HeadAlone(len(s['classes']), stride=create_model(arch).patch) if head_alone else arch
+    model = HeadAlone(len(s['classes']), stride=patch_of(arch)) if head_alone else arch
     learn = seg_learner(dls, model, pretrained=states[arch] if pre else None, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0,
