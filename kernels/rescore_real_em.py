@@ -9,7 +9,8 @@ issue's targets (`check_targets`) read from them. A folder without `heldout_clas
 over the classes present) gets `targets.json`: the same, scores as recorded. Either way a file whose pretrained models
 were also fine-tuned as a variant (`--compare-lr`, `--compare-head`) adds that variant's targets (`variant_targets`),
 and a folder of several draws (`--ft-seeds`, a file each) adds the targets on each model's mean over them
-(`over_draws`: `merge_draws` of the files in name order, each set's draw counted once).
+(`over_draws`: `merge_draws` of the files in name order, each set's draw counted once), and so do the variants
+whose pretrained runs it holds, each beside the main runs of its own draws (`over_draws_variants`).
 
     python kernels/real_em.py --data data_em_a,data_em_c --classes-only --out /tmp/held
     cp /tmp/held/real_em.json kernels/results/real_em_run9/heldout_classes.json
@@ -37,10 +38,19 @@ for f in sorted(run.glob('real_em*.json')):
     variants = sorted({r['variant'] for s in res['sets'].values() for r in s['runs'] if r.get('variant')})
     if variants: rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants}
     out['results'][f.name] = rec
+def only_draws_of(res, variant):
+    "`res` with only the draws (set, seed) that hold a run of `variant`: a variant judged on the main runs beside it."
+    keep = {(n, r['seed']) for n, s in res['sets'].items() for r in s['runs'] if r.get('variant') == variant}
+    return dict(res, sets={n: dict(s, runs=[r for r in s['runs'] if (n, r['seed']) in keep])
+                           for n, s in res['sets'].items()})
+
 merged = merge_draws(*files)
 if len({r['seed'] for s in merged['sets'].values() for r in s['runs']}) > 1:
     archs = [x for x in merged['archs'] if x != 'unet']
     out['over_draws'] = check_targets(merged, *archs[:2])
+    variants = sorted({r['variant'] for s in merged['sets'].values() for r in s['runs'] if r.get('variant')})
+    targets = {v: check_targets(only_draws_of(merged, v), *archs[:2], variant=v) for v in variants}
+    if any(targets.values()): out['over_draws_variants'] = {v: t for v, t in targets.items() if t}
 dest = run / ('present_classes.json' if held else 'targets.json')
 dest.write_text(json.dumps(out, indent=1))
 print('wrote', dest, {k: len(v['targets']) for k, v in out['results'].items()})
