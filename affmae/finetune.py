@@ -33,7 +33,7 @@ from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
 __all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps',
-           'LayerDecay', 'layer_splitter', 'SegLearner', 'seg_learner', 'label_subset', 'class_frequencies',
+           'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset', 'class_frequencies',
            'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune',
            'load_segmenter', 'predict', 'evaluate']
 
@@ -106,9 +106,19 @@ def _precision(learn, mixed_precision):
     elif mixed_precision:
         raise ValueError(f"mixed_precision must be 'auto', 'bf16', 'fp16' or None; got {mixed_precision!r}")
 
+class AuxLoss:
+    "`loss` of a model's logits, plus `weight` × `loss` of its auxiliary logits when it returns both (in training)."
+    def __init__(self, loss, weight): self.loss, self.weight = loss, weight
+    def __call__(self, pred, targ):
+        if not isinstance(pred, tuple): return self.loss(pred, targ)
+        main, aux = pred
+        return self.loss(main, targ) + self.weight * self.loss(aux, targ)
+    def activation(self, x): return self.loss.activation(x)
+    def decodes(self, x): return self.loss.decodes(x)
+
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                capture=True, decay_depth=None, freeze=False, head_lr_mult=1., **model_kw):
+                capture=True, decay_depth=None, freeze=False, head_lr_mult=1., aux_weight=0., **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
     optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`)
@@ -116,15 +126,21 @@ def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', l
     weight decay `wd`, gradient clipping at norm `clip` and gradient accumulation over `accum` batches (one
     optimiser step per `accum` batches); `capture`: on CUDA, each training step is a replayed CUDA graph
     (`CaptureStep`); `freeze`: the head alone trains (fastai's `freeze`: every earlier parameter group frozen, its
-    norms too)."""
+    norms too); `aux_weight`: deep supervision, a transformer's head also reads out logits from the backbone's
+    features alone (`head_aux`) and their loss counts `aux_weight` times (`AuxLoss`)."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
+    if aux_weight < 0: raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+    if aux_weight and isinstance(arch, str) and arch != 'unet': model_kw['head_aux'] = True
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
+    if aux_weight and getattr(getattr(model, 'head', None), 'aux', None) is None:
+        raise ValueError(f"aux_weight needs a transformer's head with its read-out (head_aux); {arch} has none")
     if pretrained is not None: load_pretrained(model, pretrained)
     spread = lr_decay or head_lr_mult != 1
     cbs = list(cbs or []) + ([LayerDecay(lr_decay or 1., decay_depth, head_lr_mult)] if spread else []) \
           + ([GradientClip(clip)] if clip else []) + ([Accumulate(accum)] if accum != 1 else []) \
           + ([CaptureStep(model_loss=False)] if capture else [])
     loss = seg_loss(loss_func, **(loss_kw or {})) if isinstance(loss_func, str) else loss_func
+    if aux_weight: loss = AuxLoss(loss, aux_weight)
     if metrics is None: metrics = seg_metrics(classes, per_class=per_class)
     learn = SegLearner(dls, model, loss_func=loss, opt_func=partial(adamw, betas=SEG_BETAS), metrics=metrics,
                        splitter=layer_splitter, wd=wd, cbs=cbs)
@@ -227,7 +243,8 @@ def plot_grid(rows, ax=None, title='held-out mIoU'):
 
 # %% ../nbs/10e_finetune.ipynb #e38d6a42
 FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=1e-3, lr_final=None, warmup=.25,
-                         wd=.05, clip=None, lr_decay=.75, head_lr=None, epochs=20, bs=8, augment='flips')
+                         wd=.05, clip=None, lr_decay=.75, head_lr=None, aux_weight=0., epochs=20, bs=8,
+                         augment='flips')
 PRETRAINED_LR = 2e-4                               # default peak lr from a pretrained encoder
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
@@ -268,6 +285,8 @@ def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_sy
              f"--lr must be positive and --lr-decay in (0, 1], got {o['lr']} and {o['lr_decay']}")
     _require(o['head_lr'] is None or (o['head_lr'] > 0 and o['arch'] != 'unet'),
              f"--head-lr must be positive, for a transformer (unet has no separate head), got {o['head_lr']}")
+    _require(o['aux_weight'] >= 0 and (not o['aux_weight'] or o['arch'] != 'unet'),
+             f"--aux-weight must be >= 0, for a transformer (unet has no backbone read-out), got {o['aux_weight']}")
     _require(o['lr_final'] is None or 0 < o['lr_final'] < o['lr'],
              f"--lr-final must be in (0, --lr), got {o['lr_final']}")
     _require(0 <= o['warmup'] < 1 and o['wd'] >= 0,
@@ -307,6 +326,7 @@ def finetune(
     eff_bs:int=None,           # effective batch (bs x processes x accum): sets --accum
     lr_decay:float=None,       # layer-wise lr decay, 1 = off (default 0.75)
     head_lr:float=None,        # peak lr of the head, the part a pretrained checkpoint lacks (default: --lr)
+    aux_weight:float=None,     # weight of a loss on the backbone's own logits (deep supervision; default 0: off)
     label_frac:float=1.,       # fraction of the training images whose labels are used
     n_synth:int=64,            # synthetic training images (without --data)
     valid_pct:float=0.1,       # held-out fraction, in (0, 1)
@@ -326,7 +346,7 @@ def finetune(
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
     o = finetune_options(recipe, pretrained=bool(pretrained), epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma,
                          lr=lr, lr_final=lr_final, class_weights=_floats(class_weights, '--class-weights'),
-                         warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, head_lr=head_lr,
+                         warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, head_lr=head_lr, aux_weight=aux_weight,
                          augment=augment) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
@@ -358,6 +378,7 @@ def finetune(
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
                         accum=accum, capture=not no_capture, decay_depth=decay_depth,
                         freeze=freeze or freeze_epochs > 0, head_lr_mult=(o['head_lr'] or o['lr'])/o['lr'],
+                        aux_weight=o['aux_weight'],
                         **({'head_skip': head} if head else {}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)

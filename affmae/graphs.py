@@ -19,7 +19,7 @@ __all__ = ['StepGraph', 'CaptureStep']
 class StepGraph:
     """Train `model` with `opt`, a batch per call: eagerly `warmup` times per input shape, then by a captured CUDA
     graph. The loss is the model's own (`out['loss']` of `model(img[, mask])`) or, given `loss_func`,
-    `loss_func(model(x), y)`."""
+    `loss_func(model(x), y)` (a model may return a tuple, its main output first: `pred` is that one)."""
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float | None = None,
                  amp: torch.dtype | None = torch.bfloat16, warmup: int = 3, log=print, emulate: bool = False,
                  loss_func=None):
@@ -38,7 +38,7 @@ class StepGraph:
         if self.loss_func is not None:
             pred = m(batch[0])
             loss = self.loss_func(pred, *batch[1:])
-            return loss, dict(loss=loss.detach(), pred=pred.detach())
+            return loss, dict(loss=loss.detach(), pred=(pred[0] if isinstance(pred, tuple) else pred).detach())
         img, *mask = batch
         out = m(img) if not mask else m(img, mask[0], m.n_visible(*m.grid(img)))
         return out['loss'], dict(loss=out['loss'].detach(), losses=[l.detach() for l in out['losses']],

@@ -16,7 +16,7 @@ from .unet import UNet
 
 # %% auto #0
 __all__ = ['HEAD_SKIPS', 'backbone', 'read_state', 'check_pretrained', 'load_pretrained', 'conv_gn', 'ImagePyramid', 'UpHead',
-           'pad_to', 'FPNHead', 'ViTSeg', 'AFFSeg']
+           'pad_to', 'crop_to', 'FPNHead', 'ViTSeg', 'AFFSeg']
 
 # %% ../nbs/10a_seg_models.ipynb #ef9d3286
 def backbone(name, **kw):
@@ -110,8 +110,10 @@ class UpHead(nn.Module):
     stride-`stride` level fused with the backbone's features (a whole U-Net encoder beside the backbone); `width`: at
     stride/2 (default 64, or 16·stride with a pyramid: a U-Net's widths, 32 at full resolution, ×2 a level);
     `zero_fuse` (with `skip='unet'`): the fusing convolution's weights on the backbone's channels start at zero, so
-    training starts from the image path alone and lets the backbone's features in as far as their gradients pull."""
-    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image', zero_fuse=False):
+    training starts from the image path alone and lets the backbone's features in as far as their gradients pull;
+    `aux`: in training the head also returns the logits of a 1×1 convolution of the backbone's features alone,
+    upsampled to the image (deep supervision: a loss on them, `AuxLoss`, makes those features segment by themselves)."""
+    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image', zero_fuse=False, aux=False):
         super().__init__()
         n = int(round(math.log2(stride)))
         if 2**n != stride: raise ValueError(f"stride must be a power of 2, got {stride}")
@@ -130,6 +132,7 @@ class UpHead(nn.Module):
         self.ups = nn.ModuleList(nn.Sequential(conv_gn(ws[max(i-1, 0)] + c, w), conv_gn(w, w))
                                  for i, (w, c) in enumerate(zip(ws, cs)))
         self.cls = nn.Conv2d(ws[-1], n_classes, 1)
+        self.aux = nn.Conv2d(in_dim, n_classes, 1) if aux else None
 
     def image_features(self, img):
         "The image's features at strides `stride`/2, …, 2, 1 (coarsest first; `stride` first with `skip='unet'`)."
@@ -138,13 +141,15 @@ class UpHead(nn.Module):
         return [conv(F.avg_pool2d(img, s) if s > 1 else img) for s, conv in zip(ss, self.skips)]
 
     def forward(self, feats, img):
-        "Logits `(B, n_classes, H, W)` from features `feats` at stride `stride` and the image `img` `(B, C, H, W)`."
+        """Logits `(B, n_classes, H, W)` from features `feats` at stride `stride` and the image `img` `(B, C, H, W)`;
+        in training with `aux`, the pair (logits, the backbone's own logits)."""
         ims = self.image_features(img)
         x = self.proj(torch.cat([feats, ims.pop(0)], 1) if self.skip == 'unet' else feats)
         for i, up in enumerate(self.ups):
             x = F.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
             x = up(torch.cat([x, ims[i]], 1) if ims else x)
-        return self.cls(x)
+        if self.aux is None or not self.training: return self.cls(x)
+        return self.cls(x), F.interpolate(self.aux(feats), size=img.shape[-2:], mode='bilinear', align_corners=False)
 
 def pad_to(img, m):
     "Pad `img` (B,C,H,W) at the bottom/right to a multiple of `m` (reflection where possible)."
@@ -152,6 +157,10 @@ def pad_to(img, m):
     ph, pw = -H % m, -W % m
     if not (ph or pw): return img
     return F.pad(img, (0, pw, 0, ph), mode='reflect' if ph < H and pw < W else 'replicate')
+
+def crop_to(out, H, W):
+    "A head's output (logits, or a tuple of them) cropped to `H`×`W`, the image's size before `pad_to`."
+    return tuple(o[..., :H, :W] for o in out) if isinstance(out, tuple) else out[..., :H, :W]
 
 # %% ../nbs/10a_seg_models.ipynb #51c07d2a
 class FPNHead(nn.Module):
@@ -175,7 +184,7 @@ class ViTSeg(nn.Module):
     "ViT-MAE encoder on all patches, a simple feature pyramid from 4 of its blocks, `FPNHead`, `UpHead` to pixels."
     pretrained_prefixes = ('embed.', 'blocks.', 'norm.')
     def __init__(self, vit, n_classes, fpn_dim=256, head_width=None, taps=None, head_skip='pyramid',
-                 head_zero_fuse=False):
+                 head_zero_fuse=False, head_aux=False):
         super().__init__()
         self.patch, self.dim, D = vit.patch, vit.dim, vit.dim
         self.embed, self.blocks, self.norm = vit.embed, vit.blocks, vit.norm
@@ -188,7 +197,7 @@ class ViTSeg(nn.Module):
         self.pyramid = nn.ModuleList([up, nn.Identity(), pool(2), pool(4)])
         self.fpn = FPNHead((D//2, D, D, D), fpn_dim)
         self.head = UpHead(fpn_dim, n_classes, stride=self.patch//2, in_chans=vit.in_chans, width=head_width,
-                           skip=head_skip, zero_fuse=head_zero_fuse)
+                           skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux)
 
 # %% ../nbs/10a_seg_models.ipynb #47057aab
 @patch
@@ -210,7 +219,7 @@ def forward(self: ViTSeg, img):
     H, W = img.shape[-2:]
     x = pad_to(img, self.patch)
     maps = [f(m) for f, m in zip(self.pyramid, self.features(x))]
-    return self.head(self.fpn(maps), x)[..., :H, :W]
+    return crop_to(self.head(self.fpn(maps), x), H, W)
 
 @patch
 def layer_groups(self: ViTSeg):
@@ -220,8 +229,8 @@ def layer_groups(self: ViTSeg):
 # %% ../nbs/10a_seg_models.ipynb #6a4225ff
 def _vit_seg(name, fpn_dim):
     def build(n_classes=5, fpn_dim=fpn_dim, head_width=None, taps=None, head_skip='pyramid', head_zero_fuse=False,
-              **kw):
-        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip, head_zero_fuse)
+              head_aux=False, **kw):
+        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip, head_zero_fuse, head_aux)
     build.__doc__ = f"`ViTSeg` on a `{name}` encoder."
     return build
 
@@ -232,14 +241,14 @@ for _n, _fd in (('vitmae_tiny', 32), ('vitmae_small', 128), ('vitmae_base', 256)
 class AFFSeg(nn.Module):
     "AFF encoder on all patches + pretrained point decoder (queries at every patch) + `UpHead`: per-pixel logits."
     pretrained_prefixes = ('encoder.', 'decoder.')
-    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False):
+    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False):
         super().__init__()
         self.patch, self.encoder, self.decoder = mae.patch, mae.encoder, mae.decoder
         hs = self.decoder.heads
         for i in range(len(hs) - 1): hs[i] = nn.Identity()         # intermediate reconstruction heads: unused
         hs[-1][1] = nn.Identity()                                  # last head: keep its LayerNorm, drop the projection
         self.head = UpHead(self.decoder.dim, n_classes, stride=self.patch, in_chans=self.encoder.in_chans,
-                           width=head_width, skip=head_skip, zero_fuse=head_zero_fuse)
+                           width=head_width, skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux)
 
 # %% ../nbs/10a_seg_models.ipynb #bb467b48
 @patch
@@ -255,7 +264,7 @@ def forward(self: AFFSeg, img):
     "Logits `(B, n_classes, H, W)` of `img` `(B, C, H, W)` of any size (padded to the patch, cropped back)."
     H, W = img.shape[-2:]
     x = pad_to(img, self.patch)
-    return self.head(self.features(x), x)[..., :H, :W]
+    return crop_to(self.head(self.features(x), x), H, W)
 
 @patch
 def layer_groups(self: AFFSeg):
@@ -272,9 +281,9 @@ def layer_groups(self: AFFSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #a2c7eee8
 def _aff_seg(name):
-    def build(n_classes=5, head_width=None, head_skip='pyramid', head_zero_fuse=False, **kw):
+    def build(n_classes=5, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False, **kw):
         if name.endswith('_paper'): kw.setdefault('ds', .4)      # the published fine-tuning merges at rate 0.4
-        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip, head_zero_fuse)
+        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip, head_zero_fuse, head_aux)
     build.__doc__ = f"`AFFSeg` on an `{name}` backbone."
     return build
 

@@ -140,6 +140,9 @@ p.add_argument('--compare-zero-fuse', action='store_true',
                     "(`head_zero_fuse`; needs --head unet)")
 p.add_argument('--compare-head-alone', action='store_true',
                help="also fine-tune affmae's 'unet' head alone from scratch, its backbone features zeros")
+p.add_argument('--compare-aux', type=float, default=None,
+               help="also fine-tune affmae, pretrained and from scratch, with a loss on its backbone's own logits "
+                    "at this weight (`seg_learner(aux_weight)`: deep supervision)")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
@@ -147,7 +150,7 @@ if a.compare_head_first is not None and not (a.ft_steps and 0 < a.compare_head_f
     p.error(f"--compare-head-first {a.compare_head_first}: needs --ft-steps larger than it (got {a.ft_steps})")
 if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-steps must be >= 1, got {a.compare_steps}")
 if a.compare_zero_fuse and a.head != 'unet': p.error(f"--compare-zero-fuse needs --head unet, got --head {a.head}")
-for o in ('pre_head_lr', 'compare_head_lr'):
+for o in ('pre_head_lr', 'compare_head_lr', 'compare_aux'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
 t0 = time.time()
 tiny = a.tiny
@@ -435,7 +438,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
-               **({'head_lr': head_lr} if head_lr else {}), train_s=round(train_s, 2),
+               **({'head_lr': head_lr} if head_lr else {}),
+               **({'aux_weight': kw['aux_weight']} if 'aux_weight' in kw else {}), train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], confusion=sc['confusion'],
@@ -453,7 +457,7 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
 # another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; affmae's 'unet' head
-# alone, from scratch
+# alone, from scratch; affmae, pretrained and from scratch, with its backbone's own logits supervised too
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -469,7 +473,9 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
             if a.compare_steps else []) + \
            ([('zero fuse', ARCHS[0], 'pretrained', dict(HEAD, head_zero_fuse=True))] if a.compare_zero_fuse else []) + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
-            if a.compare_head_alone else [])
+            if a.compare_head_alone else []) + \
+           [(f'aux {a.compare_aux:g}', arch, init, dict(HEAD, aux_weight=a.compare_aux)) for arch, init in CONFIGS
+            if a.compare_aux and arch == ARCHS[0]]
 def loop_timing(dls, s, arch, n=(10, 60), **kw):
     """`arch`'s cost in fastai's loop on `dls`, as a run pays it: (seconds a step, seconds a fit beside its steps:
     capture, warm-up, validation), from three fits of a throwaway Learner (the first captures the step)."""

@@ -47,6 +47,7 @@ def test_pretrain_then_finetune(tmp_path):
     assert 'error: --archs vitmae_tiny: one or both of affmae_tiny, vitmae_tiny; fine-tuning needs affmae' in err, err
     assert '--compare-steps must be >= 1, got 0' in _run('--data', data, '--out', out1, '--compare-steps', 0, ok=False)
     assert '--compare-head-lr must be positive' in _run('--data', data, '--out', out1, '--compare-head-lr', 0, ok=False)
+    assert '--compare-aux must be positive' in _run('--data', data, '--out', out1, '--compare-aux', -1, ok=False)
     err = _run('--data', data, '--out', out1, '--compare-zero-fuse', ok=False)
     assert '--compare-zero-fuse needs --head unet' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
@@ -61,7 +62,7 @@ def test_pretrain_then_finetune(tmp_path):
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
          '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3,
-         '--compare-head-alone', '--compare-zero-fuse')
+         '--compare-head-alone', '--compare-zero-fuse', '--compare-aux', .4)
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -76,7 +77,9 @@ def test_pretrain_then_finetune(tmp_path):
                               ('vitmae_tiny', 'pretrained', 'head lr 0.005'),
                               ('affmae_tiny', 'pretrained', '3 steps'),
                               ('affmae_tiny', 'scratch', 'head alone'),
-                              ('affmae_tiny', 'pretrained', 'zero fuse')]), got
+                              ('affmae_tiny', 'pretrained', 'zero fuse'),
+                              ('affmae_tiny', 'pretrained', 'aux 0.4'), ('affmae_tiny', 'scratch', 'aux 0.4')]), got
+        assert [r.get('aux_weight') for r in runs if r.get('variant') == 'aux 0.4'] == [.4, .4]
         assert [r.get('head_lr') for r in runs if r.get('variant') == 'head lr 0.005'] == [5e-3, 5e-3]
         assert all('head_lr' not in r for r in runs if r.get('variant') != 'head lr 0.005')
         assert {r['steps'] for r in runs if r.get('variant') == '3 steps'} == {3}

@@ -216,7 +216,7 @@ def test_cli_finetune_predict_evaluate(tmp_path, one_thread):
 
 def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
     """From pretrained weights the peak lr defaults to `PRETRAINED_LR`; `--lr` and a preset's lr still win; `--head-lr`
-    sets the head's own."""
+    sets the head's own; `--aux-weight` is recorded, and its read-out saved and rebuilt."""
     import warnings
     from affmae.cli import main
     tiny = ['--arch', 'vitmae_tiny', '--img-size', '32', '--bs', '4', '--n-synth', '4', '--epochs', '1']
@@ -225,16 +225,22 @@ def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
         assert main(['pretrain', *tiny, '--precision', 'none', '--out', str(tmp_path/'pre')]) == 0
         pre = ['--pretrained', str(tmp_path/'pre'/'checkpoints')]
         runs = {'scratch': [], 'pretrained': pre, 'given': [*pre, '--lr', '5e-4'], 'paper': [*pre, '--recipe', 'paper'],
-                'head': [*pre, '--head-lr', '1e-3']}
+                'head': [*pre, '--head-lr', '1e-3'], 'aux': [*pre, '--aux-weight', '0.4']}
         for name, extra in runs.items():
             assert main(['finetune', *tiny, *extra, '--out', str(tmp_path/name)]) == 0
         assert main(['finetune', *tiny, '--head-lr', '0']) == 2
         assert main(['finetune', *tiny, '--arch', 'unet', '--head-lr', '1e-3']) == 2
+        assert main(['finetune', *tiny, '--aux-weight', '-1']) == 2
+        assert main(['finetune', *tiny, '--arch', 'unet', '--aux-weight', '0.4']) == 2
     recipe = {k: load_model(tmp_path/k/'seg.safetensors')[1]['recipe'] for k in runs}
     assert {k: r['lr'] for k, r in recipe.items()} == dict(
         scratch=FINETUNE_DEFAULTS['lr'], pretrained=PRETRAINED_LR, given=5e-4, paper=FINETUNE_RECIPES['paper']['lr'],
-        head=PRETRAINED_LR) and PRETRAINED_LR < FINETUNE_DEFAULTS['lr']
+        head=PRETRAINED_LR, aux=PRETRAINED_LR) and PRETRAINED_LR < FINETUNE_DEFAULTS['lr']
     assert recipe['head']['head_lr'] == 1e-3 and recipe['pretrained']['head_lr'] is None
+    assert recipe['aux']['aux_weight'] == .4 and recipe['pretrained']['aux_weight'] == 0
+    model, meta = load_model(tmp_path/'aux'/'seg.safetensors')          # the read-out comes back with the weights
+    assert meta['config']['head_aux'] and model.head.aux is not None and 'head_aux' not in load_model(
+        tmp_path/'pretrained'/'seg.safetensors')[1]['config']
 
 def test_evaluate_folder_mismatched_mask(tmp_path):
     import tifffile
