@@ -38,7 +38,11 @@ MODELS = {'unet': lambda n: create_model('unet', 'segmentation', n_classes=n), '
           # the same head beside a small transformer (from scratch), its backbone channels at first random or zero
           'affmae_tiny': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n, head_skip='unet'),
           'affmae_tiny_zero_fuse': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n,
-                                                          head_skip='unet', head_zero_fuse=True)}
+                                                          head_skip='unet', head_zero_fuse=True),
+          # and with the transformer's own logits supervised too (deep supervision, `seg_learner(aux_weight)`)
+          'affmae_tiny_aux': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n, head_skip='unet',
+                                                    head_aux=True)}
+AUX_WEIGHTS = {'affmae_tiny_aux': .4}
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,7 +75,8 @@ if __name__ == '__main__':
             label_subset(dls, a.frac, seed)
             dls.train.dataset.n = dls.train.n = a.bs * a.steps           # one epoch of `steps` batches
             model = MODELS[name](len(classes))
-            learn = seg_learner(dls, model, classes=classes, per_class=False, capture=False, mixed_precision=None)
+            learn = seg_learner(dls, model, classes=classes, per_class=False, capture=False, mixed_precision=None,
+                                aux_weight=AUX_WEIGHTS.get(name, 0.))
             t = time.time()
             with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(1, a.lr)
             train_s = time.time() - t
