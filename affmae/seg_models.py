@@ -112,19 +112,24 @@ class UpHead(nn.Module):
     `zero_fuse` (with `skip='unet'`): the fusing convolution's weights on the backbone's channels start at zero, so
     training starts from the image path alone and lets the backbone's features in as far as their gradients pull;
     `aux`: in training the head also returns the logits of a 1×1 convolution of the backbone's features alone,
-    upsampled to the image (deep supervision: a loss on them, `AuxLoss`, makes those features segment by themselves)."""
-    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image', zero_fuse=False, aux=False):
+    upsampled to the image (deep supervision: a loss on them, `AuxLoss`, makes those features segment by themselves);
+    `path_drop`: in training, each image's whole image path is zeroed with this probability (the rest scaled up as
+    dropout does), so the head learns to segment from the backbone's features too."""
+    def __init__(self, in_dim, n_classes, stride=8, in_chans=1, width=None, skip='image', zero_fuse=False, aux=False,
+                 path_drop=0.):
         super().__init__()
         n = int(round(math.log2(stride)))
         if 2**n != stride: raise ValueError(f"stride must be a power of 2, got {stride}")
         if skip not in HEAD_SKIPS: raise ValueError(f"skip must be one of {HEAD_SKIPS}, got {skip!r}")
         if zero_fuse and skip != 'unet': raise ValueError(f"zero_fuse needs skip='unet', got {skip!r}")
+        if not 0 <= path_drop < 1 or (path_drop and skip == 'none'):
+            raise ValueError(f"path_drop must be in [0, 1), with an image path; got {path_drop} with skip={skip!r}")
         pyr = skip in ('pyramid', 'unet')
         width = width or (16 * stride if pyr else 64)
         ws = [max(width >> i, 32 if pyr else 16) for i in range(n)]                      # stride/2 ... 1
         cs = ws if pyr else [w // 2 for w in ws] if skip == 'image' else [0] * n          # fused image features
         deep = 2 * ws[0] if skip == 'unet' else 0                                         # the image at `stride`
-        self.stride, self.skip = stride, skip
+        self.stride, self.skip, self.path_drop = stride, skip, path_drop
         self.proj = conv_gn(in_dim + deep, ws[0], 3 if deep else 1)
         if zero_fuse: nn.init.zeros_(self.proj[0].weight[:, :in_dim])                  # the backbone's channels
         self.skips = ImagePyramid(in_chans, cs[::-1] + ([deep] if deep else [])) if pyr else \
@@ -144,6 +149,9 @@ class UpHead(nn.Module):
         """Logits `(B, n_classes, H, W)` from features `feats` at stride `stride` and the image `img` `(B, C, H, W)`;
         in training with `aux`, the pair (logits, the backbone's own logits)."""
         ims = self.image_features(img)
+        if self.training and self.path_drop:                     # per image: its whole image path kept or dropped
+            keep = (torch.rand(img.shape[0], 1, 1, 1, device=img.device) >= self.path_drop) / (1 - self.path_drop)
+            ims = [m * keep.to(m.dtype) for m in ims]
         x = self.proj(torch.cat([feats, ims.pop(0)], 1) if self.skip == 'unet' else feats)
         for i, up in enumerate(self.ups):
             x = F.interpolate(x, scale_factor=2., mode='bilinear', align_corners=False)
@@ -184,7 +192,7 @@ class ViTSeg(nn.Module):
     "ViT-MAE encoder on all patches, a simple feature pyramid from 4 of its blocks, `FPNHead`, `UpHead` to pixels."
     pretrained_prefixes = ('embed.', 'blocks.', 'norm.')
     def __init__(self, vit, n_classes, fpn_dim=256, head_width=None, taps=None, head_skip='pyramid',
-                 head_zero_fuse=False, head_aux=False):
+                 head_zero_fuse=False, head_aux=False, head_path_drop=0.):
         super().__init__()
         self.patch, self.dim, D = vit.patch, vit.dim, vit.dim
         self.embed, self.blocks, self.norm = vit.embed, vit.blocks, vit.norm
@@ -197,7 +205,7 @@ class ViTSeg(nn.Module):
         self.pyramid = nn.ModuleList([up, nn.Identity(), pool(2), pool(4)])
         self.fpn = FPNHead((D//2, D, D, D), fpn_dim)
         self.head = UpHead(fpn_dim, n_classes, stride=self.patch//2, in_chans=vit.in_chans, width=head_width,
-                           skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux)
+                           skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux, path_drop=head_path_drop)
 
 # %% ../nbs/10a_seg_models.ipynb #47057aab
 @patch
@@ -229,8 +237,9 @@ def layer_groups(self: ViTSeg):
 # %% ../nbs/10a_seg_models.ipynb #6a4225ff
 def _vit_seg(name, fpn_dim):
     def build(n_classes=5, fpn_dim=fpn_dim, head_width=None, taps=None, head_skip='pyramid', head_zero_fuse=False,
-              head_aux=False, **kw):
-        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip, head_zero_fuse, head_aux)
+              head_aux=False, head_path_drop=0., **kw):
+        return ViTSeg(backbone(name, **kw), n_classes, fpn_dim, head_width, taps, head_skip, head_zero_fuse, head_aux,
+                      head_path_drop)
     build.__doc__ = f"`ViTSeg` on a `{name}` encoder."
     return build
 
@@ -241,14 +250,16 @@ for _n, _fd in (('vitmae_tiny', 32), ('vitmae_small', 128), ('vitmae_base', 256)
 class AFFSeg(nn.Module):
     "AFF encoder on all patches + pretrained point decoder (queries at every patch) + `UpHead`: per-pixel logits."
     pretrained_prefixes = ('encoder.', 'decoder.')
-    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False):
+    def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False,
+                 head_path_drop=0.):
         super().__init__()
         self.patch, self.encoder, self.decoder = mae.patch, mae.encoder, mae.decoder
         hs = self.decoder.heads
         for i in range(len(hs) - 1): hs[i] = nn.Identity()         # intermediate reconstruction heads: unused
         hs[-1][1] = nn.Identity()                                  # last head: keep its LayerNorm, drop the projection
         self.head = UpHead(self.decoder.dim, n_classes, stride=self.patch, in_chans=self.encoder.in_chans,
-                           width=head_width, skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux)
+                           width=head_width, skip=head_skip, zero_fuse=head_zero_fuse, aux=head_aux,
+                           path_drop=head_path_drop)
 
 # %% ../nbs/10a_seg_models.ipynb #bb467b48
 @patch
@@ -281,9 +292,11 @@ def layer_groups(self: AFFSeg):
 
 # %% ../nbs/10a_seg_models.ipynb #a2c7eee8
 def _aff_seg(name):
-    def build(n_classes=5, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False, **kw):
+    def build(n_classes=5, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False,
+              head_path_drop=0., **kw):
         if name.endswith('_paper'): kw.setdefault('ds', .4)      # the published fine-tuning merges at rate 0.4
-        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip, head_zero_fuse, head_aux)
+        return AFFSeg(backbone(name, **kw), n_classes, head_width, head_skip, head_zero_fuse, head_aux,
+                      head_path_drop)
     build.__doc__ = f"`AFFSeg` on an `{name}` backbone."
     return build
 

@@ -143,6 +143,9 @@ p.add_argument('--compare-head-alone', action='store_true',
 p.add_argument('--compare-aux', type=float, default=None,
                help="also fine-tune affmae, pretrained and from scratch, with a loss on its backbone's own logits "
                     "at this weight (`seg_learner(aux_weight)`: deep supervision)")
+p.add_argument('--compare-path-drop', type=float, default=None,
+               help="also fine-tune affmae, pretrained and from scratch, its head's image path dropped per image with "
+                    "this probability in training (`head_path_drop`; needs an image path)")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
@@ -152,6 +155,8 @@ if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-step
 if a.compare_zero_fuse and a.head != 'unet': p.error(f"--compare-zero-fuse needs --head unet, got --head {a.head}")
 for o in ('pre_head_lr', 'compare_head_lr', 'compare_aux'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
+if a.compare_path_drop is not None and not (0 < a.compare_path_drop < 1 and a.head != 'none'):
+    p.error(f"--compare-path-drop must be in (0, 1), with an image path; got {a.compare_path_drop}, --head {a.head}")
 t0 = time.time()
 tiny = a.tiny
 dev = 'cpu' if tiny or not torch.cuda.is_available() else 'cuda'
@@ -439,7 +444,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
                **({'head_lr': head_lr} if head_lr else {}),
-               **({'aux_weight': kw['aux_weight']} if 'aux_weight' in kw else {}), train_s=round(train_s, 2),
+               **{k: kw[k] for k in ('aux_weight', 'head_path_drop') if k in kw}, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
                per_class=sc['per_class'], confusion=sc['confusion'],
@@ -457,7 +462,8 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
 # another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; affmae's 'unet' head
-# alone, from scratch; affmae, pretrained and from scratch, with its backbone's own logits supervised too
+# alone, from scratch; affmae, pretrained and from scratch, with its backbone's own logits supervised too, or with its
+# head's image path dropped for some images
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -475,7 +481,9 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
             if a.compare_head_alone else []) + \
            [(f'aux {a.compare_aux:g}', arch, init, dict(HEAD, aux_weight=a.compare_aux)) for arch, init in CONFIGS
-            if a.compare_aux and arch == ARCHS[0]]
+            if a.compare_aux and arch == ARCHS[0]] + \
+           [(f'path drop {a.compare_path_drop:g}', arch, init, dict(HEAD, head_path_drop=a.compare_path_drop))
+            for arch, init in CONFIGS if a.compare_path_drop and arch == ARCHS[0]]
 def loop_timing(dls, s, arch, n=(10, 60), **kw):
     """`arch`'s cost in fastai's loop on `dls`, as a run pays it: (seconds a step, seconds a fit beside its steps:
     capture, warm-up, validation), from three fits of a throwaway Learner (the first captures the step)."""

@@ -48,6 +48,8 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-steps must be >= 1, got 0' in _run('--data', data, '--out', out1, '--compare-steps', 0, ok=False)
     assert '--compare-head-lr must be positive' in _run('--data', data, '--out', out1, '--compare-head-lr', 0, ok=False)
     assert '--compare-aux must be positive' in _run('--data', data, '--out', out1, '--compare-aux', -1, ok=False)
+    err = _run('--data', data, '--out', out1, '--compare-path-drop', 1, ok=False)
+    assert '--compare-path-drop must be in (0, 1), with an image path' in err, err
     err = _run('--data', data, '--out', out1, '--compare-zero-fuse', ok=False)
     assert '--compare-zero-fuse needs --head unet' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
@@ -62,7 +64,8 @@ def test_pretrain_then_finetune(tmp_path):
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
          '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3,
-         '--compare-head-alone', '--compare-zero-fuse', '--compare-aux', .4)
+         '--compare-head-alone', '--compare-zero-fuse', '--compare-aux', .4,
+         '--compare-path-drop', .5)
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -78,7 +81,10 @@ def test_pretrain_then_finetune(tmp_path):
                               ('affmae_tiny', 'pretrained', '3 steps'),
                               ('affmae_tiny', 'scratch', 'head alone'),
                               ('affmae_tiny', 'pretrained', 'zero fuse'),
-                              ('affmae_tiny', 'pretrained', 'aux 0.4'), ('affmae_tiny', 'scratch', 'aux 0.4')]), got
+                              ('affmae_tiny', 'pretrained', 'aux 0.4'), ('affmae_tiny', 'scratch', 'aux 0.4'),
+                              ('affmae_tiny', 'pretrained', 'path drop 0.5'),
+                              ('affmae_tiny', 'scratch', 'path drop 0.5')]), got
+        assert [r.get('head_path_drop') for r in runs if r.get('variant') == 'path drop 0.5'] == [.5, .5]
         assert [r.get('aux_weight') for r in runs if r.get('variant') == 'aux 0.4'] == [.4, .4]
         assert [r.get('head_lr') for r in runs if r.get('variant') == 'head lr 0.005'] == [5e-3, 5e-3]
         assert all('head_lr' not in r for r in runs if r.get('variant') != 'head lr 0.005')
