@@ -41,7 +41,10 @@ MODELS = {'unet': lambda n: create_model('unet', 'segmentation', n_classes=n), '
                                                           head_skip='unet', head_zero_fuse=True),
           # and with the transformer's own logits supervised too (deep supervision, `seg_learner(aux_weight)`)
           'affmae_tiny_aux': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n, head_skip='unet',
-                                                    head_aux=True)}
+                                                    head_aux=True),
+          # or with the head's image path dropped for half the training images (`head_path_drop`)
+          'affmae_tiny_path_drop': lambda n: create_model('affmae_tiny', 'segmentation', n_classes=n,
+                                                          head_skip='unet', head_path_drop=.5)}
 AUX_WEIGHTS = {'affmae_tiny_aux': .4}
 
 if __name__ == '__main__':
