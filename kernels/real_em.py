@@ -38,8 +38,11 @@ few images per split).
    count: what the U-Net's lead owes to its steps), and (`--compare-zero-fuse`) pretrained affmae_base whose `'unet'`
    head starts from its image path alone (`head_zero_fuse`), and (`--compare-head-alone`) affmae_base's `'unet'`
    head alone from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the
-   U-Net), each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's
-   `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops, augmentation
+   U-Net), and (`--compare-aux W`, `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its
+   backbone's own logits at weight W (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of
+   the training images (`head_path_drop`), each recorded as a `variant`. Runs from pretrained encoders peak at
+   `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
+   `--ft-lr`. Same crops, augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
    default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
    model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a

@@ -21,6 +21,16 @@ import argparse, json
 from pathlib import Path
 from affmae.real_em import load_results, rescore, check_targets, merge_draws
 
+def variants_of(res):
+    "The variants (`--compare-*`) that `res`'s runs hold, sorted."
+    return sorted({r['variant'] for s in res['sets'].values() for r in s['runs'] if r.get('variant')})
+
+def only_draws_of(res, variant):
+    "`res` with only the draws (set, seed) that hold a run of `variant`: a variant judged on the main runs beside it."
+    keep = {(n, r['seed']) for n, s in res['sets'].items() for r in s['runs'] if r.get('variant') == variant}
+    return dict(res, sets={n: dict(s, runs=[r for r in s['runs'] if (n, r['seed']) in keep])
+                           for n, s in res['sets'].items()})
+
 p = argparse.ArgumentParser()
 p.add_argument('run', help="a run's folder of real_em*.json files (and heldout_classes.json, to re-score)")
 a = p.parse_args()
@@ -35,21 +45,14 @@ for f in sorted(run.glob('real_em*.json')):
     archs = [x for x in res['archs'] if x != 'unet']
     rec = dict(sets={n: dict(classes=s['classes'], runs=s['runs']) for n, s in res['sets'].items()},
                targets=check_targets(res, *archs[:2]))
-    variants = sorted({r['variant'] for s in res['sets'].values() for r in s['runs'] if r.get('variant')})
-    if variants: rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants}
+    if variants_of(res):
+        rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants_of(res)}
     out['results'][f.name] = rec
-def only_draws_of(res, variant):
-    "`res` with only the draws (set, seed) that hold a run of `variant`: a variant judged on the main runs beside it."
-    keep = {(n, r['seed']) for n, s in res['sets'].items() for r in s['runs'] if r.get('variant') == variant}
-    return dict(res, sets={n: dict(s, runs=[r for r in s['runs'] if (n, r['seed']) in keep])
-                           for n, s in res['sets'].items()})
-
 merged = merge_draws(*files)
 if len({r['seed'] for s in merged['sets'].values() for r in s['runs']}) > 1:
     archs = [x for x in merged['archs'] if x != 'unet']
     out['over_draws'] = check_targets(merged, *archs[:2])
-    variants = sorted({r['variant'] for s in merged['sets'].values() for r in s['runs'] if r.get('variant')})
-    targets = {v: check_targets(only_draws_of(merged, v), *archs[:2], variant=v) for v in variants}
+    targets = {v: check_targets(only_draws_of(merged, v), *archs[:2], variant=v) for v in variants_of(merged)}
     if any(targets.values()): out['over_draws_variants'] = {v: t for v, t in targets.items() if t}
 dest = run / ('present_classes.json' if held else 'targets.json')
 dest.write_text(json.dumps(out, indent=1))
