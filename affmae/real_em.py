@@ -14,12 +14,13 @@ import matplotlib.pyplot as plt
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
            'levels_report', 'check_targets', 'targets_table', 'merge_draws', 'plot_scores', 'plot_pretraining',
-           'per_draw', 'class_gaps', 'plot_classes']
+           'per_draw', 'class_gaps', 'paired_diffs', 'paired_summary', 'plot_classes']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
-    "The results of `kernels/real_em.py` (its `real_em.json`) as a dict."
-    return json.loads(Path(path).read_text())
+    "The results of `kernels/real_em.py` (its `real_em.json`) as a dict; a file that is not JSON raises naming it."
+    try: return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{path}: not a results file ({e})") from None
 
 def model_name(r):
     "A run's label: `arch (init)`, or just `unet` (always from scratch); its `variant` and `seed`, if any, appended."
@@ -234,6 +235,28 @@ def class_gaps(res, arch='affmae_base', init='pretrained', rival='unet'):
     for k, d in per_draw(res).items():
         a, r = d.get((arch, init, None)), d.get((rival, 'scratch', None))
         if a and r: out[k] = {c: r['per_class'][c]['iou'] - a['per_class'][c]['iou'] for c in a['per_class']}
+    return out
+
+# %% ../nbs/12_real_em.ipynb #211e142b
+def paired_diffs(runs, a, b, metric='miou'):
+    """Per set, `metric` of model `a` minus that of model `b` (each an `(arch, init, variant)` key of `per_draw`) in
+    every draw of every run that holds both: `{set: [(run, draw, difference), ...]}`; `runs`: `{run: results}`."""
+    out = {}
+    for run, res in runs.items():
+        for (n, draw), d in sorted(per_draw(res).items()):
+            if a in d and b in d: out.setdefault(n, []).append((run, draw, d[a][metric] - d[b][metric]))
+    return out
+
+def paired_summary(diffs, level=0.95):
+    """Per set of `paired_diffs`: pairs `n`, `mean` difference, `ci` the half-width of its Student-t `level`
+    interval (NaN for one pair), the interval's ends `low` and `high`, and pairs `won` (difference > 0)."""
+    from scipy.stats import t
+    out = {}
+    for n, ps in diffs.items():
+        d = np.array([p[-1] for p in ps])
+        half = t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+        m = float(d.mean())
+        out[n] = dict(n=len(d), mean=m, ci=float(half), low=m - half, high=m + half, won=int((d > 0).sum()))
     return out
 
 # %% ../nbs/12_real_em.ipynb #942b2b8b

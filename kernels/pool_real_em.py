@@ -1,0 +1,43 @@
+"""Pretrained AFFMAE-Base against its twin from scratch and against the U-Net, pooled over several real-EM runs of one
+fine-tuning recipe: every draw of every run a pair (`paired_diffs`), per set the mean difference, its Student-t
+interval (`--level`, default 95 %) and the pairs won (`paired_summary`). Each run's folder is read as
+`rescore_real_em.py` reads it (its `real_em*.json` files merged in name order, `merge_draws`); the folders must share
+the recipe (checked: the `'unet'` head, the fine-tuning steps and label fraction, each model's lr).
+
+    PYTHONPATH=. python kernels/pool_real_em.py kernels/results/real_em_run{15,16,17,18} \\
+        --out kernels/results/real_em_pooled.json
+"""
+import argparse, json, sys
+from pathlib import Path
+from affmae.real_em import load_results, merge_draws, per_draw, paired_diffs, paired_summary
+
+MODELS = {'pretrained': ('affmae_base', 'pretrained', None), 'scratch': ('affmae_base', 'scratch', None),
+          'unet': ('unet', 'scratch', None)}
+
+def recipe(res):
+    "What must match across the pooled runs: head, steps, label fractions, and each main model's lr."
+    lrs = {k: sorted({d[m]['lr'] for d in per_draw(res).values() if m in d}) for k, m in MODELS.items()}
+    return dict(head=res['args']['head'], ft_steps=res['args']['ft_steps'], fracs=res['args']['fracs'], lr=lrs)
+
+p = argparse.ArgumentParser()
+p.add_argument('runs', nargs='+', help="run folders of real_em*.json files, one fine-tuning recipe")
+p.add_argument('--out', required=True, help="the JSON file to write")
+p.add_argument('--level', type=float, default=0.95, help="the intervals' confidence level")
+a = p.parse_args()
+if not 0 < a.level < 1: sys.exit(f"--level must be in (0, 1), got {a.level}")
+runs, recipes = {}, {}
+for folder in map(Path, a.runs):
+    files = sorted(folder.glob('real_em*.json'))
+    if not files: sys.exit(f"{folder}: no real_em*.json files")
+    try:
+        runs[folder.name] = merge_draws(*map(load_results, files))
+        recipes[folder.name] = recipe(runs[folder.name])
+    except ValueError as e: sys.exit(str(e))
+    except (KeyError, TypeError) as e: sys.exit(f"{folder}: not kernels/real_em.py results (no {e})")
+if len({json.dumps(r, sort_keys=True) for r in recipes.values()}) > 1: sys.exit(f"the runs' recipes differ: {recipes}")
+pairs = {f'pretrained - {b}': paired_diffs(runs, MODELS['pretrained'], MODELS[b]) for b in ('scratch', 'unet')}
+out = dict(runs=list(runs), recipe=next(iter(recipes.values())), pairs=pairs, level=a.level,
+           summary={k: paired_summary(v, a.level) for k, v in pairs.items()})
+Path(a.out).write_text(json.dumps(out, indent=1) + '\n')
+print('wrote', a.out, {k: {n: f"{s['mean']:+.3f} ± {s['ci']:.3f} ({s['n']})" for n, s in v.items()}
+                       for k, v in out['summary'].items()})

@@ -1,0 +1,61 @@
+"`kernels/pool_real_em.py` pools pretrained AFFMAE-Base's paired differences over runs of one fine-tuning recipe."
+import json, subprocess, sys
+from pathlib import Path
+import numpy as np
+from scipy.stats import t
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = (('affmae_base', 'pretrained', 2e-4), ('affmae_base', 'scratch', 1e-3), ('unet', 'scratch', 1e-3))
+
+
+def _run(folder, scores, lr=2e-4, seed=0):
+    "A run folder of one results file: one set, one draw per row of `scores` (pretrained, scratch, unet mIoU)."
+    runs = [dict(arch=a, init=i, lr=lr if i == 'pretrained' else l, miou=v, seed=seed + k)
+            for k, row in enumerate(scores) for (a, i, l), v in zip(MODELS, row)]
+    folder.mkdir()
+    res = dict(args=dict(head='unet', ft_steps=700, fracs='0.1', ft_seeds='0'), sets={'s': dict(runs=runs)})
+    (folder / 'real_em_x.json').write_text(json.dumps(res))
+    return folder
+
+
+def _pool(*args):
+    return subprocess.run([sys.executable, str(ROOT / 'kernels' / 'pool_real_em.py'), *map(str, args)],
+                          capture_output=True, text=True, env={'PYTHONPATH': str(ROOT), 'PATH': ''})
+
+
+def test_pools_the_pairs_of_every_run(tmp_path):
+    rng = np.random.default_rng()
+    a, b = rng.uniform(.5, .9, (2, 3)), rng.uniform(.5, .9, (1, 3))
+    out = tmp_path / 'pooled.json'
+    r = _pool(_run(tmp_path / 'r1', a.tolist()), _run(tmp_path / 'r2', b.tolist()), '--out', out)
+    assert r.returncode == 0, r.stderr
+    pooled = json.loads(out.read_text())
+    assert pooled['runs'] == ['r1', 'r2'] and pooled['level'] == .95
+    rows = np.concatenate([a, b])
+    for col, what in ((1, 'scratch'), (2, 'unet')):
+        d = rows[:, 0] - rows[:, col]
+        assert [p[:2] for p in pooled['pairs'][f'pretrained - {what}']['s']] == [['r1', 0], ['r1', 1], ['r2', 0]]
+        s = pooled['summary'][f'pretrained - {what}']['s']
+        half = t.ppf(.975, 2) * d.std(ddof=1) / np.sqrt(3)
+        assert s['n'] == 3 and s['won'] == (d > 0).sum()
+        np.testing.assert_allclose([s['mean'], s['ci'], s['low'], s['high']],
+                                   [d.mean(), half, d.mean() - half, d.mean() + half], rtol=1e-9)
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    out = tmp_path / 'pooled.json'
+    r = _pool(_run(tmp_path / 'r1', [[.7, .6, .6]]), _run(tmp_path / 'r2', [[.7, .6, .6]], lr=1e-3), '--out', out)
+    assert r.returncode == 1 and r.stderr.startswith("the runs' recipes differ") and 'Traceback' not in r.stderr
+    (tmp_path / 'empty').mkdir()
+    r = _pool(tmp_path / 'empty', '--out', out)
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'empty'}: no real_em*.json files"
+    r = _pool(tmp_path / 'r1', '--out', out, '--level', '1.5')
+    assert r.returncode == 1 and r.stderr.strip() == "--level must be in (0, 1), got 1.5"
+    bad = tmp_path / 'bad'; bad.mkdir()
+    (bad / 'real_em_x.json').write_text('{oops')
+    r = _pool(bad, '--out', out)
+    assert r.returncode == 1 and r.stderr.startswith(f"{bad / 'real_em_x.json'}: not a results file (")
+    (bad / 'real_em_x.json').write_text('{"sets": {}}')
+    r = _pool(bad, '--out', out)
+    assert r.returncode == 1 and r.stderr.strip() == f"{bad}: not kernels/real_em.py results (no 'args')"
+    assert not out.exists()
