@@ -2,7 +2,7 @@
 fine-tuning recipe: every draw of every run a pair (`paired_diffs`), per set the mean difference, its Student-t
 interval (`--level`, default 95 %) and the pairs won (`paired_summary`). Each run's folder is read as
 `rescore_real_em.py` reads it (its `real_em*.json` files merged in name order, `merge_draws`); the folders must share
-the recipe (checked: the `'unet'` head, the fine-tuning steps and label fraction, each model's lr).
+the recipe (checked: the head, the fine-tuning steps and label fractions, each model's lr).
 
     PYTHONPATH=. python kernels/pool_real_em.py kernels/results/real_em_run{15,16,17,18} \\
         --out kernels/results/real_em_pooled.json
@@ -38,6 +38,7 @@ if len({json.dumps(r, sort_keys=True) for r in recipes.values()}) > 1: sys.exit(
 pairs = {f'pretrained - {b}': paired_diffs(runs, MODELS['pretrained'], MODELS[b]) for b in ('scratch', 'unet')}
 out = dict(runs=list(runs), recipe=next(iter(recipes.values())), pairs=pairs, level=a.level,
            summary={k: paired_summary(v, a.level) for k, v in pairs.items()})
-Path(a.out).write_text(json.dumps(out, indent=1) + '\n')
+tmp = Path(a.out).with_suffix('.part')                 # written whole, then renamed: never half a file
+tmp.write_text(json.dumps(out, indent=1) + '\n'); tmp.replace(a.out)
 print('wrote', a.out, {k: {n: f"{s['mean']:+.3f} ± {s['ci']:.3f} ({s['n']})" for n, s in v.items()}
                        for k, v in out['summary'].items()})

@@ -30,6 +30,7 @@ def test_pools_the_pairs_of_every_run(tmp_path):
     r = _pool(_run(tmp_path / 'r1', a.tolist()), _run(tmp_path / 'r2', b.tolist()), '--out', out)
     assert r.returncode == 0, r.stderr
     pooled = json.loads(out.read_text())
+    assert not list(tmp_path.glob('*.part'))                # written whole, then renamed
     assert pooled['runs'] == ['r1', 'r2'] and pooled['level'] == .95
     rows = np.concatenate([a, b])
     for col, what in ((1, 'scratch'), (2, 'unet')):
