@@ -45,8 +45,8 @@ for f in sorted(run.glob('real_em*.json')):
     archs = [x for x in res['archs'] if x != 'unet']
     rec = dict(sets={n: dict(classes=s['classes'], runs=s['runs']) for n, s in res['sets'].items()},
                targets=check_targets(res, *archs[:2]))
-    if variants_of(res):
-        rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants_of(res)}
+    if variants := variants_of(res):
+        rec['variant_targets'] = {v: check_targets(res, *archs[:2], variant=v) for v in variants}
     out['results'][f.name] = rec
 merged = merge_draws(*files)
 if len({r['seed'] for s in merged['sets'].values() for r in s['runs']}) > 1:
