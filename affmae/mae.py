@@ -310,10 +310,11 @@ def queries(self: PointDecoder, mask: Tensor | None, h: int, w: int, B: int, dev
 # %% ../nbs/07_mae.ipynb #7ce699c7
 @patch
 def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tensor | None = None,
-            n_masked: int | None = None, clusters: list[Clusters] | None = None) -> list[Tensor]:
+            n_masked: int | None = None, clusters: list[Clusters] | None = None, features: bool = False):
     """Predictions `(B, h*w, out)` on the patch grid, one per head (coarsest stage first): at the masked patches
     of `mask` (B, h, w) (zero elsewhere), or at every patch if None. `n_masked`: the masked count, if known;
-    `clusters`: the encoder's clustering of each stage, to prune the search for each query's neighbours."""
+    `clusters`: the encoder's clustering of each stage, to prune the search for each query's neighbours; `features`:
+    also the last layer's output through the last head's norm `(B, h*w, dim)`, on the same grid (a second return)."""
     B, dev = stages[0].x.shape[0], stages[0].x.device
     cl, rows = self.queries(mask, h, w, B, dev, n_masked)
     x = (self.mask_token + sincos_embed(cl.pos, self.dim)) * cl.valid[..., None]
@@ -336,7 +337,8 @@ def forward(self: PointDecoder, stages: list[Tokens], h: int, w: int, mask: Tens
         if s in self.head_at:
             y, q = _head(self, s, x)
             preds.append(_to_grid(y, rows, h * w))
-    return preds
+    if not features: return preds
+    return preds, _to_grid(self.heads[-1][0](x), rows, h * w)
 
 def _head(dec: PointDecoder, s: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """The head after layer `s` on `x`, run as `norm_linear`, and with it the next point layer's query projection of
@@ -398,22 +400,26 @@ def _init_dec(m):
 
 # %% ../nbs/07_mae.ipynb #bc7ca890
 @patch
-def predict(self: AFFMAE, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
-    "One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only."
+def predict(self: AFFMAE, img: Tensor, mask: Tensor, n_visible: int | None = None, features: bool = False):
+    """One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only;
+    `features`: with the decoder's finest features as well (`PointDecoder.forward`)."""
     h, w = self.grid(img)
     n_masked = None if n_visible is None else h * w - n_visible
     clusters = []
     stages = self.encoder(img, mask, n_visible, clusters)
-    return self.decoder(stages, h, w, mask, n_masked, clusters)
+    return self.decoder(stages, h, w, mask, n_masked, clusters, features)
 
 # %% ../nbs/07_mae.ipynb #91f9f296
 def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
-    "Split `kw` between the encoder (`AFFEncoder` arguments) and the MAE model, over the defaults."
+    """Split `kw` between the encoder (`AFFEncoder` arguments) and the MAE model, over the defaults; `image_path=True`:
+    an `ImagePathMAE` (`10a_seg_models`: it pretrains the segmentation head's image path too)."""
     enc_keys = set(AFFEncoder.__init__.__code__.co_varnames[1:AFFEncoder.__init__.__code__.co_argcount])
     shared = ('impl', 'checkpoint')                                              # options of both halves
     enc = {**enc_cfg, **{k: v for k, v in kw.items() if k in enc_keys}}
-    return AFFMAE(AFFEncoder(**enc),
-                  **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
+    model = AFFMAE
+    if kw.pop('image_path', False): from .seg_models import ImagePathMAE as model   # built on the heads' module
+    return model(AFFEncoder(**enc),
+                 **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
 
 @register_model
 def affmae_tiny(**kw) -> AFFMAE:

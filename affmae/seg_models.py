@@ -8,15 +8,15 @@ import math
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from fastcore.basics import patch
-from .core import patchify
-from .mae import grid_positions, sincos_embed
+from .core import patchify, unpatchify
+from .mae import AFFMAE, grid_positions, sincos_embed
 from .registry import create_model, register_model
 from .checkpoint import _one_line, latest_checkpoint, read_meta, read_safetensors
 from .unet import UNet
 
 # %% auto #0
 __all__ = ['HEAD_SKIPS', 'backbone', 'read_state', 'check_pretrained', 'load_pretrained', 'conv_gn', 'ImagePyramid', 'UpHead',
-           'pad_to', 'crop_to', 'FPNHead', 'ViTSeg', 'AFFSeg']
+           'pad_to', 'crop_to', 'FPNHead', 'ViTSeg', 'AFFSeg', 'ImagePathMAE']
 
 # %% ../nbs/10a_seg_models.ipynb #ef9d3286
 def backbone(name, **kw):
@@ -57,15 +57,18 @@ def _report(take, own, sd) -> dict:
 
 def load_pretrained(model, ckpt, prefixes=None, verbose=True):
     """Load the `prefixes` (default `model.pretrained_prefixes`, else encoder + decoder) weights of a pretraining
-    checkpoint (file, run folder or state dict) into `model`; returns the loaded/new/unused/mismatched keys."""
+    checkpoint (file, run folder or state dict) into `model`; returns the loaded/new/unused/mismatched keys. With the
+    default prefixes, weights under `model.pretrained_extra` load too where the checkpoint has them in the same shape
+    (an `ImagePathMAE`'s head); a checkpoint without them is no error."""
     arch = getattr(model, 'arch', (type(model).__name__,))[0]
     if getattr(model, 'pretrained_prefixes', None) == ():
         raise ValueError(f"{arch} has no pretrained encoder: train it from scratch (no pretrained checkpoint)")
+    extra = tuple(getattr(model, 'pretrained_extra', ())) if prefixes is None else ()
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
     name = '(dict)' if isinstance(ckpt, dict) else ckpt
     if not isinstance(ckpt, dict): ckpt = name = check_pretrained(ckpt, arch)
     sd, own = read_state(ckpt), model.state_dict()
-    take = {k: v for k, v in sd.items() if k.startswith(prefixes) and k in own and v.shape == own[k].shape}
+    take = {k: v for k, v in sd.items() if k.startswith(prefixes + extra) and k in own and v.shape == own[k].shape}
     rep = _report(take, own, sd)
     if not take:
         raise ValueError(f"checkpoint {name} holds none of the model's {'/'.join(prefixes)} weights "
@@ -249,7 +252,7 @@ for _n, _fd in (('vitmae_tiny', 32), ('vitmae_small', 128), ('vitmae_base', 256)
 # %% ../nbs/10a_seg_models.ipynb #dbd421f8
 class AFFSeg(nn.Module):
     "AFF encoder on all patches + pretrained point decoder (queries at every patch) + `UpHead`: per-pixel logits."
-    pretrained_prefixes = ('encoder.', 'decoder.')
+    pretrained_prefixes, pretrained_extra = ('encoder.', 'decoder.'), ('head.',)
     def __init__(self, mae, n_classes, head_width=None, head_skip='pyramid', head_zero_fuse=False, head_aux=False,
                  head_path_drop=0.):
         super().__init__()
@@ -303,6 +306,26 @@ def _aff_seg(name):
 for _n in ('affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_tiny_paper', 'affmae_small_paper',
            'affmae_base_paper'):
     register_model(_aff_seg(_n), kind='segmentation', name=_n)
+
+# %% ../nbs/10a_seg_models.ipynb #2f02b39d
+class ImagePathMAE(AFFMAE):
+    """`AFFMAE` plus the segmentation head's `'unet'` `UpHead` as a last reconstruction head (`head`, loss weight
+    `path_weight`): from the decoder's finest features and the masked image it predicts every pixel."""
+    def __init__(self, encoder, path_weight: float = 1., head_width: int | None = None, **kw):
+        super().__init__(encoder, **kw)
+        if not path_weight > 0: raise ValueError(f"path_weight must be > 0, got {path_weight}")
+        self.head = UpHead(self.decoder.dim, self.in_chans, stride=self.patch, in_chans=self.in_chans,
+                           width=head_width, skip='unet')
+        self.loss_weights, self.head_names = (*self.loss_weights, float(path_weight)), [*self.head_names, 'path']
+
+@patch
+def predict(self: ImagePathMAE, img, mask, n_visible=None):
+    "The decoder's predictions (`AFFMAE.predict`), then the head's `(B, L, p*p*C)` on the patch grid."
+    preds, f = AFFMAE.predict(self, img, mask, n_visible, features=True)
+    (B, _, H, W), p = img.shape, self.patch
+    hidden = mask.flatten(1)[..., None]
+    masked = unpatchify(patchify(img, p).masked_fill(hidden, 0.), p, H // p, W // p)
+    return preds + [patchify(self.head(f.transpose(1, 2).reshape(B, -1, H // p, W // p), masked), p)]
 
 # %% ../nbs/10a_seg_models.ipynb #effd3d00
 register_model(UNet, kind='segmentation', name='unet')

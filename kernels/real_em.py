@@ -21,7 +21,8 @@ few images per split).
    image equally often, as runs 2-12 did, when the 100 small kidney-gbm tiles would take 58 % of the crops).
    Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to
    beat (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of
-   the visible pixels; reconstruction figures.
+   the visible pixels; reconstruction figures. `--pre-image-path`: affmae pretrains as an `ImagePathMAE`, the
+   `'unet'` segmentation head's image path trained as one more reconstruction head.
    `--save-pretrained DIR` keeps the pretrained models and their records; a later call (the same warm machine, with
    more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
@@ -40,7 +41,8 @@ few images per split).
    head alone from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the
    U-Net), and (`--compare-aux W`, `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its
    backbone's own logits at weight W (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of
-   the training images (`head_path_drop`), each recorded as a `variant`. Runs from pretrained encoders peak at
+   the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
+   though its pretraining trained one (`--pre-image-path`), each recorded as a `variant`. Runs from pretrained encoders peak at
    `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
    `--ft-lr`. Same crops, augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
@@ -149,6 +151,11 @@ p.add_argument('--compare-aux', type=float, default=None,
 p.add_argument('--compare-path-drop', type=float, default=None,
                help="also fine-tune affmae, pretrained and from scratch, its head's image path dropped per image with "
                     "this probability in training (`head_path_drop`; needs an image path)")
+p.add_argument('--pre-image-path', action='store_true',
+               help="pretrain affmae as an `ImagePathMAE`: with the 'unet' head's image path as one more "
+                    "reconstruction head, so fine-tuning with --head unet starts that head pretrained too")
+p.add_argument('--compare-fresh-head', action='store_true',
+               help="also fine-tune pretrained affmae with its head fresh, though pretrained (--pre-image-path)")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
@@ -303,8 +310,9 @@ def step_time(model, batch, loss_func=None):
     timed(lambda: sg(*batch), WARM + 1); r = timed(lambda: sg(*batch), REPS)
     del sg, opt; free(); return r
 
+PRE_KW = lambda arch: dict(image_path=True) if a.pre_image_path and arch.startswith('affmae') else {}
 def pre_timing(arch):
-    return step_time(create_model(arch).to(dev), (torch.randn(PB, 1, S, S, device=dev),))
+    return step_time(create_model(arch, **PRE_KW(arch)).to(dev), (torch.randn(PB, 1, S, S, device=dev),))
 
 def ft_timing(arch, **kw):
     m = create_model(arch, 'segmentation', n_classes=5, **kw).to(dev)
@@ -362,7 +370,7 @@ else:
         dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev, num_workers=W,
                            epoch_len=PB * per_epoch, balance=a.balance)
         learn = mae_learner(dls, arch, mask=a.mask, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
-                            figs_dir=work / 'figures' / arch)
+                            figs_dir=work / 'figures' / arch, **PRE_KW(arch))
         levels = recon_levels(learn.model, dls.valid)          # on the validation images: trivial and best blur levels
         trivial = levels['trivial']
         t = time.time()
@@ -393,6 +401,9 @@ else:
     if keep:
         for f in out.glob('*.png'): shutil.copy(f, keep / f.name)
         log('pretrained models kept in', keep)
+HEAD_PRE = {arch: any(k.startswith('head.') for k in sd) for arch, sd in states.items()}   # an ImagePathMAE's
+if a.compare_fresh_head and not HEAD_PRE.get(ARCHS[0]):
+    p.error(f"--compare-fresh-head: the pretrained {ARCHS[0]} has no head (pretrain it with --pre-image-path)")
 if len(states) < len(ARCHS) and not a.pretrain_only:
     p.error(f"pretrained only {', '.join(states) or 'nothing'} within --budget; fine-tuning needs {', '.join(ARCHS)}")
 if a.pretrain_only:
@@ -414,7 +425,7 @@ def set_dls(s):
 patch_of = functools.cache(lambda arch: create_model(arch).patch)     # an arch's patch side, read off one model
 
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
-        head_first=0, head_lr=None, head_alone=False, **kw):
+        head_first=0, head_lr=None, head_alone=False, fresh_head=False, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -427,7 +438,9 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
     model = HeadAlone(len(s['classes']), stride=patch_of(arch)) if head_alone else arch
-    learn = seg_learner(dls, model, pretrained=states[arch] if pre else None, classes=s['classes'],
+    head_pre = pre and HEAD_PRE[arch] and not fresh_head and not head_alone
+    sd = {k: v for k, v in states[arch].items() if head_pre or not k.startswith('head.')} if pre else None
+    learn = seg_learner(dls, model, pretrained=sd, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
                         decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0,
                         head_lr_mult=(head_lr or lr)/lr, **kw)
@@ -446,6 +459,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
+               **({'head_pretrained': head_pre} if pre and HEAD_PRE[arch] else {}),
                **({'head_lr': head_lr} if head_lr else {}),
                **{k: kw[k] for k in ('aux_weight', 'head_path_drop') if k in kw}, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
@@ -464,9 +478,9 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
 # depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
-# another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; affmae's 'unet' head
-# alone, from scratch; affmae, pretrained and from scratch, with its backbone's own logits supervised too, or with its
-# head's image path dropped for some images
+# another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; pretrained affmae whose
+# pretrained head (--pre-image-path) starts fresh; affmae's 'unet' head alone, from scratch; affmae, pretrained and
+# from scratch, with its backbone's own logits supervised too, or with its head's image path dropped for some images
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -481,6 +495,7 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            ([(f'{a.compare_steps} steps', ARCHS[0], 'pretrained', dict(HEAD, steps=a.compare_steps))]
             if a.compare_steps else []) + \
            ([('zero fuse', ARCHS[0], 'pretrained', dict(HEAD, head_zero_fuse=True))] if a.compare_zero_fuse else []) + \
+           ([('fresh head', ARCHS[0], 'pretrained', dict(HEAD, fresh_head=True))] if a.compare_fresh_head else []) + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
             if a.compare_head_alone else []) + \
            [(f'aux {a.compare_aux:g}', arch, init, dict(HEAD, aux_weight=a.compare_aux)) for arch, init in CONFIGS
