@@ -208,9 +208,11 @@ class EMCrops(torch.utils.data.Dataset):
     """Square crops of `size` from items `idxs` of `src`, as `(img (1,S,S), range (2,))` (+ `mask (S,S)` uint8 if
     `masks`); each image first `clahe`-equalised (clip limit `clahe`) and resized whole to `resize`², if given.
     `range` is the image's percentiles `pct`, or the `full_range` of its type if `pct` is None. `weights`: how often
-    a shuffling `EMDataLoader` draws each of `idxs` (`sample_weights`), None for equally often."""
+    a shuffling `EMDataLoader` draws each of `idxs` (`sample_weights`), None for equally often. `fg_crop`: the share of
+    training crops placed to hold a foreground pixel: a class drawn evenly among those the mask holds above label 0,
+    then one of its pixels, anywhere in the crop (nnU-Net's foreground oversampling: a rare class is seen often)."""
     def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
-                 clahe=None, resize=None, weights=None):
+                 clahe=None, resize=None, weights=None, fg_crop=0.):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
         self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
         if resize is not None and resize < size:
@@ -221,6 +223,9 @@ class EMCrops(torch.utils.data.Dataset):
         if weights is not None and len(weights) != len(self.idxs):
             raise EMDataError(f"{len(weights)} weights for {len(self.idxs)} slices")
         self._weight = None if weights is None else dict(zip(self.idxs, map(float, weights)))
+        if not 0 <= fg_crop <= 1 or (fg_crop and not masks):
+            raise EMDataError(f"fg_crop must be in [0, 1] and needs masks, got {fg_crop} (masks={masks})")
+        self.fg_crop, self._fg = fg_crop, {}
     @property
     def weights(self):
         "The draw weight of each of `idxs` (kept per item: a subset of `idxs` keeps its own), or None: equal."
@@ -246,8 +251,15 @@ class EMCrops(torch.utils.data.Dataset):
         if j not in self._range:
             self._range[j] = torch.tensor(full_range(a) if self.pct is None else robust_range(a, self.pct))
         y0, x0 = (random.randint(0, h-s), random.randint(0, w-s)) if self.train else ((h-s)//2, (w-s)//2)
+        m = self.mask(j, shape0) if self.masks else None
+        if self.train and self.fg_crop and random.random() < self.fg_crop and (fg := self.foreground(j, m)):
+            y, x = divmod(int(random.choice(random.choice(fg))), w)             # a pixel of a class the mask holds
+            y0, x0 = random.randint(max(0, y-s+1), min(h-s, y)), random.randint(max(0, x-s+1), min(w-s, x))
         img = torch.from_numpy(np.array(a[y0:y0+s, x0:x0+s], dtype=self.carrier))[None]
         if not self.masks: return img, self._range[j]
+        return img, self._range[j], torch.from_numpy(np.array(m[y0:y0+s, x0:x0+s], dtype=np.uint8))
+    def mask(self, j, shape0):
+        "Item `j`'s mask, checked against its image's stored shape `shape0` and the classes, resized as the image."
         m = self.src.mask(j)
         if m.shape != shape0:
             (mh, mw), (ih, iw) = m.shape, shape0
@@ -258,7 +270,14 @@ class EMCrops(torch.utils.data.Dataset):
             raise EMDataError(f"{self.src.name(j)}: mask has label {mx} but there are only {len(self.codes)} classes "
                               f"{tuple(self.codes)}")
         if mx > 255: raise EMDataError(f"{self.src.name(j)}: mask has label {mx}; at most 256 classes are supported")
-        return img, self._range[j], torch.from_numpy(np.array(m[y0:y0+s, x0:x0+s], dtype=np.uint8))
+        return m
+    def foreground(self, j, m):
+        "Flat indices of the pixels of each class above label 0 that item `j`'s mask `m` holds (kept per item)."
+        if j not in self._fg:
+            flat = np.asarray(m).ravel()
+            self._fg[j] = [ix.astype(np.int32) for c in range(1, int(flat.max()) + 1)
+                           if len(ix := np.flatnonzero(flat == c))]
+        return self._fg[j]
 
 # %% ../nbs/00_data.ipynb #5f4a1a95
 def dihedral(x, *ys, generator=None):
@@ -372,7 +391,8 @@ class EMDataLoader(DataLoader):
         return fig
 
 def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks, pct, epoch_len,
-            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True, balance='area'):
+            synth_size, synth_kw, codes, stats, clahe=None, resize=None, norm=None, augment=True, balance='area',
+            fg_crop=0.):
     if norm is not None and stats is not None: raise EMDataError("pass norm or stats, not both")
     if resize is not None and resize < size: raise EMDataError(f"resize {resize} is smaller than the crop size {size}")
     if norm is not None: pct, stats = None, tuple(norm)                    # fixed: the type's full range, then norm
@@ -389,7 +409,7 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
         train, valid = split_items(src, valid_pct, seed)
     prep = dict(clahe=clahe, resize=resize)
     tds = EMCrops(src, train, size, True, masks, pct, epoch_len, codes,
-                  weights=sample_weights(src, train, balance, resize), **prep)
+                  weights=sample_weights(src, train, balance, resize), fg_crop=fg_crop, **prep)
     mean, std = stats or norm_stats(src, train, pct, seed=seed, prep=tds.prep)
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
@@ -421,13 +441,14 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                 codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
-                clahe=None, resize=None, norm=None, augment=True, balance='area'):
+                clahe=None, resize=None, norm=None, augment=True, balance='area', fg_crop=0.):
     """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
-    `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`."""
+    `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`; `fg_crop`:
+    the share of training crops placed on a foreground pixel (`EMCrops`)."""
     if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
-                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance)
+                   synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance, fg_crop)
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):

@@ -341,6 +341,7 @@ def finetune(
     freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
     balance:str='area',        # draw training images by area (default) or equally (slice)
+    fg_crop:float=0.,          # share of training crops placed on a foreground pixel: rare classes seen more often
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -354,6 +355,7 @@ def finetune(
              f"--head must be one of {', '.join(HEAD_SKIPS)} (a transformer's head), got {head!r} for {arch}")
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
     _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    _require(0 <= fg_crop <= 1, f"--fg-crop must be in [0, 1], got {fg_crop}")
     _require(not (freeze or freeze_epochs) or arch != 'unet',
              "--freeze and --freeze_epochs train a transformer's head alone; unet has no encoder to freeze")
     _require(freeze_epochs >= 0 and not (freeze and freeze_epochs),
@@ -366,7 +368,7 @@ def finetune(
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                      num_workers=num_workers, codes=names, augment=o['augment'], balance=balance)
+                      num_workers=num_workers, codes=names, augment=o['augment'], balance=balance, fg_crop=fg_crop)
     classes = names or tuple(dls.codes)
     _require(o['class_weights'] in (None, 'auto') or len(o['class_weights']) == len(classes),
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")

@@ -44,7 +44,7 @@ few images per split).
    the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
    though its pretraining trained one (`--pre-image-path`), each recorded as a `variant`. Runs from pretrained encoders peak at
    `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
-   `--ft-lr`. Same crops, augmentation
+   `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
    default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
    model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a
@@ -114,6 +114,8 @@ p.add_argument('--pre-head-lr', type=float, default=None,
 p.add_argument('--workers', type=int, default=4,
                help='data-loading workers of pretraining and fine-tuning (the host prepares batches beside the step)')
 p.add_argument('--augment', default='flips', help='fine-tuning augmentation of every model: none, flips or full')
+p.add_argument('--fg-crop', type=float, default=0.,
+               help='share of every model\'s training crops placed on a foreground pixel (`segment_dls(fg_crop)`)')
 p.add_argument('--tta', action='store_true', help='held-out scores with test-time flips and rotations (8x the time)')
 p.add_argument('--loss', default='ce_dice', help='fine-tuning loss of every model (`affmae.seg_metrics.LOSSES`)')
 p.add_argument('--class-weights', default='', choices=('', 'auto'),
@@ -165,6 +167,7 @@ if a.compare_steps is not None and a.compare_steps < 1: p.error(f"--compare-step
 if a.compare_zero_fuse and a.head != 'unet': p.error(f"--compare-zero-fuse needs --head unet, got --head {a.head}")
 for o in ('pre_head_lr', 'compare_head_lr', 'compare_aux'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
+if not 0 <= a.fg_crop <= 1: p.error(f"--fg-crop must be in [0, 1], got {a.fg_crop}")
 if a.compare_path_drop is not None and not (0 < a.compare_path_drop < 1 and a.head != 'none'):
     p.error(f"--compare-path-drop must be in (0, 1), with an image path; got {a.compare_path_drop}, --head {a.head}")
 t0 = time.time()
@@ -414,7 +417,7 @@ if a.pretrain_only:
 def set_dls(s):
     "Training crops of a set (`segment_dls`, no split) + its held-out images' centre crops as the validation loader."
     dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'],
-                      num_workers=W, augment=a.augment)
+                      num_workers=W, augment=a.augment, fg_crop=a.fg_crop)
     src = EMFolder(s['test'], masks=True)
     vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes']), bs=B,
                        device=dls.device, after_batch=EMBatch(*dls.stats, augment=False))

@@ -8,12 +8,13 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = (('affmae_base', 'pretrained', 2e-4), ('affmae_base', 'scratch', 1e-3), ('unet', 'scratch', 1e-3))
 
 
-def _run(folder, scores, lr=2e-4, seed=0):
-    "A run folder of one results file: one set, one draw per row of `scores` (pretrained, scratch, unet mIoU)."
+def _run(folder, scores, lr=2e-4, seed=0, **args):
+    """A run folder of one results file: one set, one draw per row of `scores` (pretrained, scratch, unet mIoU);
+    `args`: more of real_em.py's arguments."""
     runs = [dict(arch=a, init=i, lr=lr if i == 'pretrained' else l, miou=v, seed=seed + k)
             for k, row in enumerate(scores) for (a, i, l), v in zip(MODELS, row)]
     folder.mkdir()
-    res = dict(args=dict(head='unet', ft_steps=700, fracs='0.1', ft_seeds='0'), sets={'s': dict(runs=runs)})
+    res = dict(args=dict(head='unet', ft_steps=700, fracs='0.1', ft_seeds='0', **args), sets={'s': dict(runs=runs)})
     (folder / 'real_em_x.json').write_text(json.dumps(res))
     return folder
 
@@ -47,6 +48,9 @@ def test_bad_input_gets_one_line(tmp_path):
     out = tmp_path / 'pooled.json'
     r = _pool(_run(tmp_path / 'r1', [[.7, .6, .6]]), _run(tmp_path / 'r2', [[.7, .6, .6]], lr=1e-3), '--out', out)
     assert r.returncode == 1 and r.stderr.startswith("the runs' recipes differ") and 'Traceback' not in r.stderr
+    for i, extra in enumerate((dict(loss='focal_dice'), dict(fg_crop=.5), dict(pre_image_path=True))):
+        r = _pool(tmp_path / 'r1', _run(tmp_path / f'x{i}', [[.7, .6, .6]], **extra), '--out', out)
+        assert r.returncode == 1 and r.stderr.startswith("the runs' recipes differ"), extra
     (tmp_path / 'empty').mkdir()
     r = _pool(tmp_path / 'empty', '--out', out)
     assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'empty'}: no real_em*.json files"

@@ -229,7 +229,8 @@ def test_finetune_argument_errors(tmp_path, capsys):
                       (['--classes', 'a,b'], 'the synthetic data has 5 classes'),
                       (['--n-synth', 0], 'must be positive'),
                       (['--arch', 'unet', '--freeze'], 'unet has no encoder to freeze'),
-                      (['--balance', 'pixels'], '--balance must be one of area, slice, source')):
+                      (['--balance', 'pixels'], '--balance must be one of area, slice, source'),
+                      (['--fg-crop', 1.5], '--fg-crop must be in [0, 1], got 1.5')):
         rc, err = cli(capsys, *base, *args)
         assert rc == 2 and msg in err, (args, err)
     assert not (tmp_path / 'ft').exists()                                              # nothing written
