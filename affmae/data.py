@@ -209,8 +209,9 @@ class EMCrops(torch.utils.data.Dataset):
     `masks`); each image first `clahe`-equalised (clip limit `clahe`) and resized whole to `resize`², if given.
     `range` is the image's percentiles `pct`, or the `full_range` of its type if `pct` is None. `weights`: how often
     a shuffling `EMDataLoader` draws each of `idxs` (`sample_weights`), None for equally often. `fg_crop`: the share of
-    training crops placed to hold a foreground pixel: a class drawn evenly among those the mask holds above label 0,
-    then one of its pixels, anywhere in the crop (nnU-Net's foreground oversampling: a rare class is seen often)."""
+    training crops placed to hold a foreground pixel (nnU-Net's foreground oversampling): one of the classes the mask
+    holds above label 0, drawn with odds 1/√(its pixel count) so the rarer the more often, then one of its pixels,
+    anywhere in the crop."""
     def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
                  clahe=None, resize=None, weights=None, fg_crop=0.):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
@@ -253,7 +254,8 @@ class EMCrops(torch.utils.data.Dataset):
         y0, x0 = (random.randint(0, h-s), random.randint(0, w-s)) if self.train else ((h-s)//2, (w-s)//2)
         m = self.mask(j, shape0) if self.masks else None
         if self.train and self.fg_crop and random.random() < self.fg_crop and (fg := self.foreground(j, m)):
-            y, x = divmod(int(random.choice(random.choice(fg))), w)             # a pixel of a class the mask holds
+            ix, = random.choices(fg, weights=[len(c) ** -.5 for c in fg])      # a class, the rarer the likelier
+            y, x = divmod(int(random.choice(ix)), w)                            # one of its pixels
             y0, x0 = random.randint(max(0, y-s+1), min(h-s, y)), random.randint(max(0, x-s+1), min(w-s, x))
         img = torch.from_numpy(np.array(a[y0:y0+s, x0:x0+s], dtype=self.carrier))[None]
         if not self.masks: return img, self._range[j]

@@ -31,7 +31,7 @@ def test_each_draw_is_label_subsets_with_its_class_shares(tmp_path):
     out = tmp_path / 'draws.json'
     seeds = random.sample(range(100), 2)
     r = _draws('--data', tmp_path / 'data', '--sets', 'kidney-gbm', '--fracs', '0.2,1', '--seeds',
-               ','.join(map(str, seeds)), '--out', out)
+               ','.join(map(str, seeds)), '--crops', 40, '--size', 8, '--fg-crops', '0,1', '--out', out)
     assert r.returncode == 0, r.stderr
     assert not list(tmp_path.glob('*.part'))                 # written whole, then renamed
     got = json.loads(out.read_text())['sets']['kidney-gbm']
@@ -42,6 +42,7 @@ def test_each_draw_is_label_subsets_with_its_class_shares(tmp_path):
         assert d['images'] == [f't{i:02}.png' for i in ids]
         c = sum(counts[i] for i in ids)
         np.testing.assert_allclose(list(d['share'].values()), c / c.sum(), atol=1e-6)
+        assert d['crops_holding']['1'][1] == 1. and 0 < d['crops_holding']['0'][1] <= 1   # placed: all hold class 1
 
 
 def test_bad_input_gets_one_line(tmp_path):
@@ -52,8 +53,10 @@ def test_bad_input_gets_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith('unknown set(s) other: known: ')
     r = _draws('--data', tmp_path, '--fracs', '0', '--out', out)
     assert r.returncode == 1 and r.stderr.strip() == '--fracs must lie in (0, 1], got 0'
+    r = _draws('--data', tmp_path, '--fg-crops', '0,2', '--out', out)
+    assert r.returncode == 1 and r.stderr.strip() == '--fg-crops must lie in [0, 1], got 0,2'
     _set(tmp_path / 'data', n=3)
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(tmp_path / 'data' / 'kidney-gbm' / 'train' / 'masks' / 't01.png')
-    r = _draws('--data', tmp_path / 'data', '--sets', 'kidney-gbm', '--fracs', '1', '--out', out)
+    r = _draws('--data', tmp_path / 'data', '--sets', 'kidney-gbm', '--fracs', '1', '--size', 16, '--out', out)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and 't01' in r.stderr, r.stderr
     assert not out.exists()
