@@ -35,7 +35,8 @@ if not all(0 < f <= 1 for f in fracs): sys.exit(f"--fracs must lie in (0, 1], go
 if not all(0 <= f <= 1 for f in fg_crops): sys.exit(f"--fg-crops must lie in [0, 1], got {a.fg_crops}")
 if a.crops < 0 or a.size < 1: sys.exit(f"--crops must be >= 0 and --size >= 1, got {a.crops}, {a.size}")
 names = [n for n in a.sets.split(',') if n]
-if unknown := sorted(set(names) - set(SPLITS)): sys.exit(f"unknown set(s) {', '.join(unknown)}: known: {', '.join(SPLITS)}")
+if unknown := sorted(set(names) - set(SPLITS)):
+    sys.exit(f"unknown set(s) {', '.join(unknown)}: known: {', '.join(SPLITS)}")
 root = Path(a.data)
 for n in names:
     if not (root / n / 'classes.txt').is_file(): sys.exit(f"{root / n}: no classes.txt (is --data the sets' root?)")
@@ -66,7 +67,8 @@ def draws_of(name):
             share = class_frequencies(dls, len(classes))
             draws.append(dict(label_frac=frac, seed=seed, images=[files[j] for j in tds.idxs],
                               share={c: round(float(s), 6) for c, s in zip(classes, share)}))
-            if a.crops: draws[-1]['crops_holding'] = {f'{fg:g}': crops_holding(tds, fg, len(classes)) for fg in fg_crops}
+            if a.crops:
+                draws[-1]['crops_holding'] = {f'{fg:g}': crops_holding(tds, fg, len(classes)) for fg in fg_crops}
     tds.idxs = list(everything)
     return dict(classes=classes, n_train=len(everything), draws=draws)
 

@@ -42,9 +42,9 @@ few images per split).
    U-Net), and (`--compare-aux W`, `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its
    backbone's own logits at weight W (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of
    the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
-   though its pretraining trained one (`--pre-image-path`), each recorded as a `variant`. Runs from pretrained encoders peak at
-   `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at
-   `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation
+   though its pretraining trained one (`--pre-image-path`), each recorded as a `variant`. Runs from pretrained
+   encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the
+   others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
    default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
    model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a

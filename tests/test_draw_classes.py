@@ -48,7 +48,8 @@ def test_each_draw_is_label_subsets_with_its_class_shares(tmp_path):
 def test_bad_input_gets_one_line(tmp_path):
     out = tmp_path / 'draws.json'
     r = _draws('--data', tmp_path, '--sets', 'kidney-gbm', '--out', out)
-    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'kidney-gbm'}: no classes.txt (is --data the sets' root?)"
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"{tmp_path / 'kidney-gbm'}: no classes.txt (is --data the sets' root?)"
     r = _draws('--data', tmp_path, '--sets', 'other', '--out', out)
     assert r.returncode == 1 and r.stderr.startswith('unknown set(s) other: known: ')
     r = _draws('--data', tmp_path, '--fracs', '0', '--out', out)
@@ -56,7 +57,8 @@ def test_bad_input_gets_one_line(tmp_path):
     r = _draws('--data', tmp_path, '--fg-crops', '0,2', '--out', out)
     assert r.returncode == 1 and r.stderr.strip() == '--fg-crops must lie in [0, 1], got 0,2'
     _set(tmp_path / 'data', n=3)
-    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(tmp_path / 'data' / 'kidney-gbm' / 'train' / 'masks' / 't01.png')
+    bad = tmp_path / 'data' / 'kidney-gbm' / 'train' / 'masks' / 't01.png'
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(bad)
     r = _draws('--data', tmp_path / 'data', '--sets', 'kidney-gbm', '--fracs', '1', '--size', 16, '--out', out)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and 't01' in r.stderr, r.stderr
     assert not out.exists()
