@@ -270,7 +270,7 @@ def test_binary_masks_classes_and_colour_masks(tmp_path, capsys):
     from affmae.checkpoint import load_model
     assert load_model(out / 'seg.safetensors')[1]['classes'] == ['background', 'class_1']   # not 'membrane'
     assert cli(capsys, 'finetune', '--data', d, '--arch', 'vitmae_tiny', '--img-size', 32, '--epochs', 1, '--bs', 2,
-               '--valid-pct', .34, '--classes', 'bg,cell', '--out', out, '--overwrite')[0] == 0
+               '--valid-pct', .34, '--classes', 'bg,cell', '--fg-crop', 1, '--out', out, '--overwrite')[0] == 0
     assert load_model(out / 'seg.safetensors')[1]['classes'] == ['bg', 'cell']
     rgb = np.zeros((40, 40, 3), np.uint8); rgb[:10] = (255, 255, 0)                      # yellow
     _png(d / 'masks' / '1.png', rgb)
