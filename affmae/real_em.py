@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
-           'levels_report', 'check_targets', 'targets_table', 'merge_draws', 'plot_scores', 'plot_pretraining',
-           'per_draw', 'class_gaps', 'paired_diffs', 'paired_summary', 'plot_classes']
+           'levels_report', 'check_targets', 'targets_table', 'merge_draws', 'load_run', 'plot_scores',
+           'plot_pretraining', 'per_draw', 'class_gaps', 'paired_diffs', 'paired_summary', 'plot_classes']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -175,6 +175,12 @@ def merge_draws(*results):
             sets.setdefault(n, dict(s, runs=[]))['runs'] += new[n]
         seen |= {(n, r['seed']) for n, rs in new.items() for r in rs}
     return dict(results[0], sets=sets)
+
+def load_run(folder):
+    "A run folder's `real_em*.json` files merged in name order (`merge_draws`); a folder without any raises."
+    files = sorted(Path(folder).glob('real_em*.json'))
+    if not files: raise ValueError(f"{folder}: no real_em*.json files")
+    return merge_draws(*map(load_results, files))
 
 # %% ../nbs/12_real_em.ipynb #d17a4789
 def plot_scores(res, metric='miou', axs=None):

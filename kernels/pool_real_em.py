@@ -1,7 +1,7 @@
 """Pretrained AFFMAE-Base against its twin from scratch and against the U-Net, pooled over several real-EM runs of one
 fine-tuning recipe: every draw of every run a pair (`paired_diffs`), per set the mean difference, its Student-t
 interval (`--level`, default 95 %) and the pairs won (`paired_summary`). Each run's folder is read as
-`rescore_real_em.py` reads it (its `real_em*.json` files merged in name order, `merge_draws`); the folders must share
+`rescore_real_em.py` reads it (`load_run`: its `real_em*.json` files merged in name order); the folders must share
 the recipe (checked: the head, the fine-tuning steps and label fractions, each model's lr, the loss, class weights,
 augmentation and foreground crops, and whether pretraining trained the head's image path).
 
@@ -10,7 +10,7 @@ augmentation and foreground crops, and whether pretraining trained the head's im
 """
 import argparse, json, sys
 from pathlib import Path
-from affmae.real_em import load_results, merge_draws, per_draw, paired_diffs, paired_summary
+from affmae.real_em import load_run, per_draw, paired_diffs, paired_summary
 
 MODELS = {'pretrained': ('affmae_base', 'pretrained', None), 'scratch': ('affmae_base', 'scratch', None),
           'unet': ('unet', 'scratch', None)}
@@ -33,10 +33,8 @@ a = p.parse_args()
 if not 0 < a.level < 1: sys.exit(f"--level must be in (0, 1), got {a.level}")
 runs, recipes = {}, {}
 for folder in map(Path, a.runs):
-    files = sorted(folder.glob('real_em*.json'))
-    if not files: sys.exit(f"{folder}: no real_em*.json files")
     try:
-        runs[folder.name] = merge_draws(*map(load_results, files))
+        runs[folder.name] = load_run(folder)
         recipes[folder.name] = recipe(runs[folder.name])
     except ValueError as e: sys.exit(str(e))
     except (KeyError, TypeError) as e: sys.exit(f"{folder}: not kernels/real_em.py results (no {e})")
