@@ -441,7 +441,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
     model = HeadAlone(len(s['classes']), stride=patch_of(arch)) if head_alone else arch
-    head_pre = pre and HEAD_PRE[arch] and not fresh_head and not head_alone
+    head_pre = pre and HEAD_PRE[arch] and not fresh_head
     sd = {k: v for k, v in states[arch].items() if head_pre or not k.startswith('head.')} if pre else None
     learn = seg_learner(dls, model, pretrained=sd, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
