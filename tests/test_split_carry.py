@@ -43,7 +43,8 @@ def test_split_then_merge(tmp_path):
 
 def test_file_larger_than_a_call(tmp_path):
     d = _folder(tmp_path, [5000, 100])
-    with pytest.raises(SystemExit, match=r'00.png: 5000 bytes, more than the 4000 a call leaves'): sc.split(d, room=4000)
+    with pytest.raises(SystemExit, match=r'00.png: 5000 bytes, more than the 4000 a call leaves'):
+        sc.split(d, room=4000)
 
 
 def test_cli(tmp_path):
