@@ -32,10 +32,10 @@ from .graphs import CaptureStep
 from .distributed import init_distributed, data_parallel, accum_steps
 
 # %% auto #0
-__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES', 'decay_steps',
-           'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset', 'class_frequencies',
-           'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options', 'finetune',
-           'load_segmenter', 'predict', 'evaluate']
+__all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'FINETUNE_HEAD', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES',
+           'decay_steps', 'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset',
+           'class_frequencies', 'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
+           'finetune', 'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -246,6 +246,7 @@ FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=
                          wd=.05, clip=None, lr_decay=.75, head_lr=None, aux_weight=0., epochs=20, bs=8,
                          augment='flips')
 PRETRAINED_LR = 2e-4                               # default peak lr from a pretrained encoder
+FINETUNE_HEAD = 'unet'                             # default image path of a transformer's head (`head_skip`)
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
                                    lr_final=1e-8, warmup=25/700, wd=.0075, clip=5., epochs=700, bs=24,
@@ -336,7 +337,7 @@ def finetune(
     overwrite:store_true=False, # replace an earlier run's outputs in --out
     num_workers:int=0,         # data-loading workers
     no_capture:store_true=False, # eager steps instead of one replayed CUDA graph per step (GPU)
-    head:str=None,             # image path of a transformer's head: pyramid, unet, image or none (default: the model's)
+    head:str=None,             # image path of a transformer's head: unet (default), pyramid, image or none
     decay_depth:int=None,      # layer-wise lr decay over this many levels (default: one per layer group)
     freeze:store_true=False,   # train the head alone, the encoder (and decoder) frozen: for a few labelled images
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
@@ -381,7 +382,7 @@ def finetune(
                         accum=accum, capture=not no_capture, decay_depth=decay_depth,
                         freeze=freeze or freeze_epochs > 0, head_lr_mult=(o['head_lr'] or o['lr'])/o['lr'],
                         aux_weight=o['aux_weight'],
-                        **({'head_skip': head} if head else {}))
+                        **({} if arch == 'unet' else {'head_skip': head or FINETUNE_HEAD}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)
     head_values = []

@@ -128,7 +128,8 @@ p.add_argument('--decay-depth', type=int, default=None, help='layer-wise decay o
 p.add_argument('--seed', type=int, default=0, help='seed of pretraining and of the loaders')
 p.add_argument('--ft-seeds', default=None,
                help='fine-tuning seeds, comma-separated (each: labelled subset, init, crops); default --seed')
-p.add_argument('--head', default='pyramid', help="segmentation head's image path of the transformers (`head_skip`)")
+p.add_argument('--head', default='unet',
+               help="segmentation head's image path of the transformers (`head_skip`; default as `finetune`'s)")
 p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
 p.add_argument('--compare-decay-depth', type=int, default=None,

@@ -50,7 +50,7 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-aux must be positive' in _run('--data', data, '--out', out1, '--compare-aux', -1, ok=False)
     err = _run('--data', data, '--out', out1, '--compare-path-drop', 1, ok=False)
     assert '--compare-path-drop must be in (0, 1), with an image path' in err, err
-    err = _run('--data', data, '--out', out1, '--compare-zero-fuse', ok=False)
+    err = _run('--data', data, '--out', out1, '--head', 'pyramid', '--compare-zero-fuse', ok=False)
     assert '--compare-zero-fuse needs --head unet' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
