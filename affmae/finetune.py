@@ -21,7 +21,7 @@ from .readers import image_info, read_plane
 from .augment import AUGMENTS
 from .data import BALANCES, read_classes, segment_dls
 from .registry import create_model, list_models
-from .checkpoint import load_model, save_checkpoint
+from .checkpoint import checkpoint_file, load_model, read_meta, save_checkpoint
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
 from .seg_models import HEAD_SKIPS, check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
@@ -35,7 +35,7 @@ from .distributed import init_distributed, data_parallel, accum_steps
 __all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'FINETUNE_HEAD', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES',
            'decay_steps', 'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset',
            'class_frequencies', 'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
-           'finetune', 'load_segmenter', 'predict', 'evaluate']
+           'pretraining_stats', 'finetune', 'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -273,6 +273,13 @@ def _floats(s: str | None, what: str):
     try: return tuple(float(v) for v in s.split(','))
     except ValueError: raise ValueError(f"{what} must be comma-separated numbers, got {s!r}") from None
 
+def pretraining_stats(path) -> tuple[float, float]:
+    "The normalisation (mean, std) a pretraining checkpoint (file or run folder) recorded; an error if it has none."
+    p = checkpoint_file(path)
+    stats = read_meta(p).get('stats')
+    if not stats: raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
+    return tuple(stats)
+
 def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers):
     "Every `finetune` argument checked, with a one-line error, before any work."
     _require(o['arch'] in list_models('segmentation'), f"--arch {o['arch']!r} is not a segmentation model; "
@@ -343,6 +350,7 @@ def finetune(
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
     balance:str='area',        # draw training images by area (default) or equally (slice)
     fg_crop:float=0.,          # share of training crops placed on a foreground pixel: rare classes seen more often
+    pre_stats:store_true=False, # normalise as pretraining did (its checkpoint's mean and std), not by --data's own
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
@@ -357,19 +365,22 @@ def finetune(
     _require(accum >= 1, f"--accum must be >= 1, got {accum}")
     _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     _require(0 <= fg_crop <= 1, f"--fg-crop must be in [0, 1], got {fg_crop}")
+    _require(not pre_stats or pretrained, "--pre-stats needs --pretrained (the stats come from its checkpoint)")
     _require(not (freeze or freeze_epochs) or arch != 'unet',
              "--freeze and --freeze_epochs train a transformer's head alone; unet has no encoder to freeze")
     _require(freeze_epochs >= 0 and not (freeze and freeze_epochs),
              f"--freeze_epochs must be >= 0 and without --freeze (the head alone throughout), got {freeze_epochs}")
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
-    o['accum'], o['freeze'], o['freeze_epochs'] = accum, freeze, freeze_epochs
+    o['accum'], o['freeze'], o['freeze_epochs'], o['pre_stats'] = accum, freeze, freeze_epochs, pre_stats
     rank = init_distributed()                                      # under torchrun: one process per GPU
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
+    stats = pretraining_stats(pretrained) if pre_stats else None      # None: the training images' own
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                      num_workers=num_workers, codes=names, augment=o['augment'], balance=balance, fg_crop=fg_crop)
+                      num_workers=num_workers, codes=names, augment=o['augment'], balance=balance, fg_crop=fg_crop,
+                      stats=stats)
     classes = names or tuple(dls.codes)
     _require(o['class_weights'] in (None, 'auto') or len(o['class_weights']) == len(classes),
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")
