@@ -12,7 +12,7 @@ from .registry import create_model, model_kind
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'save_checkpoint', 'read_meta', 'checkpoints',
-           'latest_checkpoint', 'checkpoint_file', 'load_model']
+           'latest_checkpoint', 'checkpoint_file', 'pretraining_stats', 'load_model']
 
 # %% ../nbs/02b_checkpoint.ipynb #52f424f6
 def _one_line(e: BaseException) -> str:
@@ -120,6 +120,14 @@ def checkpoint_file(path) -> Path:
     path = Path(path)
     if path.is_dir() and (path / 'seg.safetensors').is_file(): return path / 'seg.safetensors'
     return latest_checkpoint(path)
+
+# %% ../nbs/02b_checkpoint.ipynb #5d16522f
+def pretraining_stats(path) -> tuple[float, float]:
+    "The normalisation (mean, std) a pretraining checkpoint (file or run folder) recorded; an error if it has none."
+    p = checkpoint_file(path)
+    stats = read_meta(p).get('stats')
+    if not stats: raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
+    return tuple(stats)
 
 # %% ../nbs/02b_checkpoint.ipynb #23067448
 def _legacy_kw(meta: dict, sd: dict) -> dict:

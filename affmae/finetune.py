@@ -21,7 +21,7 @@ from .readers import image_info, read_plane
 from .augment import AUGMENTS
 from .data import BALANCES, read_classes, segment_dls
 from .registry import create_model, list_models
-from .checkpoint import checkpoint_file, load_model, read_meta, save_checkpoint
+from .checkpoint import load_model, pretraining_stats, save_checkpoint
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
 from .seg_models import HEAD_SKIPS, check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
@@ -35,7 +35,7 @@ from .distributed import init_distributed, data_parallel, accum_steps
 __all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'FINETUNE_HEAD', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES',
            'decay_steps', 'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset',
            'class_frequencies', 'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
-           'pretraining_stats', 'finetune', 'load_segmenter', 'predict', 'evaluate']
+           'finetune', 'load_segmenter', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -272,13 +272,6 @@ def _floats(s: str | None, what: str):
     if s is None or s == 'auto': return s
     try: return tuple(float(v) for v in s.split(','))
     except ValueError: raise ValueError(f"{what} must be comma-separated numbers, got {s!r}") from None
-
-def pretraining_stats(path) -> tuple[float, float]:
-    "The normalisation (mean, std) a pretraining checkpoint (file or run folder) recorded; an error if it has none."
-    p = checkpoint_file(path)
-    stats = read_meta(p).get('stats')
-    if not stats: raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
-    return tuple(stats)
 
 def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers):
     "Every `finetune` argument checked, with a one-line error, before any work."
