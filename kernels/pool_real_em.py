@@ -3,7 +3,8 @@ fine-tuning recipe: every draw of every run a pair (`paired_diffs`), per set the
 interval (`--level`, default 95 %) and the pairs won (`paired_summary`). Each run's folder is read as
 `rescore_real_em.py` reads it (`load_run`: its `real_em*.json` files merged in name order); the folders must share
 the recipe (checked: the head, the fine-tuning steps and label fractions, each model's lr, the loss, class weights,
-augmentation and foreground crops, and whether pretraining trained the head's image path).
+augmentation and foreground crops, whether pretraining trained the head's image path, and whether the pretrained
+runs were normalised as in pretraining).
 
     PYTHONPATH=. python kernels/pool_real_em.py kernels/results/real_em_run{15,16,17,18} \\
         --out kernels/results/real_em_pooled.json
@@ -17,13 +18,14 @@ MODELS = {'pretrained': ('affmae_base', 'pretrained', None), 'scratch': ('affmae
 
 def recipe(res):
     """What must match across the pooled runs: head, steps, label fractions, each main model's lr, and the loss,
-    class weights, augmentation, foreground crops and image-path pretraining (defaults where older runs lack them)."""
+    class weights, augmentation, foreground crops, image-path pretraining and pretraining's normalisation (defaults
+    where older runs lack them)."""
     lrs = {k: sorted({d[m]['lr'] for d in per_draw(res).values() if m in d}) for k, m in MODELS.items()}
     args, pre_args = res['args'], res.get('pretrained_in', {}).get('args', res['args'])
     return dict(head=args['head'], ft_steps=args['ft_steps'], fracs=args['fracs'], lr=lrs,
                 loss=args.get('loss', 'ce_dice'), class_weights=args.get('class_weights', ''),
                 augment=args.get('augment', 'flips'), fg_crop=args.get('fg_crop', 0.),
-                pre_image_path=pre_args.get('pre_image_path', False))
+                pre_image_path=pre_args.get('pre_image_path', False), pre_stats=args.get('pre_stats', False))
 
 p = argparse.ArgumentParser()
 p.add_argument('runs', nargs='+', help="run folders of real_em*.json files, one fine-tuning recipe")

@@ -42,7 +42,9 @@ few images per split).
    U-Net), and (`--compare-aux W`, `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its
    backbone's own logits at weight W (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of
    the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
-   though its pretraining trained one (`--pre-image-path`), each recorded as a `variant`. Runs from pretrained
+   though its pretraining trained one (`--pre-image-path`), and (`--compare-pre-stats`) each pretrained model with
+   its images normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained
+   run so), each recorded as a `variant`. Runs from pretrained
    encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the
    others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation
    (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
@@ -159,6 +161,10 @@ p.add_argument('--pre-image-path', action='store_true',
                     "reconstruction head, so fine-tuning with --head unet starts that head pretrained too")
 p.add_argument('--compare-fresh-head', action='store_true',
                help="also fine-tune pretrained affmae with its head fresh, though pretrained (--pre-image-path)")
+p.add_argument('--pre-stats', action='store_true',
+               help="normalise the pretrained runs' images by their pretraining's mean and std, not the set's own")
+p.add_argument('--compare-pre-stats', action='store_true',
+               help="also fine-tune each pretrained model with its pretraining's mean and std (`finetune --pre-stats`)")
 p.add_argument('--compare-steps', type=int, default=None,
                help='also fine-tune the pretrained affmae model for this many steps (its seconds grow with them)')
 a = p.parse_args()
@@ -169,6 +175,7 @@ if a.compare_zero_fuse and a.head != 'unet': p.error(f"--compare-zero-fuse needs
 for o in ('pre_head_lr', 'compare_head_lr', 'compare_aux'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
 if not 0 <= a.fg_crop <= 1: p.error(f"--fg-crop must be in [0, 1], got {a.fg_crop}")
+if a.pre_stats and a.compare_pre_stats: p.error("--compare-pre-stats beside --pre-stats compares a run with itself")
 if a.compare_path_drop is not None and not (0 < a.compare_path_drop < 1 and a.head != 'none'):
     p.error(f"--compare-path-drop must be in (0, 1), with an image path; got {a.compare_path_drop}, --head {a.head}")
 t0 = time.time()
@@ -429,7 +436,7 @@ def set_dls(s):
 patch_of = functools.cache(lambda arch: create_model(arch).patch)     # an arch's patch side, read off one model
 
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
-        head_first=0, head_lr=None, head_alone=False, fresh_head=False, **kw):
+        head_first=0, head_lr=None, head_alone=False, fresh_head=False, pre_stats=False, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -438,6 +445,9 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     label_subset(dls, frac, seed)
     torch.manual_seed(seed)
     pre = init == 'pretrained'
+    by_pre = pre and (pre_stats or a.pre_stats)                # images normalised as in pretraining, not as the set
+    norm = tuple(res['pretrain'][arch]['stats']) if by_pre else tuple(dls.stats)
+    for dl in (dls.train, dls.valid): dl.after_batch.mean, dl.after_batch.std = norm
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
@@ -456,7 +466,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     train_s = time.time() - t
     crop_miou = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))['miou']
     model = learn.model.eval()
-    rec = dict(classes=s['classes'], stats=dls.stats, tile=S)
+    rec = dict(classes=s['classes'], stats=norm, tile=S)
     t = time.time()
     sc = evaluate_model(model, dls.test_src, rec, overlap=0.25, bs=16, device=dev, tta=a.tta)
     eval_s = time.time() - t
@@ -464,7 +474,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
                **({'head_pretrained': head_pre} if pre and HEAD_PRE[arch] else {}),
-               **({'head_lr': head_lr} if head_lr else {}),
+               **({'head_lr': head_lr} if head_lr else {}), **({'stats': list(norm)} if by_pre else {}),
                **{k: kw[k] for k in ('aux_weight', 'head_path_drop') if k in kw}, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
                dice=float(np.mean(dice)) if dice else None,
@@ -484,7 +494,8 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
 # another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; pretrained affmae whose
 # pretrained head (--pre-image-path) starts fresh; affmae's 'unet' head alone, from scratch; affmae, pretrained and
-# from scratch, with its backbone's own logits supervised too, or with its head's image path dropped for some images
+# from scratch, with its backbone's own logits supervised too, or with its head's image path dropped for some images;
+# each pretrained model with its images normalised as in pretraining
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
@@ -500,6 +511,8 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
             if a.compare_steps else []) + \
            ([('zero fuse', ARCHS[0], 'pretrained', dict(HEAD, head_zero_fuse=True))] if a.compare_zero_fuse else []) + \
            ([('fresh head', ARCHS[0], 'pretrained', dict(HEAD, fresh_head=True))] if a.compare_fresh_head else []) + \
+           [('pretraining stats', arch, init, dict(HEAD, pre_stats=True)) for arch, init in CONFIGS
+            if a.compare_pre_stats and init == 'pretrained'] + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]
             if a.compare_head_alone else []) + \
            [(f'aux {a.compare_aux:g}', arch, init, dict(HEAD, aux_weight=a.compare_aux)) for arch, init in CONFIGS

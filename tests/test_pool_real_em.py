@@ -48,7 +48,8 @@ def test_bad_input_gets_one_line(tmp_path):
     out = tmp_path / 'pooled.json'
     r = _pool(_run(tmp_path / 'r1', [[.7, .6, .6]]), _run(tmp_path / 'r2', [[.7, .6, .6]], lr=1e-3), '--out', out)
     assert r.returncode == 1 and r.stderr.startswith("the runs' recipes differ") and 'Traceback' not in r.stderr
-    for i, extra in enumerate((dict(loss='focal_dice'), dict(fg_crop=.5), dict(pre_image_path=True))):
+    extras = dict(loss='focal_dice'), dict(fg_crop=.5), dict(pre_image_path=True), dict(pre_stats=True)
+    for i, extra in enumerate(extras):
         r = _pool(tmp_path / 'r1', _run(tmp_path / f'x{i}', [[.7, .6, .6]], **extra), '--out', out)
         assert r.returncode == 1 and r.stderr.startswith("the runs' recipes differ"), extra
     (tmp_path / 'empty').mkdir()

@@ -52,6 +52,8 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-path-drop must be in (0, 1), with an image path' in err, err
     err = _run('--data', data, '--out', out1, '--head', 'pyramid', '--compare-zero-fuse', ok=False)
     assert '--compare-zero-fuse needs --head unet' in err, err
+    err = _run('--data', data, '--out', out1, '--pre-stats', '--compare-pre-stats', ok=False)
+    assert '--compare-pre-stats beside --pre-stats compares a run with itself' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
@@ -65,7 +67,7 @@ def test_pretrain_then_finetune(tmp_path):
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
          '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3,
          '--compare-head-alone', '--compare-zero-fuse', '--compare-aux', .4,
-         '--compare-path-drop', .5)
+         '--compare-path-drop', .5, '--compare-pre-stats')
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
@@ -83,7 +85,12 @@ def test_pretrain_then_finetune(tmp_path):
                               ('affmae_tiny', 'pretrained', 'zero fuse'),
                               ('affmae_tiny', 'pretrained', 'aux 0.4'), ('affmae_tiny', 'scratch', 'aux 0.4'),
                               ('affmae_tiny', 'pretrained', 'path drop 0.5'),
-                              ('affmae_tiny', 'scratch', 'path drop 0.5')]), got
+                              ('affmae_tiny', 'scratch', 'path drop 0.5'),
+                              ('affmae_tiny', 'pretrained', 'pretraining stats'),
+                              ('vitmae_tiny', 'pretrained', 'pretraining stats')]), got
+        by_pre = {r['arch']: r['stats'] for r in runs if 'stats' in r}        # only the variant, as pretrained
+        assert by_pre == {x: saved['pretrain'][x]['stats'] for x in ('affmae_tiny', 'vitmae_tiny')}, by_pre
+        assert all(r.get('variant') == 'pretraining stats' for r in runs if 'stats' in r)
         assert [r.get('head_path_drop') for r in runs if r.get('variant') == 'path drop 0.5'] == [.5, .5]
         assert [r.get('aux_weight') for r in runs if r.get('variant') == 'aux 0.4'] == [.4, .4]
         assert [r.get('head_lr') for r in runs if r.get('variant') == 'head lr 0.005'] == [5e-3, 5e-3]
