@@ -590,6 +590,7 @@ for si, name in enumerate(names):
     s = sets[name]
     dls = set_dls(s)
     dls.all_idxs = list(dls.train.dataset.idxs)
+    res['sets'][name]['stats'] = list(dls.stats)           # the set's own normalisation (`--pre-stats`: not)
     # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained);
     # per run: scoring and ~4 s of set-up (model, Learner, loaders, warm-up and capture)
     left = a.budget - (time.time() - t0) - (5 if tiny else 20)

@@ -89,6 +89,7 @@ def test_pretrain_then_finetune(tmp_path):
                               ('affmae_tiny', 'pretrained', 'pretraining stats'),
                               ('vitmae_tiny', 'pretrained', 'pretraining stats')]), got
         by_pre = {r['arch']: r['stats'] for r in runs if 'stats' in r}        # only the variant, as pretrained
+        assert len(res['sets'][name]['stats']) == 2 and res['sets'][name]['stats'] not in by_pre.values()
         assert by_pre == {x: saved['pretrain'][x]['stats'] for x in ('affmae_tiny', 'vitmae_tiny')}, by_pre
         assert all(r.get('variant') == 'pretraining stats' for r in runs if 'stats' in r)
         assert [r.get('head_path_drop') for r in runs if r.get('variant') == 'path drop 0.5'] == [.5, .5]
