@@ -44,10 +44,10 @@ few images per split).
    the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
    though its pretraining trained one (`--pre-image-path`), and (`--compare-pre-stats`) each pretrained model with
    its images normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained
-   run so), each recorded as a `variant`. Runs from pretrained
-   encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the
-   others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation
-   (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by
+   run so), each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's
+   `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a
+   share P of them placed on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips,
+   affine, elastic, photometric), loss (`--loss`, CE + Dice by
    default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW one-cycle for every
    model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a
    row with its `seed`.
@@ -590,7 +590,7 @@ for si, name in enumerate(names):
     s = sets[name]
     dls = set_dls(s)
     dls.all_idxs = list(dls.train.dataset.idxs)
-    res['sets'][name]['stats'] = list(dls.stats)           # the set's own normalisation (`--pre-stats`: not)
+    res['sets'][name]['stats'] = list(dls.stats)           # the set's own normalisation (runs' `stats`: not)
     # steps for this set from the time left, shared by the sets still to run (unet: same time as affmae pretrained);
     # per run: scoring and ~4 s of set-up (model, Learner, loaders, warm-up and capture)
     left = a.budget - (time.time() - t0) - (5 if tiny else 20)
