@@ -48,8 +48,8 @@ few images per split).
    `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a
    share P of them placed on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips,
    affine, elastic, photometric), loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of
-   the run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and crops), each run a
-   row with its `seed`.
+   the run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its
+   own labelled subset, initialisation and crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
