@@ -12,7 +12,7 @@ from .registry import create_model, model_kind
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'save_checkpoint', 'read_meta', 'checkpoints',
-           'latest_checkpoint', 'checkpoint_file', 'pretraining_stats', 'load_model']
+           'latest_checkpoint', 'checkpoint_file', 'image_prep', 'pretraining_prep', 'load_model']
 
 # %% ../nbs/02b_checkpoint.ipynb #52f424f6
 def _one_line(e: BaseException) -> str:
@@ -122,12 +122,20 @@ def checkpoint_file(path) -> Path:
     return latest_checkpoint(path)
 
 # %% ../nbs/02b_checkpoint.ipynb #5d16522f
-def pretraining_stats(path) -> tuple[float, float]:
-    "The normalisation (mean, std) a pretraining checkpoint (file or run folder) recorded; an error if it has none."
+def image_prep(dls) -> dict:
+    """How the data loaders `dls` prepare images, for a checkpoint to record: normalisation `stats`, and the CLAHE
+    clip `clahe` and range `pct` of their training set where it has them (`EMCrops` both, shards `pct` alone)."""
+    ds = getattr(getattr(dls, 'train', None), 'dataset', None)
+    return dict(stats=getattr(dls, 'stats', None), **{k: getattr(ds, k) for k in ('clahe', 'pct') if hasattr(ds, k)})
+
+def pretraining_prep(path) -> dict:
+    """How a pretraining checkpoint (file or run folder) prepared its images, as `segment_dls` options: `stats`,
+    `clahe` (None: none) and `pct` (None: the type's full range); an error if it records no stats."""
     p = checkpoint_file(path)
-    stats = read_meta(p).get('stats')
-    if not stats: raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
-    return tuple(stats)
+    meta = read_meta(p)
+    if not meta.get('stats'): raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
+    pct = meta.get('pct', (0.5, 99.5))                                   # unrecorded (older): the default range
+    return dict(stats=tuple(meta['stats']), clahe=meta.get('clahe'), pct=None if pct is None else tuple(pct))
 
 # %% ../nbs/02b_checkpoint.ipynb #23067448
 def _legacy_kw(meta: dict, sd: dict) -> dict:

@@ -21,11 +21,12 @@ from .readers import image_info, read_plane
 from .augment import AUGMENTS
 from .data import BALANCES, read_classes, segment_dls
 from .registry import create_model, list_models
-from .checkpoint import load_model, pretraining_stats, save_checkpoint
+from .checkpoint import image_prep, pretraining_prep, save_checkpoint
+from .prep import FINETUNE_CLAHE_CLIP, PAPER_STATS
 from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
 from .seg_models import HEAD_SKIPS, check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
-from .inference import eval_source, evaluate_model, predict_plane, score_table
+from .inference import eval_source, evaluate_model, load_segmenter, predict_plane, score_table
 from .cli import _require, check_device, run_dir, writable_dir
 from .learner import Accumulate, adamw
 from .graphs import CaptureStep
@@ -35,7 +36,7 @@ from .distributed import init_distributed, data_parallel, accum_steps
 __all__ = ['SEG_BETAS', 'FINETUNE_DEFAULTS', 'PRETRAINED_LR', 'FINETUNE_HEAD', 'PAPER_CLASS_WEIGHTS', 'FINETUNE_RECIPES',
            'decay_steps', 'LayerDecay', 'layer_splitter', 'SegLearner', 'AuxLoss', 'seg_learner', 'label_subset',
            'class_frequencies', 'balanced_weights', 'finetune_grid', 'grid_table', 'plot_grid', 'finetune_options',
-           'finetune', 'load_segmenter', 'predict', 'evaluate']
+           'finetune', 'predict', 'evaluate']
 
 # %% ../nbs/10e_finetune.ipynb #4d67901b
 def decay_steps(n, depth=None):
@@ -244,13 +245,13 @@ def plot_grid(rows, ax=None, title='held-out mIoU'):
 # %% ../nbs/10e_finetune.ipynb #e38d6a42
 FINETUNE_DEFAULTS = dict(loss='ce_dice', focal_gamma=2., class_weights=None, lr=1e-3, lr_final=None, warmup=.25,
                          wd=.05, clip=None, lr_decay=.75, head_lr=None, aux_weight=0., epochs=20, bs=8,
-                         augment='flips')
+                         augment='flips', clahe=None, norm=None)
 PRETRAINED_LR = 2e-4                               # default peak lr from a pretrained encoder
 FINETUNE_HEAD = 'unet'                             # default image path of a transformer's head (`head_skip`)
 PAPER_CLASS_WEIGHTS = (.2, 2., 3., 2., 3.)        # background, membrane, mitochondria, nucleus, vesicle
 FINETUNE_RECIPES = dict(paper=dict(loss='focal_dice', focal_gamma=2., class_weights=PAPER_CLASS_WEIGHTS, lr=1e-4,
                                    lr_final=1e-8, warmup=25/700, wd=.0075, clip=5., epochs=700, bs=24,
-                                   augment='full'))
+                                   augment='full', clahe=FINETUNE_CLAHE_CLIP, norm=PAPER_STATS))
 
 def finetune_options(recipe: str | None = None, pretrained: bool = False, **given) -> dict:
     """The fine-tuning options: `FINETUNE_DEFAULTS` (lr `PRETRAINED_LR` from a `pretrained` encoder), updated by the
@@ -293,6 +294,7 @@ def _check_finetune(o: dict, names, data, pretrained, img_size, label_frac, n_sy
     _require(0 <= o['warmup'] < 1 and o['wd'] >= 0,
              f"--warmup must be in [0, 1) and --wd >= 0: {o['warmup']}, {o['wd']}")
     _require(o['clip'] is None or o['clip'] > 0, f"--clip must be positive, got {o['clip']}")
+    _require(o['clahe'] is None or o['clahe'] > 0, f"--clahe must be a positive clip limit, got {o['clahe']}")
     _require(o['augment'] in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {o['augment']!r}")
     _require(o['loss'] in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {o['loss']!r}")
     _require(num_workers >= 0, f"--num-workers must be >= 0, got {num_workers}")
@@ -343,14 +345,15 @@ def finetune(
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
     balance:str='area',        # draw training images by area (default) or equally (slice)
     fg_crop:float=0.,          # share of training crops placed on a foreground pixel: rare classes seen more often
-    pre_stats:store_true=False, # normalise as pretraining did (its checkpoint's mean and std), not by --data's own
+    pre_stats:store_true=False, # prepare as pretraining did (its checkpoint's mean, std and CLAHE), not by --data's own
+    clahe:float=None,          # CLAHE of every image at this clip limit (default: off; the paper recipe's: 4.25)
 ):
     "Fine-tune a segmentation model from a pretrained (or random) encoder; writes its checkpoint, history and figure."
     names = tuple(c.strip() for c in classes.split(',')) if classes else None
     o = finetune_options(recipe, pretrained=bool(pretrained), epochs=epochs, bs=bs, loss=loss, focal_gamma=focal_gamma,
                          lr=lr, lr_final=lr_final, class_weights=_floats(class_weights, '--class-weights'),
                          warmup=warmup, wd=wd, clip=clip, lr_decay=lr_decay, head_lr=head_lr, aux_weight=aux_weight,
-                         augment=augment) | dict(arch=arch)
+                         augment=augment, clahe=clahe) | dict(arch=arch)
     _check_finetune(o, names, data, pretrained, img_size, label_frac, n_synth, valid_pct, num_workers)
     _require(decay_depth is None or decay_depth >= 1, f"--decay-depth must be >= 1, got {decay_depth}")
     _require(head is None or (head in HEAD_SKIPS and arch != 'unet'),
@@ -369,11 +372,14 @@ def finetune(
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
     if pretrained: check_pretrained(pretrained, arch)                # before any data is read
-    stats = pretraining_stats(pretrained) if pre_stats else None      # None: the training images' own
+    prep = pretraining_prep(pretrained) if pre_stats else dict(clahe=o['clahe'], norm=o['norm'])  # else --data's stats
+    _require(clahe in (None, prep['clahe']),
+             f"--clahe {clahe} contradicts --pre-stats (the pretraining's CLAHE clip: {prep['clahe'] or 'none'})")
+    o['clahe'], o['norm'] = prep['clahe'], prep.get('norm')                   # the recipe records what is applied
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
                       num_workers=num_workers, codes=names, augment=o['augment'], balance=balance, fg_crop=fg_crop,
-                      stats=stats)
+                      **prep)
     classes = names or tuple(dls.codes)
     _require(o['class_weights'] in (None, 'auto') or len(o['class_weights']) == len(classes),
              f"--class-weights: {len(o['class_weights'] or ())} weights for {len(classes)} classes")
@@ -404,7 +410,8 @@ def _save_run(learn, out, opts, classes, dls, img_size, pretrained, label_frac):
     "Write the checkpoint (with its recipe), the history and the results figure of a `finetune` run."
     out.mkdir(parents=True, exist_ok=True)
     rec = opts | dict(pretrained=str(pretrained or ''), label_frac=label_frac)
-    path = save_checkpoint(learn.model, out/'seg.safetensors', classes, list(dls.stats), rec, tile=int(img_size))
+    path = save_checkpoint(learn.model, out/'seg.safetensors', classes, recipe=rec, tile=int(img_size),
+                           **image_prep(dls))
     cols = learn.recorder.metric_names[1:-1]
     num = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
     hist = [dict(zip(cols, map(num, vals))) for vals in learn.recorder.values]
@@ -419,14 +426,6 @@ def _check_infer(tile, overlap, bs):
     _require(tile is None or tile >= 32, f"--tile must be at least 32 pixels, got {tile}")
     _require(0 <= overlap < 1, f"--overlap must be in [0, 1), got {overlap}")
     _require(bs >= 1, f"--bs must be >= 1, got {bs}")
-
-def load_segmenter(ckpt, device='cpu'):
-    "The segmentation model of checkpoint `ckpt` (file or run folder) on `device`, and its metadata."
-    model, meta = load_model(ckpt, device)
-    if meta['kind'] != 'segmentation':
-        raise ValueError(f"{ckpt} is a {meta['kind']} checkpoint of {meta['arch']}, not a segmentation one "
-                         "(a pretraining checkpoint goes to `finetune --pretrained`)")
-    return model, meta
 
 @call_parse
 def predict(

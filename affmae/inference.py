@@ -7,14 +7,15 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch, torch.nn.functional as F
-from .prep import robust_range
+from . import prep
+from .checkpoint import load_model
 from .data import EMFolder, SynthEM
 from .seg_metrics import confusion, image_fg_iou, iou_dice, miou
 from .seg_io import check_mask
 
 # %% auto #0
 __all__ = ['tile_starts', 'blend_window', 'd4', 'sliding_window', 'prep_plane', 'predict_plane', 'eval_source', 'evaluate_model',
-           'score_table']
+           'score_table', 'load_segmenter']
 
 # %% ../nbs/10d_inference.ipynb #3cfe6b5b
 def tile_starts(n, tile, stride):
@@ -77,19 +78,23 @@ def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, am
     return (out/wsum)[..., :H, :W]
 
 # %% ../nbs/10d_inference.ipynb #9940a333
-def prep_plane(a, stats, pct=(0.5, 99.5)):
-    "A raw 2-D plane as a normalised `(1,1,H,W)` tensor as `segment_dls` prepares crops; `stats` None: its own."
-    lo, hi = robust_range(a, pct)
+def prep_plane(a, stats, pct=(0.5, 99.5), clahe=None):
+    """A raw 2-D plane as a normalised `(1,1,H,W)` tensor as `segment_dls` prepares crops: CLAHE at clip limit `clahe`
+    (None: none), scaled to [0, 1] by its percentiles `pct` (None: its type's `full_range`), standardised by `stats`
+    (None: its own)."""
+    if clahe is not None: a = prep.clahe(a, clahe)
+    lo, hi = prep.full_range(a) if pct is None else prep.robust_range(a, pct)
     x = ((torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) - lo)/(hi - lo)).clamp_(0, 1)
     mean, std = stats if stats is not None else (float(x.mean()), float(x.std()) + 1e-6)
     return ((x - mean)/std)[None, None]
 
 @torch.no_grad()
 def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
-    "Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (stats, tile), tiled (`tta`)."
+    """Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (`prep_plane`'s stats, pct
+    and clahe; tile), tiled (`tta`)."""
     tile = tile or meta.get('tile')
     if not tile: raise ValueError("the checkpoint records no training tile size: pass one (--tile)")
-    x = prep_plane(a, meta.get('stats'), meta.get('pct', (0.5, 99.5))).to(device)
+    x = prep_plane(a, meta.get('stats'), meta.get('pct', (0.5, 99.5)), meta.get('clahe')).to(device)
     return sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
 
 def eval_source(data=None, n_synth=8, size=512, seed=1):
@@ -128,3 +133,12 @@ def score_table(res):
         rows.append(f"{c:<14}{f(s['iou']):>8}{f(s['dice']):>8}{shares}")
     rows += [f"{'mIoU':<14}{f(res['miou']):>8}", f"{'fg mIoU':<14}{f(res['fg_miou']):>8}"]
     return '\n'.join(rows + [f"{'image fg IoU':<14}{f(res['img_fg_iou']):>8}"])
+
+# %% ../nbs/10d_inference.ipynb #94a80711
+def load_segmenter(ckpt, device='cpu'):
+    "The segmentation model of checkpoint `ckpt` (file or run folder) on `device`, and its metadata."
+    model, meta = load_model(ckpt, device)
+    if meta['kind'] != 'segmentation':
+        raise ValueError(f"{ckpt} is a {meta['kind']} checkpoint of {meta['arch']}, not a segmentation one "
+                         "(a pretraining checkpoint goes to `finetune --pretrained`)")
+    return model, meta

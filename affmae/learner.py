@@ -19,7 +19,7 @@ from fastai.callback.training import GradientClip
 from fastai.callback.schedule import *
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
-from .checkpoint import (atomic_save, checkpoints, config_hash, latest_checkpoint, read_meta,
+from .checkpoint import (atomic_save, checkpoints, config_hash, image_prep, latest_checkpoint, read_meta,
                                read_safetensors, save_checkpoint)
 from .registry import create_model
 from .mae import MAEBase
@@ -198,7 +198,7 @@ class Checkpoint(Callback):
         js = dict(epoch=epoch, n_epoch=self.n_epoch, rng=rjs, param_groups=pgs,
                   scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None)
         atomic_save({**ts, **rts}, state_path(stem), dict(state=json.dumps(js), run_id=json.dumps(self.run_id)))
-        save_checkpoint(self.model, stem, stats=getattr(self.dls, 'stats', None), epoch=epoch, run_id=self.run_id)
+        save_checkpoint(self.model, stem, **image_prep(self.dls), epoch=epoch, run_id=self.run_id)
 
 def _load_state(path) -> dict:
     "The training state saved beside checkpoint `path` by `Checkpoint`, decoded (tensors and JSON only, no pickle)."

@@ -9,8 +9,8 @@ import numpy as np, torch, torch.nn.functional as F
 from .readers import EMDataError
 
 # %% auto #0
-__all__ = ['CLAHE_CLIP', 'CLAHE_TILES', 'PAPER_STATS', 'PAPER_PREP', 'robust_range', 'norm_stats', 'clahe', 'resize_whole',
-           'full_range']
+__all__ = ['CLAHE_CLIP', 'CLAHE_TILES', 'FINETUNE_CLAHE_CLIP', 'PAPER_STATS', 'PAPER_PREP', 'robust_range', 'norm_stats', 'clahe',
+           'resize_whole', 'full_range']
 
 # %% ../nbs/00c_prep.ipynb #871f7108
 def robust_range(a, pct=(0.5, 99.5), max_px=2**18):
@@ -42,6 +42,7 @@ def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0, prep=None):
 
 # %% ../nbs/00c_prep.ipynb #b1e0d6fd
 CLAHE_CLIP, CLAHE_TILES = 4., 8           # published CLAHE: clip limit 4 on 8 × 8 tiles
+FINETUNE_CLAHE_CLIP = 4.25                # clip limit of the published fine-tuning's CLAHE
 PAPER_STATS = (0.5562, 0.2396)            # published mean and std of CLAHE-equalised pixels / 255
 PAPER_PREP = dict(clahe=CLAHE_CLIP, resize=512, norm=PAPER_STATS)
 

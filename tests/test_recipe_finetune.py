@@ -38,6 +38,9 @@ def test_gradient_clipping_5():
 def test_batch_24_to_32():
     assert 24 <= P['bs'] <= 32
 
+def test_clahe_4_25():
+    assert P['clahe'] == 4.25
+
 def test_preset_is_only_option_values():
     "The preset is a dict of `finetune` options, nothing else."
     assert set(FINETUNE_RECIPES['paper']) <= set(finetune_options()) - {'recipe'}

@@ -42,7 +42,8 @@ def test_small_and_tiny_share_the_options():
         assert (m.encoder.stem, m.encoder.rpe, m.mask_kind) == ('conv', 'block', 'perlin_quarters')
 
 def test_cli_recipe_paper_defaults(tmp_path, monkeypatch):
-    "`affmae pretrain --recipe paper` builds affmae_base_paper (here: the tiny preset, named) on the published data."
+    """`affmae pretrain --recipe paper` builds affmae_base_paper (here: the tiny preset, named) on the published data;
+    its checkpoints record the published image preparation (CLAHE at clip 4, fixed normalisation, full range)."""
     from affmae.cli import main
     from affmae.data import sample_dir
     rc = main(['pretrain', '--recipe', 'paper', '--arch', 'affmae_tiny_paper', '--img_size', '64', '--bs', '2',
@@ -52,3 +53,4 @@ def test_cli_recipe_paper_defaults(tmp_path, monkeypatch):
     from affmae.checkpoint import read_meta, latest_checkpoint
     meta = read_meta(latest_checkpoint(tmp_path / 'run' / 'checkpoints'))
     assert meta['arch'] == 'affmae_tiny_paper' and meta['config']['mask'] == 'perlin_quarters'
+    assert (meta['clahe'], meta['pct'], meta['stats']) == (4., None, [0.5562, 0.2396])   # the published preparation

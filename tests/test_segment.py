@@ -242,6 +242,53 @@ def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
     assert meta['config']['head_aux'] and model.head.aux is not None and 'head_aux' not in load_model(
         tmp_path/'pretrained'/'seg.safetensors')[1]['config']
 
+def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
+    """`finetune --clahe` records its clip, and `prep_plane` with the checkpoint's metadata prepares a raw image from
+    disk as the training loader did; `--pre-stats` takes the CLAHE and fixed normalisation a `pretrain --recipe paper`
+    run recorded; a bad clip, or one that contradicts the pretraining's, is a one-line error."""
+    import tifffile, warnings
+    from affmae.cli import main
+    from affmae.checkpoint import read_meta
+    from affmae.prep import CLAHE_CLIP, PAPER_STATS
+    from affmae.readers import read_plane
+    from affmae.synth import synth_em
+    data = tmp_path/'data'
+    for d in ('images', 'masks'): (data/d).mkdir(parents=True)
+    for i in range(4):                                       # low-contrast 8-bit images: CLAHE changes them a lot
+        img, lbl = synth_em((48, 48), seed=i)
+        tifffile.imwrite(data/'images'/f'{i}.tif', (100 + 40*img.numpy()).astype(np.uint8))
+        tifffile.imwrite(data/'masks'/f'{i}.tif', lbl.numpy().astype(np.uint8))
+    tiny = ['--data', str(data), '--img-size', '48', '--epochs', '1', '--bs', '2', '--valid-pct', '0.25']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = finetune(data=str(data), arch='unet', img_size=48, epochs=1, bs=2, valid_pct=.25, clahe=3.,
+                         out=str(tmp_path/'clahe'))
+        meta = read_meta(tmp_path/'clahe'/'seg.safetensors')
+        assert (meta['clahe'], meta['pct'], meta['recipe']['clahe']) == (3., [0.5, 99.5], 3.)
+        vds = learn.dls.valid.dataset
+        raw = read_plane(vds.src.name(vds.idxs[0]))                                   # the held-out image, from disk
+        seen = learn.dls.valid.one_batch()[0][:1]                                     # whole: the crop is the image
+        torch.testing.assert_close(prep_plane(raw, meta['stats'], meta['pct'], meta['clahe']), seen, atol=1e-5, rtol=0)
+        assert (prep_plane(raw, meta['stats'], meta['pct']) - seen).abs().max() > .1   # the clip matters
+        ck = str(tmp_path/'clahe'/'seg.safetensors')
+        assert main(['predict', ck, str(data/'images'), '--out', str(tmp_path/'pred')]) == 0
+        assert main(['evaluate', ck, '--data', str(data), '--json-out', str(tmp_path/'s.json')]) == 0
+        assert main(['pretrain', '--recipe', 'paper', '--arch', 'vitmae_tiny', '--data', 'synthetic', '--n-synth', '4',
+                     '--img-size', '32', '--bs', '4', '--epochs', '1', '--precision', 'none',
+                     '--out', str(tmp_path/'pre')]) == 0
+        pre = ['finetune', *tiny, '--arch', 'vitmae_tiny', '--pretrained', str(tmp_path/'pre'/'checkpoints'),
+               '--pre-stats']
+        assert main([*pre, '--out', str(tmp_path/'pre_run')]) == 0
+    meta = read_meta(tmp_path/'pre_run'/'seg.safetensors')
+    assert (meta['clahe'], meta['pct'], meta['stats']) == (CLAHE_CLIP, None, list(PAPER_STATS))
+    capsys.readouterr()
+    for args, msg in (([*pre, '--clahe', '3'], "--clahe 3.0 contradicts --pre-stats (the pretraining's CLAHE clip: 4."),
+                      (['finetune', *tiny, '--clahe', '0'], '--clahe must be a positive clip limit, got 0.0'),
+                      (['finetune', *tiny, '--clahe', '-1'], '--clahe must be a positive clip limit, got -1.0')):
+        assert main([*args, '--out', str(tmp_path/'bad')]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
 def test_evaluate_folder_mismatched_mask(tmp_path):
     import tifffile
     (tmp_path/'images').mkdir(); (tmp_path/'masks').mkdir()
