@@ -19,8 +19,9 @@ __all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
 
 # %% ../nbs/13_api.ipynb #ab4f95b3
 def as_plane(img) -> np.ndarray:
-    "A 2-D float32 array from a numpy array or tensor `(H,W)`, `(1,H,W)` or `(1,1,H,W)`."
-    a = np.asarray(img.detach().cpu() if torch.is_tensor(img) else img, dtype=np.float32)
+    "A 2-D array from a numpy array or tensor `(H,W)`, `(1,H,W)` or `(1,1,H,W)`: numbers in their type, else float32."
+    a = np.asarray(img.detach().cpu() if torch.is_tensor(img) else img)
+    if a.dtype.kind not in 'uif': a = a.astype(np.float32)
     if a.ndim > 2 and all(n == 1 for n in a.shape[:-2]): a = a.reshape(a.shape[-2:])
     if a.ndim != 2: raise ValueError(f"expected one 2-D image (H,W), got shape {a.shape}")
     return a
@@ -50,10 +51,10 @@ class AFFMAEModel:
             raise ValueError(f"{self.path} is a {self.kind} checkpoint of {self.arch}: {what} needs a {kind} one")
 
     def normalise(self, img, size: int | None = None) -> torch.Tensor:
-        """The raw image `img` `(1,1,H,W)` as in training: robust range, then the checkpoint's mean/std (else the
-        image's own); `size`: first a centre crop to a square of at most `size` pixels, sides multiples of the
-        patch."""
-        x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', (0.5, 99.5)))
+        """The raw image `img` `(1,1,H,W)` as in training: `prep_plane` with the checkpoint's `clahe` and range `pct`,
+        then its mean/std (else the image's own); `size`: first a centre crop to a square of at most `size` pixels,
+        sides multiples of the patch."""
+        x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', (0.5, 99.5)), self.meta.get('clahe'))
         if size: x = centre_crop(x, self.model.patch, size)
         mean, std = self.stats or (float(x.mean()), float(x.std()) + 1e-6)
         return ((x - mean) / std).to(self.device)

@@ -52,6 +52,27 @@ def test_segmentation(tmp_path, img):
     with pytest.raises(ValueError, match='is a segmentation checkpoint'): s.reconstruct(img)
 
 
+def test_recorded_prep(tmp_path, img):
+    """A checkpoint's CLAHE clip and full range (`pct` None): 8- and 16-bit images are equalised in their own type
+    first, as `prep_plane` and `predict_plane` do it, and labelled differently than without the clip."""
+    from affmae.inference import predict_plane, prep_plane
+    from affmae.prep import CLAHE_CLIP, FINETUNE_CLAHE_CLIP, PAPER_STATS
+    u8 = img.clip(0, 255).astype(np.uint8)
+    save_checkpoint(create_model('affmae_tiny'), tmp_path / 'mae.safetensors', stats=PAPER_STATS, clahe=CLAHE_CLIP,
+                    pct=None)
+    m = affmae.load(tmp_path / 'mae.safetensors', 'cpu')
+    assert torch.equal(m.normalise(torch.from_numpy(u8)[None]), prep_plane(u8, PAPER_STATS, None, CLAHE_CLIP))
+    assert m.reconstruct(u8, size=48)['img'].shape == (1, 1, 48, 48)
+    seg = create_model('affmae_tiny', 'segmentation', n_classes=2)
+    for name, clip in (('paper', FINETUNE_CLAHE_CLIP), ('plain', None)):
+        save_checkpoint(seg, tmp_path / name / 'seg.safetensors', ['bg', 'cell'], stats=PAPER_STATS, tile=32,
+                        clahe=clip, pct=None)
+    s, plain = affmae.load(tmp_path / 'paper', 'cpu'), affmae.load(tmp_path / 'plain', 'cpu')
+    for a in (u8, u8.astype(np.uint16) * 200):
+        assert np.array_equal(s.segment(a), predict_plane(s.model, a, s.meta))
+        assert not np.array_equal(s.segment(a), plain.segment(a))
+
+
 def test_reconstruct_command(tmp_path, img):
     from PIL import Image
     from affmae.cli import main
