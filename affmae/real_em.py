@@ -184,8 +184,9 @@ def load_run(folder):
 
 # %% ../nbs/12_real_em.ipynb #d17a4789
 def plot_scores(res, metric='miou', axs=None):
-    "Held-out `metric` per set (one panel each), grouped by label fraction, one bar per model; returns the figure."
-    sets = list(res['sets'])
+    """Held-out `metric` per set with runs (one panel each; a budget may stop a call before a set's first), grouped by
+    label fraction, one bar per model; returns the figure."""
+    sets = [n for n, s in res['sets'].items() if s['runs']]
     if axs is None: axs = plt.subplots(1, len(sets), figsize=(5*len(sets), 3.4), squeeze=False)[1][0]
     for ax, name in zip(axs, sets):
         runs = res['sets'][name]['runs']

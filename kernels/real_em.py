@@ -31,25 +31,26 @@ few images per split).
    (its image path: `head_skip`); then `unet` from scratch for the wall-clock time that the pretrained affmae_base run
    took (the U-Net's cost a step and a fit in fastai's loop measured once a call, `loop_timing`); then
    (`--compare-head`, `--compare-decay-depth`) pretrained affmae_base with the other head or layer-wise decay depth, and
-   (`--compare-lr`) each pretrained model at another peak lr, and (`--compare-frozen`) each transformer run with all but
-   its head frozen (fastai's `freeze`, norms too: what the encoder's features carry alone; `trainable` counts what
-   trains), and (`--compare-head-first N`) each pretrained model training its head alone for its first N steps (fastai's
-   `fine_tune`: freeze, fit, unfreeze, fit), and (`--compare-head-lr X`) each pretrained model with its new head at
-   peak lr X (`finetune --head-lr`), and (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's
-   count: what the U-Net's lead owes to its steps), and (`--compare-zero-fuse`) pretrained affmae_base whose `'unet'`
-   head starts from its image path alone (`head_zero_fuse`), and (`--compare-head-alone`) affmae_base's `'unet'`
-   head alone from scratch, its backbone features zeros (`head_path_cpu.HeadAlone`: its image path against the
-   U-Net), and (`--compare-aux W`, `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its
-   backbone's own logits at weight W (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of
-   the training images (`head_path_drop`), and (`--compare-fresh-head`) pretrained affmae_base with a fresh head
-   though its pretraining trained one (`--pre-image-path`), and (`--compare-pre-stats`) each pretrained model with
-   its images normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained
-   run so), each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's
-   `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a
-   share P of them placed on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips,
-   affine, elastic, photometric), loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of
-   the run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its
-   own labelled subset, initialisation and crops), each run a row with its `seed`.
+   (`--compare-lr`, `--compare-lr-decay`) each pretrained model at another peak lr or layer-wise lr decay, and
+   (`--compare-frozen`) each transformer run with all but its head frozen (fastai's `freeze`, norms too: what the
+   encoder's features carry alone; `trainable` counts what trains), and (`--compare-head-first N`) each pretrained model
+   training its head alone for its first N steps (fastai's `fine_tune`: freeze, fit, unfreeze, fit), and
+   (`--compare-head-lr X`) each pretrained model with its new head at peak lr X (`finetune --head-lr`), and
+   (`--compare-steps N`) pretrained affmae_base for N steps (the U-Net's count: what the U-Net's lead owes to its
+   steps), and (`--compare-zero-fuse`) pretrained affmae_base whose `'unet'` head starts from its image path alone
+   (`head_zero_fuse`), and (`--compare-head-alone`) affmae_base's `'unet'` head alone from scratch, its backbone
+   features zeros (`head_path_cpu.HeadAlone`: its image path against the U-Net), and (`--compare-aux W`,
+   `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its backbone's own logits at weight W
+   (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of the training images (`head_path_drop`),
+   and (`--compare-fresh-head`) pretrained affmae_base with a fresh head though its pretraining trained one
+   (`--pre-image-path`), and (`--compare-pre-stats`) each pretrained model with its images normalised by its
+   pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), each recorded as a
+   `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at
+   `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a
+   foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss
+   (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW
+   one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and
+   crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
@@ -135,6 +136,8 @@ p.add_argument('--compare-head', default='image',
                help='also fine-tune the pretrained affmae model with this head (empty: none)')
 p.add_argument('--compare-decay-depth', type=int, default=None,
                help='also fine-tune the pretrained affmae model with layer-wise decay over this many levels')
+p.add_argument('--compare-lr-decay', type=float, default=None,
+               help="also fine-tune each pretrained model with this layer-wise lr decay (1: none)")
 p.add_argument('--compare-lr', type=float, default=None,
                help='also fine-tune each pretrained model (affmae, and vitmae unless skipped) at this peak lr')
 p.add_argument('--compare-frozen', action='store_true',
@@ -175,6 +178,11 @@ for o in ('pre_head_lr', 'compare_head_lr', 'compare_aux'):
     if getattr(a, o) is not None and getattr(a, o) <= 0: p.error(f"--{o.replace('_', '-')} must be positive")
 if not 0 <= a.fg_crop <= 1: p.error(f"--fg-crop must be in [0, 1], got {a.fg_crop}")
 if a.pre_stats and a.compare_pre_stats: p.error("--compare-pre-stats beside --pre-stats compares a run with itself")
+for o in ('lr_decay', 'compare_lr_decay'):
+    if getattr(a, o) is not None and not 0 < getattr(a, o) <= 1:
+        p.error(f"--{o.replace('_', '-')} must be in (0, 1] (1: no decay), got {getattr(a, o)}")
+if a.compare_lr_decay == a.lr_decay:
+    p.error(f"--compare-lr-decay {a.compare_lr_decay} is --lr-decay: nothing to compare")
 if a.compare_path_drop is not None and not (0 < a.compare_path_drop < 1 and a.head != 'none'):
     p.error(f"--compare-path-drop must be in (0, 1), with an image path; got {a.compare_path_drop}, --head {a.head}")
 t0 = time.time()
@@ -434,8 +442,8 @@ def set_dls(s):
 
 patch_of = functools.cache(lambda arch: create_model(arch).patch)     # an arch's patch side, read off one model
 
-def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr=None, frozen=False,
-        head_first=0, head_lr=None, head_alone=False, fresh_head=False, pre_stats=False, **kw):
+def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr_decay=a.lr_decay, lr=None,
+        frozen=False, head_first=0, head_lr=None, head_alone=False, fresh_head=False, pre_stats=False, **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -454,7 +462,8 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     head_pre = pre and HEAD_PRE[arch] and not fresh_head
     sd = {k: v for k, v in states[arch].items() if head_pre or not k.startswith('head.')} if pre else None
     learn = seg_learner(dls, model, pretrained=sd, classes=s['classes'],
-                        loss_func=a.loss, loss_kw=dict(weight=weights), lr_decay=a.lr_decay if pre else None,
+                        loss_func=a.loss, loss_kw=dict(weight=weights),
+                        lr_decay=lr_decay if pre and lr_decay < 1 else None,
                         decay_depth=decay_depth, per_class=False, freeze=frozen or head_first > 0,
                         head_lr_mult=(head_lr or lr)/lr, **kw)
     t = time.time()
@@ -481,7 +490,9 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
                crop_miou=None if crop_miou != crop_miou else float(crop_miou),
                **({'class_weights': [round(w, 4) for w in weights]} if weights else {}),
                **({'head': kw['head_skip']} if 'head_skip' in kw else {}), **({'variant': variant} if variant else {}),
-               **({'decay_depth': decay_depth} if decay_depth else {}), **({'seed': seed} if len(SEEDS) > 1 else {}),
+               **({'decay_depth': decay_depth} if decay_depth else {}),
+               **({'lr_decay': lr_decay} if pre and lr_decay != a.lr_decay else {}),
+               **({'seed': seed} if len(SEEDS) > 1 else {}),
                **({'trainable': sum(p.numel() for p in model.parameters() if p.requires_grad)} if frozen else {}))
     example = predict_plane(model, dls.test_src.image(0), rec, 0.25, 16, dev, tta=a.tta).astype(np.uint8)
     del learn, model; free()
@@ -489,16 +500,18 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
 
 CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') if f'{arch}:{init}' not in SKIP]
 # more runs, (name, arch, init, run's keywords): pretrained affmae with the other head or another layer-wise decay
-# depth; each pretrained model at another peak lr; each transformer run with all but its head frozen; each pretrained
-# model training its head alone first; each pretrained model with the head at its own lr; pretrained affmae for
-# another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone; pretrained affmae whose
-# pretrained head (--pre-image-path) starts fresh; affmae's 'unet' head alone, from scratch; affmae, pretrained and
-# from scratch, with its backbone's own logits supervised too, or with its head's image path dropped for some images;
-# each pretrained model with its images normalised as in pretraining
+# depth; each pretrained model with another layer-wise decay or at another peak lr; each transformer run with all but
+# its head frozen; each pretrained model training its head alone first; each pretrained model with the head at its own
+# lr; pretrained affmae for another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone;
+# pretrained affmae whose pretrained head (--pre-image-path) starts fresh; affmae's 'unet' head alone, from scratch;
+# affmae, pretrained and from scratch, with its backbone's own logits supervised too, or with its head's image path
+# dropped for some images; each pretrained model with its images normalised as in pretraining
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
             if a.compare_head else []) + \
            ([(f'decay depth {a.compare_decay_depth}', ARCHS[0], 'pretrained',
               dict(HEAD, decay_depth=a.compare_decay_depth))] if a.compare_decay_depth else []) + \
+           [(f'lr decay {a.compare_lr_decay:g}', arch, init, dict(HEAD, lr_decay=a.compare_lr_decay))
+            for arch, init in CONFIGS if a.compare_lr_decay and init == 'pretrained'] + \
            [(f'lr {a.compare_lr:g}', arch, init, dict(HEAD, lr=a.compare_lr)) for arch, init in CONFIGS
             if a.compare_lr and init == 'pretrained'] + \
            [('frozen', arch, init, dict(HEAD, frozen=True)) for arch, init in CONFIGS if a.compare_frozen] + \

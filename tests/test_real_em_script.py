@@ -54,6 +54,10 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-zero-fuse needs --head unet' in err, err
     err = _run('--data', data, '--out', out1, '--pre-stats', '--compare-pre-stats', ok=False)
     assert '--compare-pre-stats beside --pre-stats compares a run with itself' in err, err
+    err = _run('--data', data, '--out', out1, '--compare-lr-decay', 0, ok=False)
+    assert '--compare-lr-decay must be in (0, 1] (1: no decay), got 0.0' in err, err
+    err = _run('--data', data, '--out', out1, '--compare-lr-decay', .75, ok=False)
+    assert '--compare-lr-decay 0.75 is --lr-decay: nothing to compare' in err, err
     for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
     saved = json.loads((pre / 'pretrain.json').read_text())
@@ -103,8 +107,9 @@ def test_pretrain_then_finetune(tmp_path):
         assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
     _run('--data', data, '--sets', 'sbem-mito', '--out', out1, '--load-pretrained', pre, '--archs', 'affmae_tiny',
-         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3)   # ViT-MAE left out
+         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,   # ViT-MAE left out
+         '--compare-lr-decay', 1)
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
-    got = sorted((r['arch'], r['init'], r.get('head_lr')) for r in runs)
-    assert got == [('affmae_tiny', 'pretrained', 1e-3), ('affmae_tiny', 'scratch', None),
-                   ('unet', 'scratch', None)], got
+    got = sorted((r['arch'], r['init'], r.get('head_lr', 0), r.get('lr_decay', 0), r.get('variant', '')) for r in runs)
+    assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
+                   ('affmae_tiny', 'scratch', 0, 0, ''), ('unet', 'scratch', 0, 0, '')], got
