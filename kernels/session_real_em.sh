@@ -3,8 +3,8 @@
 # The wheels (.whl_gpu: `bash ../shared/gpu-wheels.sh`, less the two notebook-frontend wheels) and the data folders
 # (`bash kernels/prep_real_em_data.sh`: data_em_a, data_em_s, data_em_d, data_em_e, what each holds in its header) are
 # carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: that script splits a
-# folder that does not fit into parts, `split_carry.py`, and prints what to carry; every phase first merges the parts
-# carried so far back into their folder); ignored folders stay on a warm machine, which is given back after 30 s idle:
+# folder that does not fit into parts, `split_carry.py`, a file too large into chunks, and prints what to carry; every
+# phase first merges the parts carried so far back into their folder, a file's chunks once all have come); ignored folders stay on a warm machine, which is given back after 30 s idle:
 # issue the next call at once. PRE_DATA overrides the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # fastai's loop with and without the lagged loss
@@ -19,6 +19,12 @@ step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "
   grep -v 'Epoch\|it/s' >> "$log"; }         # every line but progress bars: a dying worker's own message too
 for part in data_em_*_p[0-9]*/; do                      # parts of a split folder (split_carry.py) into the folder
   [ -d "$part" ] && mkdir -p "${part%_p*}" && cp -rn "$part". "${part%_p*}/"
+done
+find data_em_* -path 'data_em_*_p[0-9]*' -prune -o -name '*.part1of*' -print 2>/dev/null | while read -r c; do
+  f=${c%.part1of*} k=${c##*of}                          # a file cut in k chunks: whole again once all k have come
+  [ -e "$f" ] || [ "$(ls "$f".part*of"$k" | wc -l)" -lt "$k" ] ||
+    for j in $(seq "$k"); do cat "$f.part${j}of$k"; done > "$f"
+  if [ -e "$f" ]; then rm -f "$f".part*of"$k"; fi
 done
 [ -d .site/fastai ] ||
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target .site .whl_gpu/*.whl

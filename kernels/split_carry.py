@@ -2,8 +2,10 @@
 
 A device call carries 64 MiB in all: the tracked working tree plus the ignored paths it names. Each folder `d` larger
 than the room that leaves (less `--margin-mib`) is split into parts `d_p1`, `d_p2`, … of the same layout (hard links
-to its files, largest first into the emptiest part); each part travels in a call of its own, and
-`session_real_em.sh` merges every `d_pN` back into `d` on the machine. Old parts are replaced; `d` stays as it is.
+to its files, largest first into the emptiest part); a file larger than the room is cut into chunks
+`<name>.part1of<k>`, … that go into parts like files. Each part travels in a call of its own, and `session_real_em.sh`
+merges every `d_pN` back into `d` on the machine, and a file's chunks back into the file once all have come. Old parts
+are replaced; `d` stays as it is.
 Prints what each folder or part leaves.
     python3 kernels/split_carry.py data_em_a data_em_s data_em_d data_em_e
 """
@@ -26,26 +28,38 @@ def tree_bytes(root: Path) -> int:
     return sum((root / f).stat().st_size for f in out.decode().split('\0') if f and (root / f).is_file())
 
 
+def pieces(d: Path, room: int):
+    """(path in a part, bytes, file of `d`, offset) of every file of `d`, largest first: the file whole, or, larger than
+    `room`, cut into `k` near-equal chunks `<name>.part<j>of<k>`."""
+    out = []
+    for f, s in files_of(d):
+        if s <= room: out.append((f, s, f, 0)); continue
+        k = math.ceil(s / room); n = math.ceil(s / k)
+        out += [(f.with_name(f'{f.name}.part{j + 1}of{k}'), min(n, s - j * n), f, j * n) for j in range(k)]
+    return sorted(out, key=lambda p: (-p[1], str(p[0])))
+
+
 def split(d: Path, room: int) -> list:
-    "Hard-linked parts of `d`, each at most `room` bytes (none if `d` fits); a file larger than `room` is an error."
+    "Parts of `d`, each at most `room` bytes (none if `d` fits): hard links to its files, or chunks of one too large."
     for old in d.parent.glob(f'{d.name}_p[0-9]*'): shutil.rmtree(old)
-    fs = files_of(d)
-    total = sum(s for _, s in fs)
+    fs = pieces(d, room)
+    total = sum(p[1] for p in fs)
     if total <= room: return []
-    if fs[0][1] > room: sys.exit(f"{d / fs[0][0]}: {fs[0][1]} bytes, more than the {room} a call leaves")
     k = math.ceil(total / room)
     while True:                                      # largest file first into the emptiest part; one more if over
         bins = [[0, []] for _ in range(k)]
-        for f, s in fs:
-            b = min(bins, key=lambda b: b[0]); b[0] += s; b[1].append(f)
+        for piece in fs:
+            b = min(bins, key=lambda b: b[0]); b[0] += piece[1]; b[1].append(piece)
         if max(b[0] for b in bins) <= room: break
         k += 1
     parts = []
     for i, (_, names) in enumerate(bins, 1):
         part = d.parent / f'{d.name}_p{i}'
-        for f in names:
-            (part / f).parent.mkdir(parents=True, exist_ok=True)
-            os.link(d / f, part / f)
+        for name, n, f, at in names:
+            (part / name).parent.mkdir(parents=True, exist_ok=True)
+            if name == f: os.link(d / f, part / name)
+            else:
+                with open(d / f, 'rb') as src: src.seek(at); (part / name).write_bytes(src.read(n))
         parts.append(part)
     return parts
 

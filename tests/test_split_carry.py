@@ -34,17 +34,35 @@ def test_split_then_merge(tmp_path):
     parts = sc.split(d, room=4000)
     # the session script's merge, run on a machine that holds the parts alone
     script = (ROOT / 'kernels' / 'session_real_em.sh').read_text()
-    merge = re.search(r'^for part in .*?^done$', script, re.S | re.M).group()
+    merge = re.search(r'^for part in .*?^done\n.*?^done$', script, re.S | re.M).group()   # parts, then chunks
     device = tmp_path / 'device'; device.mkdir()
     for p in parts: subprocess.run(['cp', '-r', str(p), str(device)], check=True)
     subprocess.run(['bash', '-c', merge], cwd=device, check=True)
     assert _contents(device / 'data_em_x') == _contents(d)
 
 
+def _merge_on_device(tmp_path, parts, upto=None):
+    "The session script's merge on a machine that has received `parts[:upto]` (one a call) and holds nothing else."
+    script = (ROOT / 'kernels' / 'session_real_em.sh').read_text()
+    merge = re.search(r'^for part in .*?^done\n.*?^done$', script, re.S | re.M).group()
+    device = tmp_path / 'device'; device.mkdir(exist_ok=True)
+    for p in parts[:upto]: subprocess.run(['cp', '-r', str(p), str(device)], check=True)
+    subprocess.run(['bash', '-c', merge], cwd=device, check=True)
+    return device / 'data_em_x'
+
+
 def test_file_larger_than_a_call(tmp_path):
-    d = _folder(tmp_path, [5000, 100])
-    with pytest.raises(SystemExit, match=r'00.png: 5000 bytes, more than the 4000 a call leaves'):
-        sc.split(d, room=4000)
+    d = _folder(tmp_path, [9000, 100])
+    parts = sc.split(d, room=4000)
+    names = sorted(str(f.relative_to(p)) for p in parts for f in p.rglob('*.png*'))
+    assert names == ['set/images/01.png'] + [f'set/masks/00.png.part{j}of3' for j in (1, 2, 3)], names
+    assert all(sc.size(p) <= 4000 for p in parts)
+    got = _merge_on_device(tmp_path, parts, upto=len(parts) - 1)     # a chunk still to come: nothing merged yet
+    assert not (got / 'set' / 'masks' / '00.png').exists() and len(list(got.rglob('*.part*'))) >= 1
+    got = _merge_on_device(tmp_path, parts)                          # all come: the file, and no chunk left
+    assert _contents(got) == _contents(d)
+    got = _merge_on_device(tmp_path, parts)                          # the next call: the parts copied in again
+    assert _contents(got) == _contents(d)
 
 
 def test_cli(tmp_path):
