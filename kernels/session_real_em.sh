@@ -4,8 +4,9 @@
 # (`bash kernels/prep_real_em_data.sh`: data_em_a, data_em_s, data_em_d, data_em_e, what each holds in its header) are
 # carried, each in a call before the one that needs it (with the working tree, 64 MiB a call: that script splits a
 # folder that does not fit into parts, `split_carry.py`, a file too large into chunks, and prints what to carry; every
-# phase first merges the parts carried so far back into their folder, a file's chunks once all have come); ignored folders stay on a warm machine, which is given back after 30 s idle:
-# issue the next call at once. PRE_DATA overrides the pretraining roots.
+# phase first merges the parts carried so far back into their folder, a file's chunks once all have come); ignored
+# folders stay on a warm machine, which is given back after 30 s idle: issue the next call at once. PRE_DATA overrides
+# the pretraining roots.
 #   bash kernels/session_real_em.sh install                 # install the wheels; name the GPU and the carried data
 #   bash kernels/session_real_em.sh checks                  # fastai's loop with and without the lagged loss
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _d, _e, kept
