@@ -13,6 +13,7 @@ from .core import best_device
 from .checkpoint import checkpoint_file, load_model
 from .learner import recon_figure
 from .inference import prep_plane, sliding_window
+from .prep import ROBUST_PCT
 
 # %% auto #0
 __all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
@@ -54,7 +55,7 @@ class AFFMAEModel:
         """The raw image `img` `(1,1,H,W)` as in training: `prep_plane` with the checkpoint's `clahe` and range `pct`,
         then its mean/std (else the image's own); `size`: first a centre crop to a square of at most `size` pixels,
         sides multiples of the patch."""
-        x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', (0.5, 99.5)), self.meta.get('clahe'))
+        x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', ROBUST_PCT), self.meta.get('clahe'))
         if size: x = centre_crop(x, self.model.patch, size)
         mean, std = self.stats or (float(x.mean()), float(x.std()) + 1e-6)
         return ((x - mean) / std).to(self.device)

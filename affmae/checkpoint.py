@@ -9,6 +9,7 @@ from pathlib import Path
 import torch, torch.nn as nn
 from safetensors.torch import save_file, safe_open
 from .registry import create_model, model_kind
+from .prep import ROBUST_PCT
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'save_checkpoint', 'read_meta', 'checkpoints',
@@ -134,7 +135,7 @@ def pretraining_prep(path) -> dict:
     p = checkpoint_file(path)
     meta = read_meta(p)
     if not meta.get('stats'): raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
-    pct = meta.get('pct', (0.5, 99.5))                                   # unrecorded (older): the default range
+    pct = meta.get('pct', ROBUST_PCT)                                    # unrecorded (older): the default range
     return dict(stats=tuple(meta['stats']), clahe=meta.get('clahe'), pct=None if pct is None else tuple(pct))
 
 # %% ../nbs/02b_checkpoint.ipynb #23067448

@@ -17,7 +17,7 @@ from .masking import _grid
 from .synth import EM_CLASSES, EM_COLORS, synth_em
 from .readers import EMDataError, image_files, image_info, _file_dtype, check_image, read_plane, read_mask
 from .augment import AUGMENTS, distort
-from .prep import robust_range, norm_stats, clahe, resize_whole, full_range
+from .prep import ROBUST_PCT, robust_range, norm_stats, clahe, resize_whole, full_range
 
 # %% auto #0
 __all__ = ['BALANCES', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files',
@@ -212,7 +212,7 @@ class EMCrops(torch.utils.data.Dataset):
     training crops placed to hold a foreground pixel (nnU-Net's foreground oversampling): one of the classes the mask
     holds above label 0, drawn with odds 1/√(its pixel count) so the rarer the more often, then one of its pixels,
     anywhere in the crop."""
-    def __init__(self, src, idxs, size=512, train=True, masks=False, pct=(0.5, 99.5), epoch_len=None, codes=None,
+    def __init__(self, src, idxs, size=512, train=True, masks=False, pct=ROBUST_PCT, epoch_len=None, codes=None,
                  clahe=None, resize=None, weights=None, fg_crop=0.):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
         self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
@@ -424,7 +424,7 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
     return dls
 
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
-                 pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
+                 pct=ROBUST_PCT, epoch_len=None, synth_size=None, synth_kw=None, stats=None,
                  clahe=None, resize=None, norm=None, augment=True, balance='area'):
     """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
     The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
@@ -442,7 +442,7 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
                    synth_size, synth_kw, None, stats, clahe, resize, norm, augment, balance)
 
 def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
-                codes=None, pct=(0.5, 99.5), epoch_len=None, synth_size=None, synth_kw=None, stats=None,
+                codes=None, pct=ROBUST_PCT, epoch_len=None, synth_size=None, synth_kw=None, stats=None,
                 clahe=None, resize=None, norm=None, augment=True, balance='area', fg_crop=0.):
     """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
     `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`; `fg_crop`:

@@ -78,7 +78,7 @@ def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, am
     return (out/wsum)[..., :H, :W]
 
 # %% ../nbs/10d_inference.ipynb #9940a333
-def prep_plane(a, stats, pct=(0.5, 99.5), clahe=None):
+def prep_plane(a, stats, pct=prep.ROBUST_PCT, clahe=None):
     """A raw 2-D plane as a normalised `(1,1,H,W)` tensor as `segment_dls` prepares crops: CLAHE at clip limit `clahe`
     (None: none), scaled to [0, 1] by its percentiles `pct` (None: its type's `full_range`), standardised by `stats`
     (None: its own)."""
@@ -94,7 +94,7 @@ def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None, t
     and clahe; tile), tiled (`tta`)."""
     tile = tile or meta.get('tile')
     if not tile: raise ValueError("the checkpoint records no training tile size: pass one (--tile)")
-    x = prep_plane(a, meta.get('stats'), meta.get('pct', (0.5, 99.5)), meta.get('clahe')).to(device)
+    x = prep_plane(a, meta.get('stats'), meta.get('pct', prep.ROBUST_PCT), meta.get('clahe')).to(device)
     return sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
 
 def eval_source(data=None, n_synth=8, size=512, seed=1):

@@ -9,11 +9,13 @@ import numpy as np, torch, torch.nn.functional as F
 from .readers import EMDataError
 
 # %% auto #0
-__all__ = ['CLAHE_CLIP', 'CLAHE_TILES', 'FINETUNE_CLAHE_CLIP', 'PAPER_STATS', 'PAPER_PREP', 'robust_range', 'norm_stats', 'clahe',
-           'resize_whole', 'full_range']
+__all__ = ['ROBUST_PCT', 'CLAHE_CLIP', 'CLAHE_TILES', 'FINETUNE_CLAHE_CLIP', 'PAPER_STATS', 'PAPER_PREP', 'robust_range',
+           'norm_stats', 'clahe', 'resize_whole', 'full_range']
 
 # %% ../nbs/00c_prep.ipynb #871f7108
-def robust_range(a, pct=(0.5, 99.5), max_px=2**18):
+ROBUST_PCT = (0.5, 99.5)                  # default percentile range an image is scaled to [0, 1] by
+
+def robust_range(a, pct=ROBUST_PCT, max_px=2**18):
     "Percentiles `pct` of array `a`, estimated on a strided subsample of at most `max_px` pixels."
     s = max(1, math.ceil(math.sqrt(a.size/max_px)))
     sub = a[::s, ::s]
@@ -24,7 +26,7 @@ def robust_range(a, pct=(0.5, 99.5), max_px=2**18):
     else: lo, hi = np.percentile(sub, pct)
     return float(lo), float(hi) if hi > lo else float(lo) + 1.
 
-def norm_stats(src, idxs, pct=(0.5, 99.5), n=16, seed=0, prep=None):
+def norm_stats(src, idxs, pct=ROBUST_PCT, n=16, seed=0, prep=None):
     "Mean and std of percentile-clipped slices (after `prep`, if given), over a sample of `n` of the items `idxs`."
     sample = random.Random(seed).sample(list(idxs), min(n, len(idxs)))
     vals, blank = [], []

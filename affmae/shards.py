@@ -11,7 +11,7 @@ from fastcore.script import call_parse, Param, store_true
 from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 from .readers import EMDataError
-from .prep import norm_stats
+from .prep import ROBUST_PCT, norm_stats
 from .data import EMSources, EMCrops, EMBatch, EMDataLoader, data_paths
 from .cli import subcommand, run_dir, UsageError
 from .distributed import world
@@ -123,7 +123,7 @@ class _Image:
 
 class ShardStream(torch.utils.data.IterableDataset):
     "Crops of the samples of WebDataset shards `files`; when training, shuffled each epoch, split by rank and worker."
-    def __init__(self, files, size=512, train=True, buffer=256, pct=(0.5, 99.5), carrier=np.float32, rank=0, world=1):
+    def __init__(self, files, size=512, train=True, buffer=256, pct=ROBUST_PCT, carrier=np.float32, rank=0, world=1):
         self.files, self.size, self.train, self.buffer, self.pct = [Path(f) for f in files], size, train, buffer, pct
         self.carrier, self.rank, self.world, self.epoch_seed = carrier, rank, world, 0
     def split(self, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[Path]:
@@ -159,7 +159,7 @@ class ShardDL(EMDataLoader):
         self.dataset.epoch_seed = self.rng.getrandbits(31)
 
 def shard_dls(spec, size=512, bs=8, valid_pct=0.1, num_workers=0, device=None, *, buffer=256,
-              pct=(0.5, 99.5), epoch_len=None, stats=None) -> DataLoaders:
+              pct=ROBUST_PCT, epoch_len=None, stats=None) -> DataLoaders:
     "Like `pretrain_dls`, streamed from the WebDataset shards `spec`: shards held out for validation, no folder scan."
     files = shard_list(spec)
     idx = shard_index(files)
