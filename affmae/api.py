@@ -10,10 +10,9 @@ from fastcore.basics import patch
 from .aff import AFFEncoder, Tokens
 from .clustering import gather_rows
 from .core import best_device
-from .checkpoint import checkpoint_file, load_model
+from .checkpoint import checkpoint_file, load_model, recorded_prep
 from .learner import recon_figure
 from .inference import prep_plane, sliding_window
-from .prep import ROBUST_PCT
 
 # %% auto #0
 __all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
@@ -55,7 +54,7 @@ class AFFMAEModel:
         """The raw image `img` `(1,1,H,W)` as in training: `prep_plane` with the checkpoint's `clahe` and range `pct`,
         then its mean/std (else the image's own); `size`: first a centre crop to a square of at most `size` pixels,
         sides multiples of the patch."""
-        x = prep_plane(as_plane(img), (0., 1.), self.meta.get('pct', ROBUST_PCT), self.meta.get('clahe'))
+        x = prep_plane(as_plane(img), **recorded_prep(self.meta) | dict(stats=(0., 1.)))
         if size: x = centre_crop(x, self.model.patch, size)
         mean, std = self.stats or (float(x.mean()), float(x.std()) + 1e-6)
         return ((x - mean) / std).to(self.device)

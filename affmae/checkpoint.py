@@ -13,7 +13,7 @@ from .prep import ROBUST_PCT
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'save_checkpoint', 'read_meta', 'checkpoints',
-           'latest_checkpoint', 'checkpoint_file', 'image_prep', 'pretraining_prep', 'load_model']
+           'latest_checkpoint', 'checkpoint_file', 'image_prep', 'recorded_prep', 'pretraining_prep', 'load_model']
 
 # %% ../nbs/02b_checkpoint.ipynb #52f424f6
 def _one_line(e: BaseException) -> str:
@@ -129,14 +129,19 @@ def image_prep(dls) -> dict:
     ds = getattr(getattr(dls, 'train', None), 'dataset', None)
     return dict(stats=getattr(dls, 'stats', None), **{k: getattr(ds, k) for k in ('clahe', 'pct') if hasattr(ds, k)})
 
+def recorded_prep(meta: dict) -> dict:
+    """How the images of a checkpoint with metadata `meta` were prepared, as `segment_dls` and `prep_plane` take it:
+    `stats` (None: each image's own), `clahe` (None: none), `pct` (None: the type's full range; unrecorded, as in
+    older checkpoints: `ROBUST_PCT`)."""
+    stats, pct = meta.get('stats'), meta.get('pct', ROBUST_PCT)
+    return dict(stats=stats and tuple(stats), clahe=meta.get('clahe'), pct=pct and tuple(pct))
+
 def pretraining_prep(path) -> dict:
-    """How a pretraining checkpoint (file or run folder) prepared its images, as `segment_dls` options: `stats`,
-    `clahe` (None: none) and `pct` (None: the type's full range); an error if it records no stats."""
+    "`recorded_prep` of a pretraining checkpoint (file or run folder); an error if it records no stats."
     p = checkpoint_file(path)
-    meta = read_meta(p)
-    if not meta.get('stats'): raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
-    pct = meta.get('pct', ROBUST_PCT)                                    # unrecorded (older): the default range
-    return dict(stats=tuple(meta['stats']), clahe=meta.get('clahe'), pct=None if pct is None else tuple(pct))
+    prep = recorded_prep(read_meta(p))
+    if not prep['stats']: raise ValueError(f"{p}: records no normalisation stats; fine-tune without --pre-stats")
+    return prep
 
 # %% ../nbs/02b_checkpoint.ipynb #23067448
 def _legacy_kw(meta: dict, sd: dict) -> dict:

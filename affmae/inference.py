@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch, torch.nn.functional as F
 from . import prep
-from .checkpoint import load_model
+from .checkpoint import load_model, recorded_prep
 from .data import EMFolder, SynthEM
 from .seg_metrics import confusion, image_fg_iou, iou_dice, miou
 from .seg_io import check_mask
@@ -94,7 +94,7 @@ def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None, t
     and clahe; tile), tiled (`tta`)."""
     tile = tile or meta.get('tile')
     if not tile: raise ValueError("the checkpoint records no training tile size: pass one (--tile)")
-    x = prep_plane(a, meta.get('stats'), meta.get('pct', prep.ROBUST_PCT), meta.get('clahe')).to(device)
+    x = prep_plane(a, **recorded_prep(meta)).to(device)
     return sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
 
 def eval_source(data=None, n_synth=8, size=512, seed=1):
