@@ -71,7 +71,7 @@ def test_pretrain_then_finetune(tmp_path):
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
          '--compare-head', 'pyramid', '--compare-head-first', 2, '--compare-steps', 3, '--compare-head-lr', 5e-3,
          '--compare-head-alone', '--compare-zero-fuse', '--compare-aux', .4,
-         '--compare-path-drop', .5, '--compare-pre-stats')
+         '--compare-path-drop', .5, '--compare-pre-stats', '--budget', 3600)   # steps are fixed: no run cut for time
     res = json.loads((out2 / 'real_em.json').read_text())
     assert res['timing']['unet_loop_step_s'] > 0 and res['timing']['unet_loop_fixed_s'] >= 0
     for name in SETS:
