@@ -13,6 +13,7 @@ from .core import best_device
 from .checkpoint import checkpoint_file, load_model, recorded_prep
 from .learner import recon_figure
 from .inference import prep_plane, sliding_window
+from .prep import resize_whole
 
 # %% auto #0
 __all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
@@ -51,7 +52,7 @@ class AFFMAEModel:
             raise ValueError(f"{self.path} is a {self.kind} checkpoint of {self.arch}: {what} needs a {kind} one")
 
     def normalise(self, img, size: int | None = None) -> torch.Tensor:
-        """The raw image `img` `(1,1,H,W)` as in training: `prep_plane` with the checkpoint's `clahe` and range `pct`,
+        """The raw image `img` `(1,1,H,W)` as in training: `prep_plane` with the checkpoint's `clahe`, `resize`, `pct`,
         then its mean/std (else the image's own); `size`: first a centre crop to a square of at most `size` pixels,
         sides multiples of the patch."""
         x = prep_plane(as_plane(img), **recorded_prep(self.meta) | dict(stats=(0., 1.)))
@@ -78,11 +79,16 @@ class AFFMAEModel:
 
     @torch.no_grad()
     def segment(self, img, probs: bool = False, overlap: float = .25, bs: int = 4, tile: int | None = None):
-        "Label map `(H,W)` of a micrograph `img` of any size, tiled by `sliding_window`; `probs`: also `(C,H,W)`."
+        """Label map `(H,W)` of a micrograph `img` of any size, tiled by `sliding_window`; `probs`: also `(C,H,W)`;
+        under a recorded `resize`, both back at `img`'s shape (labels by nearest neighbour, probabilities bilinear)."""
         self._need('segmentation', '.segment')
-        x, tile = self.normalise(img), tile or self.meta['tile']
+        x, tile, shape = self.normalise(img), tile or self.meta['tile'], as_plane(img).shape
         lo = sliding_window(self.model, x, tile, overlap, bs, out_device='cpu')[0]
-        return (lo.argmax(0).numpy(), lo.softmax(0).numpy()) if probs else lo.argmax(0).numpy()
+        lbl, pr = lo.argmax(0).numpy(), lo.softmax(0).numpy() if probs else None
+        if lbl.shape != shape:                                               # resized as in training: back to `img`'s
+            lbl = resize_whole(lbl, shape, labels=True)
+            pr = None if pr is None else np.stack([resize_whole(c, shape) for c in pr])
+        return (lbl, pr) if probs else lbl
 
     def _encoder(self, what: str) -> AFFEncoder:
         enc = getattr(self.model, 'encoder', None)

@@ -125,16 +125,19 @@ def checkpoint_file(path) -> Path:
 # %% ../nbs/02b_checkpoint.ipynb #5d16522f
 def image_prep(dls) -> dict:
     """How the data loaders `dls` prepare images, for a checkpoint to record: normalisation `stats`, and the CLAHE
-    clip `clahe` and range `pct` of their training set where it has them (`EMCrops` both, shards `pct` alone)."""
+    clip `clahe`, range `pct` and whole-image `resize` of their training set where it has them (`EMCrops` all three,
+    shards `pct` alone)."""
     ds = getattr(getattr(dls, 'train', None), 'dataset', None)
-    return dict(stats=getattr(dls, 'stats', None), **{k: getattr(ds, k) for k in ('clahe', 'pct') if hasattr(ds, k)})
+    keys = ('clahe', 'pct', 'resize')
+    return dict(stats=getattr(dls, 'stats', None), **{k: getattr(ds, k) for k in keys if hasattr(ds, k)})
 
 def recorded_prep(meta: dict) -> dict:
     """How the images of a checkpoint with metadata `meta` were prepared, as `segment_dls` and `prep_plane` take it:
     `stats` (None: each image's own), `clahe` (None: none), `pct` (None: the type's full range; unrecorded, as in
-    older checkpoints: `ROBUST_PCT`)."""
+    older checkpoints: `ROBUST_PCT`), `resize` (the side images were resized to whole; None: native resolution)."""
     stats, pct = meta.get('stats'), meta.get('pct', ROBUST_PCT)
-    return dict(stats=stats and tuple(stats), clahe=meta.get('clahe'), pct=pct and tuple(pct))
+    return dict(stats=stats and tuple(stats), clahe=meta.get('clahe'), pct=pct and tuple(pct),
+                resize=meta.get('resize'))
 
 def pretraining_prep(path) -> dict:
     "`recorded_prep` of a pretraining checkpoint (file or run folder); an error if it records no stats."

@@ -375,7 +375,9 @@ def finetune(
     prep = pretraining_prep(pretrained) if pre_stats else dict(clahe=o['clahe'], norm=o['norm'])  # else --data's stats
     _require(clahe in (None, prep['clahe']),
              f"--clahe {clahe} contradicts --pre-stats (the pretraining's CLAHE clip: {prep['clahe'] or 'none'})")
-    o['clahe'], o['norm'] = prep['clahe'], prep.get('norm')                   # the recipe records what is applied
+    _require((prep.get('resize') or img_size) >= img_size,
+             f"--img-size {img_size} is larger than the images --pre-stats resizes to ({prep.get('resize')})")
+    o['clahe'], o['norm'], o['resize'] = prep['clahe'], prep.get('norm'), prep.get('resize')  # the recipe: as applied
     set_seed(seed)
     dls = segment_dls(data, size=img_size, bs=o['bs'], n_synth=n_synth, valid_pct=valid_pct, seed=seed,
                       num_workers=num_workers, codes=names, augment=o['augment'], balance=balance, fg_crop=fg_crop,

@@ -78,11 +78,12 @@ def sliding_window(model, img, tile=512, overlap=0.25, bs=4, out_device=None, am
     return (out/wsum)[..., :H, :W]
 
 # %% ../nbs/10d_inference.ipynb #9940a333
-def prep_plane(a, stats, pct=prep.ROBUST_PCT, clahe=None):
+def prep_plane(a, stats, pct=prep.ROBUST_PCT, clahe=None, resize=None):
     """A raw 2-D plane as a normalised `(1,1,H,W)` tensor as `segment_dls` prepares crops: CLAHE at clip limit `clahe`
-    (None: none), scaled to [0, 1] by its percentiles `pct` (None: its type's `full_range`), standardised by `stats`
-    (None: its own)."""
+    (None: none), resized whole to `resize`² (None: not), scaled to [0, 1] by its percentiles `pct` (None: its
+    type's `full_range`), standardised by `stats` (None: its own)."""
     if clahe is not None: a = prep.clahe(a, clahe)
+    if resize is not None: a = prep.resize_whole(a, resize)
     lo, hi = prep.full_range(a) if pct is None else prep.robust_range(a, pct)
     x = ((torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) - lo)/(hi - lo)).clamp_(0, 1)
     mean, std = stats if stats is not None else (float(x.mean()), float(x.std()) + 1e-6)
@@ -90,12 +91,14 @@ def prep_plane(a, stats, pct=prep.ROBUST_PCT, clahe=None):
 
 @torch.no_grad()
 def predict_plane(model, a, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
-    """Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (`prep_plane`'s stats, pct
-    and clahe; tile), tiled (`tta`)."""
+    """Label map `(H,W)` of the raw plane `a` by `model` with checkpoint metadata `meta` (`prep_plane`'s stats, pct,
+    clahe and resize; tile), tiled (`tta`); a resized plane's labels come back to `a`'s shape by nearest neighbour."""
     tile = tile or meta.get('tile')
     if not tile: raise ValueError("the checkpoint records no training tile size: pass one (--tile)")
-    x = prep_plane(a, **recorded_prep(meta)).to(device)
-    return sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
+    rec = recorded_prep(meta)
+    x = prep_plane(a, **rec).to(device)
+    lbl = sliding_window(model, x, tile, overlap, bs, out_device='cpu', tta=tta)[0].argmax(0).numpy()
+    return lbl if rec['resize'] is None else prep.resize_whole(lbl, np.shape(a), labels=True)
 
 def eval_source(data=None, n_synth=8, size=512, seed=1):
     "Labelled planes to score: every image/mask pair under `data`, else `n_synth` synthetic images of an unused seed."

@@ -62,10 +62,11 @@ def clahe(a, clip=CLAHE_CLIP, tiles=CLAHE_TILES):
     return cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(tiles, tiles)).apply(np.ascontiguousarray(a))
 
 def resize_whole(a, size, labels=False):
-    "The 2-D image `a` resized whole to `size`² in its own type: bilinear with antialiasing, or nearest for `labels`."
+    """The 2-D image `a` resized whole to `size`² (or to `size` `(h, w)`, e.g. back to an image's shape) in its own
+    type: bilinear with antialiasing, or nearest for `labels`."""
     t = torch.from_numpy(np.asarray(a, dtype=np.float32))[None, None]
     mode = dict(mode='nearest') if labels else dict(mode='bilinear', antialias=True, align_corners=False)
-    t = F.interpolate(t, size=(size, size), **mode)[0, 0]
+    t = F.interpolate(t, size=(size, size) if np.isscalar(size) else tuple(size), **mode)[0, 0]
     if np.issubdtype(a.dtype, np.integer): t = t.round().clamp(np.iinfo(a.dtype).min, np.iinfo(a.dtype).max)
     return t.numpy().astype(a.dtype)
 

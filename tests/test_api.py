@@ -73,6 +73,23 @@ def test_recorded_prep(tmp_path, img):
         assert not np.array_equal(s.segment(a), plain.segment(a))
 
 
+def test_recorded_resize(tmp_path, img):
+    """A checkpoint's `resize` reads back through `recorded_prep` (None for one without it); `predict_plane` and
+    `.segment` run the resized image and give labels and probabilities at the image's own, non-square shape."""
+    from affmae.checkpoint import read_meta, recorded_prep
+    from affmae.inference import predict_plane
+    seg, a = create_model('affmae_tiny', 'segmentation', n_classes=2), img[:40, :56]
+    for name, rs in (('rs', 48), ('native', None)):
+        save_checkpoint(seg, tmp_path / name / 'seg.safetensors', ['bg', 'cell'], stats=[.5, .25], tile=32, resize=rs)
+        assert recorded_prep(read_meta(tmp_path / name / 'seg.safetensors'))['resize'] == rs
+    assert recorded_prep(dict(stats=[.5, .25]))['resize'] is None                    # an older checkpoint: native
+    s, native = affmae.load(tmp_path / 'rs', 'cpu'), affmae.load(tmp_path / 'native', 'cpu')
+    lbl, pr = s.segment(a, probs=True)
+    assert s.normalise(a).shape == (1, 1, 48, 48) and lbl.shape == (40, 56) and pr.shape == (2, 40, 56)
+    assert np.array_equal(lbl, predict_plane(s.model, a, s.meta)) and np.allclose(pr.sum(0), 1, atol=1e-4)
+    assert not np.allclose(pr, native.segment(a, probs=True)[1], atol=1e-4)
+
+
 def test_reconstruct_command(tmp_path, img):
     from PIL import Image
     from affmae.cli import main

@@ -244,8 +244,9 @@ def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
 
 def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
     """`finetune --clahe` records its clip, and `prep_plane` with the checkpoint's metadata prepares a raw image from
-    disk as the training loader did; `--pre-stats` takes the CLAHE and fixed normalisation a `pretrain --recipe paper`
-    run recorded; a bad clip, or one that contradicts the pretraining's, is a one-line error."""
+    disk as the training loader did; `--pre-stats` takes the CLAHE, fixed normalisation and resize a `pretrain --recipe
+    paper` run recorded, and `predict` labels at the image's own shape; a bad clip, or one that contradicts the
+    pretraining's, or a crop larger than its resize, is a one-line error."""
     import tifffile, warnings
     from affmae.cli import main
     from affmae.checkpoint import read_meta
@@ -281,8 +282,14 @@ def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
         assert main([*pre, '--out', str(tmp_path/'pre_run')]) == 0
     meta = read_meta(tmp_path/'pre_run'/'seg.safetensors')
     assert (meta['clahe'], meta['pct'], meta['stats']) == (CLAHE_CLIP, None, list(PAPER_STATS))
+    assert (meta['resize'], meta['recipe']['resize']) == (512, 512)   # the pretraining's resize, picked up and recorded
+    assert read_meta(tmp_path/'clahe'/'seg.safetensors')['resize'] is None
+    assert main(['predict', str(tmp_path/'pre_run'), str(data/'images'/'0.tif'), '--out', str(tmp_path/'pre_pred'),
+                 '--bs', '64']) == 0                                 # run at 512², labels back at 48²
+    assert tifffile.imread(tmp_path/'pre_pred'/'0_labels.tif').shape == (48, 48)
     capsys.readouterr()
     for args, msg in (([*pre, '--clahe', '3'], "--clahe 3.0 contradicts --pre-stats (the pretraining's CLAHE clip: 4."),
+                      ([*pre, '--img-size', '1024'], '--img-size 1024 is larger than the images --pre-stats resizes'),
                       (['finetune', *tiny, '--clahe', '0'], '--clahe must be a positive clip limit, got 0.0'),
                       (['finetune', *tiny, '--clahe', '-1'], '--clahe must be a positive clip limit, got -1.0')):
         assert main([*args, '--out', str(tmp_path/'bad')]) == 2
