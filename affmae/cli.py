@@ -148,6 +148,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              n_synth: int = 256,        # number of synthetic images with --data synthetic
              epoch_len: int = None,     # crops per epoch (default: one per image)
              balance: str = 'area',     # draw images by area, equally (slice), or each --data path equally (source)
+             augment: str = None,       # none, flips (default; paper: none) or full (+ affine, elastic, photometric)
              valid_pct: float = .1,     # fraction of the images held out for validation, in [0, 1)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
@@ -164,6 +165,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     from affmae.distributed import init_distributed, data_parallel, accum_steps
     from affmae.shards import is_shards
+    from affmae.augment import AUGMENTS
     from affmae.real_em import levels_report
     arch = arch or ('affmae_base_paper' if recipe == 'paper' else 'affmae_base')
     _require(ratio is None or 0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
@@ -182,6 +184,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(workers >= 0, f"--workers must be >= 0, got {workers}")
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    _require(augment in (None, *AUGMENTS), f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     _require(not checkpoint or arch.startswith('affmae'),
              f"--checkpoint is an option of the affmae models, not {arch}")
     _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
@@ -196,9 +199,10 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
         run_dir(out, overwrite, ('checkpoints/epoch_*', 'figures/recon_*.png'), hint='pass --resume to continue it, ')
     if eff_bs: accum = accum_steps(eff_bs, bs)
     set_seed(seed)
+    prep = dict(PAPER_PREP, augment='none') if recipe == 'paper' else {}
+    if augment: prep['augment'] = augment
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
-                       num_workers=workers, epoch_len=epoch_len, balance=balance,
-                       **(dict(PAPER_PREP, augment=False) if recipe == 'paper' else {}))
+                       num_workers=workers, epoch_len=epoch_len, balance=balance, **prep)
     if rank == 0 and len(getattr(dls.src, 'paths', ())) > 1:                 # how the corpus is mixed
         mix = source_shares(dls.src, dls.train_ds.idxs, dls.train_ds.weights)
         print(f'crops drawn by {balance}:', ', '.join(f'{p} {v:.0%}' for p, v in mix.items()))

@@ -428,7 +428,8 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
                  clahe=None, resize=None, norm=None, augment=True, balance='area'):
     """`DataLoaders` of normalised `(img,)` batches `(B,1,S,S)` from `path`s, `sample_dir()` if None, or 'synthetic'.
     The published preprocessing (`PAPER_PREP`): `clahe` clip limit, `resize` whole images to `resize`², fixed
-    `norm` (mean, std) of pixels over their type's full range; `augment=False`: no dihedral flips (as published).
+    `norm` (mean, std) of pixels over their type's full range; `augment`: how the training crops are augmented
+    (`EMBatch`: False or 'none', as published; True or 'flips'; 'full').
     `balance`: how often each slice of folders and files is drawn (`sample_weights`: by 'area', equally by 'slice',
     or by 'source'); shards stream as they were written."""
     from affmae.shards import is_shards, shard_dls     # WebDataset shards: streamed, no folder scan
@@ -436,7 +437,8 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
     if is_shards(path):
         if clahe or resize or norm: raise EMDataError("clahe, resize and norm apply to folders and files, not shards")
         if balance == 'source': raise EMDataError("balance='source' applies to folders and files, not shards")
-        return shard_dls(path, size, bs, valid_pct, num_workers, device, pct=pct, epoch_len=epoch_len, stats=stats)
+        return shard_dls(path, size, bs, valid_pct, num_workers, device, pct=pct, epoch_len=epoch_len, stats=stats,
+                         augment=augment)
     path = sample_dir() if path is None else None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, False, pct, epoch_len,
                    synth_size, synth_kw, None, stats, clahe, resize, norm, augment, balance)

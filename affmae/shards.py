@@ -159,8 +159,9 @@ class ShardDL(EMDataLoader):
         self.dataset.epoch_seed = self.rng.getrandbits(31)
 
 def shard_dls(spec, size=512, bs=8, valid_pct=0.1, num_workers=0, device=None, *, buffer=256,
-              pct=ROBUST_PCT, epoch_len=None, stats=None) -> DataLoaders:
-    "Like `pretrain_dls`, streamed from the WebDataset shards `spec`: shards held out for validation, no folder scan."
+              pct=ROBUST_PCT, epoch_len=None, stats=None, augment=True) -> DataLoaders:
+    """Like `pretrain_dls`, streamed from the WebDataset shards `spec`: shards held out for validation, no folder scan;
+    `augment`: how the training crops are augmented (`EMBatch`)."""
     files = shard_list(spec)
     idx = shard_index(files)
     nv = max(1, round(len(files) * valid_pct)) if valid_pct else 0
@@ -172,7 +173,8 @@ def shard_dls(spec, size=512, bs=8, valid_pct=0.1, num_workers=0, device=None, *
     n = -(-(epoch_len or sum(idx['counts'][:len(files) - nv])) // n_procs)       # samples per rank per epoch
     kw = dict(bs=bs, device=device, pin_memory=device.type == 'cuda')
     tds = ShardStream(files[:len(files) - nv], size, True, buffer, pct, idx['carrier'], rank, n_procs)
-    dls = [ShardDL(tds, n=n, drop_last=n >= bs, num_workers=num_workers, after_batch=EMBatch(mean, std, True), **kw)]
+    dls = [ShardDL(tds, n=n, drop_last=n >= bs, num_workers=num_workers, after_batch=EMBatch(mean, std, augment),
+                   **kw)]
     if nv: dls.append(ShardDL(ShardStream(files[-nv:], size, False, pct=pct, carrier=idx['carrier']),
                               n=sum(idx['counts'][-nv:]), after_batch=EMBatch(mean, std, False), **kw))
     else: dls.append(dls[0].new(n=0, drop_last=False))

@@ -18,7 +18,8 @@ few images per split).
    `--sets` fine-tunes on, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the
    held-out images are never seen, not even unlabelled. A share `--pre-valid` of the pretraining images validates it.
    Crops come from each image in proportion to its area (`--balance`, `affmae.data.sample_weights`; `slice`: every
-   image equally often, as runs 2-12 did, when the 100 small kidney-gbm tiles would take 58 % of the crops).
+   image equally often, as runs 2-12 did, when the 100 small kidney-gbm tiles would take 58 % of the crops), and are
+   augmented by `--pre-augment` (`EMBatch`: dihedral flips by default; `full` adds affine, elastic and photometric).
    Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to
    beat (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of
    the visible pixels; reconstruction figures. `--pre-image-path`: affmae pretrains as an `ImagePathMAE`, the
@@ -98,6 +99,8 @@ p.add_argument('--pre-epochs', type=int, default=5, help='pretraining epochs (on
 p.add_argument('--pre-valid', type=float, default=0.1, help='share of the pretraining images held out to validate it')
 p.add_argument('--balance', default='area', choices=('area', 'slice', 'source'),
                help='how often pretraining crops come from each image (`affmae.data.sample_weights`)')
+p.add_argument('--pre-augment', default='flips', choices=('none', 'flips', 'full'),
+               help="pretraining crops' augmentation (`EMBatch`)")
 p.add_argument('--mask', default='perlin_quarters', help='pretraining masks (`affmae.mae.MASKERS`) of both models')
 p.add_argument('--save-pretrained', default=None, help='folder to keep the pretrained models and their records in')
 p.add_argument('--load-pretrained', default=None,
@@ -386,7 +389,7 @@ else:
         t_arch = time.time()
         torch.manual_seed(a.seed)
         dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev, num_workers=W,
-                           epoch_len=PB * per_epoch, balance=a.balance)
+                           epoch_len=PB * per_epoch, balance=a.balance, augment=a.pre_augment)
         learn = mae_learner(dls, arch, mask=a.mask, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
                             figs_dir=work / 'figures' / arch, **PRE_KW(arch))
         levels = recon_levels(learn.model, dls.valid)          # on the validation images: trivial and best blur levels
@@ -398,7 +401,8 @@ else:
         res['pretrain'][arch] = dict(
             steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], mask=a.mask, seconds=round(secs, 1),
             n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
-            balance=a.balance, mix={str(Path(k).relative_to(work)): round(v, 4) for k, v in source_shares(
+            balance=a.balance, augment=a.pre_augment,
+            mix={str(Path(k).relative_to(work)): round(v, 4) for k, v in source_shares(
                 dls.src, dls.train_ds.idxs, dls.train_ds.weights).items()},
             loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w), floor_finest=levels['floor'],
             floor_sigma=levels['floor_sigma'], blur_levels=levels['blur'],

@@ -58,14 +58,16 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-lr-decay must be in (0, 1] (1: no decay), got 0.0' in err, err
     err = _run('--data', data, '--out', out1, '--compare-lr-decay', .75, ok=False)
     assert '--compare-lr-decay 0.75 is --lr-decay: nothing to compare' in err, err
-    for arch in ('affmae_tiny', 'vitmae_tiny'):       # one arch a call, as when a call's budget holds only one
-        _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch)
+    for arch, aug in (('affmae_tiny', 'full'), ('vitmae_tiny', 'flips')):   # one arch a call, as a short budget does
+        _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch,
+             '--pre-augment', aug)
     saved = json.loads((pre / 'pretrain.json').read_text())
     assert sorted(saved['pretrain']) == ['affmae_tiny', 'vitmae_tiny']
     for arch in ('affmae_tiny', 'vitmae_tiny'):
         assert (pre / f'{arch}.pt').is_file()
         p = saved['pretrain'][arch]
         assert p['balance'] == 'area' and abs(sum(p['mix'].values()) - 1) < 1e-6, p['mix']
+        assert p['augment'] == ('full' if arch == 'affmae_tiny' else 'flips')
         assert 'unlabelled/podocyte-tem' in p['mix'] and 'unlabelled/sbem-mito' in p['mix']
     _run('--data', data, '--sets', ','.join(SETS), '--out', out2, '--load-pretrained', pre,
          '--fracs', '0.5', '--ft-steps', 6, '--skip', 'vitmae_tiny:scratch', '--head', 'unet',
