@@ -211,9 +211,10 @@ class EMCrops(torch.utils.data.Dataset):
     a shuffling `EMDataLoader` draws each of `idxs` (`sample_weights`), None for equally often. `fg_crop`: the share of
     training crops placed to hold a foreground pixel (nnU-Net's foreground oversampling): one of the classes the mask
     holds above label 0, drawn with odds 1/√(its pixel count) so the rarer the more often, then one of its pixels,
-    anywhere in the crop."""
+    anywhere in the crop. Not `train`: each image's centre crop, or with `tiles` its whole area, in `size`² tiles
+    side by side (the last row and column flush with the edges)."""
     def __init__(self, src, idxs, size=512, train=True, masks=False, pct=ROBUST_PCT, epoch_len=None, codes=None,
-                 clahe=None, resize=None, weights=None, fg_crop=0.):
+                 clahe=None, resize=None, weights=None, fg_crop=0., tiles=False):
         self.src, self.idxs, self.size, self.train, self.masks, self.pct = src, list(idxs), size, train, masks, pct
         self.clahe, self.resize, self._prepped, self._prepped_bytes = clahe, resize, {}, 0
         if resize is not None and resize < size:
@@ -227,6 +228,15 @@ class EMCrops(torch.utils.data.Dataset):
         if not 0 <= fg_crop <= 1 or (fg_crop and not masks):
             raise EMDataError(f"fg_crop must be in [0, 1] and needs masks, got {fg_crop} (masks={masks})")
         self.fg_crop, self._fg = fg_crop, {}
+        self.tiles = [(j, y, x) for j in self.idxs for y, x in self.grid(j)] if tiles and not train else None
+        if self.tiles: self.n = len(self.tiles)
+    def grid(self, j):
+        "Top-left corners of `size`² tiles covering item `j` after `prep` (the last ones flush with its edges)."
+        if self.resize is not None: shape = (self.resize,) * 2 if np.isscalar(self.resize) else self.resize
+        else: shape = self.src.shape(j)
+        h, w = (shape, shape) if np.isscalar(shape) else shape[-2:]
+        cover = lambda n: sorted({max(0, min(k * self.size, n - self.size)) for k in range(-(-n // self.size))})
+        return [(y, x) for y in cover(h) for x in cover(w)]
     @property
     def weights(self):
         "The draw weight of each of `idxs` (kept per item: a subset of `idxs` keeps its own), or None: equal."
@@ -245,13 +255,15 @@ class EMCrops(torch.utils.data.Dataset):
             self._prepped[j] = out; self._prepped_bytes += out[0].nbytes
         return out
     def __getitem__(self, i):
-        j, s = self.idxs[i % len(self.idxs)], self.size
+        j, y0, x0 = self.tiles[i] if self.tiles else (self.idxs[i % len(self.idxs)], None, None)
+        s = self.size
         a, shape0 = self.image(j)
         h, w = a.shape
         if min(h, w) < s: raise EMDataError(f"{self.src.name(j)}: image is {h}x{w}, smaller than the crop size {s}")
         if j not in self._range:
             self._range[j] = torch.tensor(full_range(a) if self.pct is None else robust_range(a, self.pct))
-        y0, x0 = (random.randint(0, h-s), random.randint(0, w-s)) if self.train else ((h-s)//2, (w-s)//2)
+        if self.train: y0, x0 = random.randint(0, h-s), random.randint(0, w-s)
+        elif not self.tiles: y0, x0 = (h-s)//2, (w-s)//2
         m = self.mask(j, shape0) if self.masks else None
         if self.train and self.fg_crop and random.random() < self.fg_crop and (fg := self.foreground(j, m)):
             ix, = random.choices(fg, weights=[len(c) ** -.5 for c in fg])      # a class, the rarer the likelier
@@ -416,7 +428,7 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
     kw = dict(bs=bs, num_workers=num_workers, device=device, pin_memory=device.type == 'cuda')
     dls = [EMDataLoader(tds, shuffle=True, drop_last=len(tds) >= bs, after_batch=EMBatch(mean, std, augment), **kw)]
     if valid:
-        vds = EMCrops(src, valid, size, False, masks, pct, codes=codes, **prep)
+        vds = EMCrops(src, valid, size, False, masks, pct, codes=codes, tiles=masks, **prep)   # masks: all of them
         dls.append(EMDataLoader(vds, after_batch=EMBatch(mean, std, False), **kw))
     else: dls.append(dls[0].new(n=0, shuffle=False, drop_last=False))     # an empty validation set: fastai needs one
     dls = DataLoaders(*dls, path=path if isinstance(path, (str, Path)) else '.', device=device)
@@ -448,7 +460,8 @@ def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, nu
                 clahe=None, resize=None, norm=None, augment=True, balance='area', fg_crop=0.):
     """fastai `DataLoaders` of `(img (B,1,S,S), mask (B,S,S) long)` from image/mask pairs under `path` or `synth_em`;
     `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`; `fg_crop`:
-    the share of training crops placed on a foreground pixel (`EMCrops`)."""
+    the share of training crops placed on a foreground pixel (`EMCrops`). Validation covers every held-out image
+    whole, in `size`² tiles (`EMCrops`' `tiles`), so its scores see all of each image, not only its centre."""
     if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,

@@ -434,11 +434,11 @@ if a.pretrain_only:
 
 # ---- 2. fine-tuning and 3. held-out scores ----
 def set_dls(s):
-    "Training crops of a set (`segment_dls`, no split) + its held-out images' centre crops as the validation loader."
+    "Training crops of a set (`segment_dls`, no split) + its held-out images whole, in tiles, as the validation loader."
     dls = segment_dls(s['train'], size=S, bs=B, valid_pct=0, seed=a.seed, device=dev, codes=s['classes'],
                       num_workers=W, augment=a.augment, fg_crop=a.fg_crop)
     src = EMFolder(s['test'], masks=True)
-    vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes']), bs=B,
+    vdl = EMDataLoader(EMCrops(src, range(len(src)), S, train=False, masks=True, codes=s['classes'], tiles=True), bs=B,
                        device=dls.device, after_batch=EMBatch(*dls.stats, augment=False))
     new = DataLoaders(dls.train, vdl, device=dls.device)
     new.stats, new.codes, new.src, new.test_src = dls.stats, dls.codes, dls.src, src
