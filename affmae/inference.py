@@ -10,7 +10,7 @@ import torch, torch.nn.functional as F
 from . import prep
 from .checkpoint import load_model, recorded_prep
 from .data import EMFolder, SynthEM
-from .seg_metrics import confusion, image_fg_iou, iou_dice, miou
+from .seg_metrics import confusion, image_fg_iou, iou_dice, precision_recall, miou
 from .seg_io import check_mask
 
 # %% auto #0
@@ -106,7 +106,8 @@ def eval_source(data=None, n_synth=8, size=512, seed=1):
 
 # %% ../nbs/10d_inference.ipynb #2febe955
 def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
-    """mIoU and foreground mIoU (over the classes present in the truth: `miou`), per-class IoU/Dice, the per-image
+    """mIoU and foreground mIoU (over the classes present in the truth: `miou`), per-class IoU, Dice, precision and
+    recall (`precision_recall`), the per-image
     foreground IoU and the pixel confusion matrix (rows: true class, columns: predicted) of `model` over every plane
     of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by sliding window (`tta`: `sliding_window`'s)."""
     classes, cm, img_iou = meta['classes'], None, []
@@ -117,23 +118,26 @@ def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None
         c = confusion(p, m, len(classes))
         cm = c if cm is None else cm + c
         img_iou.append(image_fg_iou(p, m, len(classes)).mean().item())
-    iou, dice = iou_dice(cm)
+    (iou, dice), (prec, rec) = iou_dice(cm), precision_recall(cm)
     nan2none = lambda v: None if math.isnan(v) else round(float(v), 5)
     return dict(miou=nan2none(miou(cm)), fg_miou=nan2none(miou(cm, first=1)),
                 img_fg_iou=nan2none(sum(img_iou)/len(img_iou)), n_images=len(src), n_pixels=int(cm.sum()), tta=tta,
-                per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k])) for k, c in enumerate(classes)},
+                per_class={c: dict(iou=nan2none(iou[k]), dice=nan2none(dice[k]), precision=nan2none(prec[k]),
+                                   recall=nan2none(rec[k])) for k, c in enumerate(classes)},
                 confusion=cm.tolist())
 
 def score_table(res):
-    """The scores of `evaluate_model` as a text table; given its confusion matrix, each class's share of the labelled
-    pixels in the truth and in the predictions (is a class found at all? predicted where there is none?)."""
+    """The scores of `evaluate_model` as a text table (per class: IoU, Dice, precision, recall); given its confusion
+    matrix, each class's share of the labelled pixels in the truth and in the predictions (is a class found at all?
+    predicted where there is none?)."""
     f = lambda v: '   n/a' if v is None else f"{v:6.3f}"
     cm = np.array(res['confusion'], dtype=float) if res.get('confusion') else None
     shares = '' if cm is None else f"{'truth':>9}{'predicted':>11}"
-    rows = [f"{'class':<14}{'IoU':>8}{'Dice':>8}{shares}"]
+    rows = [f"{'class':<14}{'IoU':>8}{'Dice':>8}{'prec.':>8}{'recall':>8}{shares}"]
     for k, (c, s) in enumerate(res['per_class'].items()):
         shares = '' if cm is None else f"{100 * cm[k].sum() / cm.sum():8.2f}%{100 * cm[:, k].sum() / cm.sum():10.2f}%"
-        rows.append(f"{c:<14}{f(s['iou']):>8}{f(s['dice']):>8}{shares}")
+        pr = ''.join(f"{f(s.get(m)):>8}" for m in ('precision', 'recall'))    # older score files have neither
+        rows.append(f"{c:<14}{f(s['iou']):>8}{f(s['dice']):>8}{pr}{shares}")
     rows += [f"{'mIoU':<14}{f(res['miou']):>8}", f"{'fg mIoU':<14}{f(res['fg_miou']):>8}"]
     return '\n'.join(rows + [f"{'image fg IoU':<14}{f(res['img_fg_iou']):>8}"])
 

@@ -9,8 +9,9 @@ from torch import Tensor
 from fastai.learner import Metric
 
 # %% auto #0
-__all__ = ['IGNORE', 'LOSSES', 'confusion', 'iou_dice', 'miou', 'image_fg_iou', 'SegScores', 'MIoU', 'ClassScore', 'ImageIoU',
-           'seg_metrics', 'check_batch', 'soft_dice', 'CEDiceLoss', 'FocalDiceLoss', 'seg_loss']
+__all__ = ['IGNORE', 'LOSSES', 'confusion', 'iou_dice', 'precision_recall', 'miou', 'image_fg_iou', 'SegScores', 'MIoU',
+           'ClassScore', 'ImageIoU', 'seg_metrics', 'check_batch', 'soft_dice', 'CEDiceLoss', 'FocalDiceLoss',
+           'seg_loss']
 
 # %% ../nbs/10_seg_metrics.ipynb #e973d063
 IGNORE = 255  # label of unannotated pixels: no loss, no score
@@ -36,6 +37,15 @@ def iou_dice(cm):
     iou = torch.where(union > 0, tp/union.clamp_min(1), torch.nan)
     dice = torch.where(union > 0, 2*tp/(tp+union).clamp_min(1), torch.nan)
     return iou, dice
+
+def precision_recall(cm):
+    """Per-class precision (of the pixels predicted as a class, the share that are it) and recall (of a class's
+    pixels, the share predicted as it) from a confusion matrix `cm`; `nan` where no pixel is predicted as, or labelled,
+    the class."""
+    cm = torch.as_tensor(cm).double()
+    tp, pred, true = cm.diag(), cm.sum(0), cm.sum(1)
+    share = lambda n: torch.where(n > 0, tp/n.clamp_min(1), torch.nan)
+    return share(pred), share(true)
 
 def miou(cm, first=0):
     "Mean IoU over the classes `first`, `first`+1, ... present in the truth of `cm` (`nan` if none is)."
