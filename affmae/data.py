@@ -232,8 +232,7 @@ class EMCrops(torch.utils.data.Dataset):
         if self.tiles: self.n = len(self.tiles)
     def grid(self, j):
         "Top-left corners of `size`² tiles covering item `j` after `prep` (the last ones flush with its edges)."
-        if self.resize is not None: shape = (self.resize,) * 2 if np.isscalar(self.resize) else self.resize
-        else: shape = self.src.shape(j)
+        shape = self.src.shape(j) if self.resize is None else self.resize          # a side, or (h, w)
         h, w = (shape, shape) if np.isscalar(shape) else shape[-2:]
         cover = lambda n: sorted({max(0, min(k * self.size, n - self.size)) for k in range(-(-n // self.size))})
         return [(y, x) for y in cover(h) for x in cover(w)]

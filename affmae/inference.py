@@ -107,9 +107,9 @@ def eval_source(data=None, n_synth=8, size=512, seed=1):
 # %% ../nbs/10d_inference.ipynb #2febe955
 def evaluate_model(model, src, meta, overlap=0.25, bs=4, device='cpu', tile=None, tta=False):
     """mIoU and foreground mIoU (over the classes present in the truth: `miou`), per-class IoU, Dice, precision and
-    recall (`precision_recall`), the per-image
-    foreground IoU and the pixel confusion matrix (rows: true class, columns: predicted) of `model` over every plane
-    of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by sliding window (`tta`: `sliding_window`'s)."""
+    recall (`precision_recall`), the per-image foreground IoU and the pixel confusion matrix (rows: true class,
+    columns: predicted) of `model` over every plane of `src` (`EMFolder` with masks, or `SynthEM`), whole planes by
+    sliding window (`tta`: `sliding_window`'s)."""
     classes, cm, img_iou = meta['classes'], None, []
     for i in range(len(src)):
         a = src.image(i)
