@@ -119,7 +119,8 @@ class AuxLoss:
 
 def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', loss_kw=None, lr_decay=None,
                 mixed_precision='auto', metrics=None, per_class=True, wd=0.05, clip=None, accum=1, cbs=None,
-                capture=True, decay_depth=None, freeze=False, head_lr_mult=1., aux_weight=0., **model_kw):
+                capture=True, decay_depth=None, freeze=False, head_lr_mult=1., aux_weight=0., fresh_decoder=False,
+                **model_kw):
     """A `SegLearner` for `arch` (a registered segmentation model or a module) on `dls` of `(img, mask)`: loss
     `loss_func` (a name in `LOSSES` with options `loss_kw`, or a callable), the segmentation metrics, fused AdamW,
     optional pretrained weights, layer-wise lr decay `lr_decay` (over `decay_depth` levels if given: `decay_steps`)
@@ -128,14 +129,14 @@ def seg_learner(dls, arch, pretrained=None, classes=None, loss_func='ce_dice', l
     optimiser step per `accum` batches); `capture`: on CUDA, each training step is a replayed CUDA graph
     (`CaptureStep`); `freeze`: the head alone trains (fastai's `freeze`: every earlier parameter group frozen, its
     norms too); `aux_weight`: deep supervision, a transformer's head also reads out logits from the backbone's
-    features alone (`head_aux`) and their loss counts `aux_weight` times (`AuxLoss`)."""
+    features alone (`head_aux`) and their loss counts `aux_weight` times (`AuxLoss`); `fresh_decoder`: encoder alone."""
     if classes is None: classes = getattr(dls, 'classes', None) or EM_CLASSES
     if aux_weight < 0: raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
     if aux_weight and isinstance(arch, str) and arch != 'unet': model_kw['head_aux'] = True
     model = create_model(arch, 'segmentation', n_classes=len(classes), **model_kw) if isinstance(arch, str) else arch
     if aux_weight and getattr(getattr(model, 'head', None), 'aux', None) is None:
         raise ValueError(f"aux_weight needs a transformer's head with its read-out (head_aux); {arch} has none")
-    if pretrained is not None: load_pretrained(model, pretrained)
+    if pretrained is not None or fresh_decoder: load_pretrained(model, pretrained, fresh_decoder=fresh_decoder)
     spread = lr_decay or head_lr_mult != 1
     cbs = list(cbs or []) + ([LayerDecay(lr_decay or 1., decay_depth, head_lr_mult)] if spread else []) \
           + ([GradientClip(clip)] if clip else []) + ([Accumulate(accum)] if accum != 1 else []) \
@@ -345,6 +346,7 @@ def finetune(
     freeze_epochs:int=0,       # train the head alone for this many epochs first, then everything (fastai's fine_tune)
     balance:str='area',        # draw training images by area (default) or equally (slice)
     fg_crop:float=0.,          # share of training crops placed on a foreground pixel: rare classes seen more often
+    fresh_decoder:store_true=False, # the pretrained encoder alone: the decoder starts fresh, as in MAE's own
     pre_stats:store_true=False, # prepare as pretraining did (its checkpoint's mean, std and CLAHE), not by --data's own
     clahe:float=None,          # CLAHE of every image at this clip limit (default: off; the paper recipe's: 4.25)
 ):
@@ -362,12 +364,13 @@ def finetune(
     _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     _require(0 <= fg_crop <= 1, f"--fg-crop must be in [0, 1], got {fg_crop}")
     _require(not pre_stats or pretrained, "--pre-stats needs --pretrained (the stats come from its checkpoint)")
+    _require(not fresh_decoder or pretrained, "--fresh_decoder needs --pretrained (the checkpoint to take apart)")
     _require(not (freeze or freeze_epochs) or arch != 'unet',
              "--freeze and --freeze_epochs train a transformer's head alone; unet has no encoder to freeze")
     _require(freeze_epochs >= 0 and not (freeze and freeze_epochs),
              f"--freeze_epochs must be >= 0 and without --freeze (the head alone throughout), got {freeze_epochs}")
     if eff_bs: accum = accum_steps(eff_bs, o['bs'])
-    o['accum'], o['freeze'], o['freeze_epochs'], o['pre_stats'] = accum, freeze, freeze_epochs, pre_stats
+    o.update(accum=accum, freeze=freeze, freeze_epochs=freeze_epochs, pre_stats=pre_stats, fresh_decoder=fresh_decoder)
     rank = init_distributed()                                      # under torchrun: one process per GPU
     ours = ('seg.safetensors', 'history.json', 'results.png')
     out = run_dir(out, overwrite, ours=ours) if rank == 0 else Path(out)
@@ -393,7 +396,7 @@ def finetune(
                         lr_decay=o['lr_decay'] if o['lr_decay'] < 1 else None, wd=o['wd'], clip=o['clip'],
                         accum=accum, capture=not no_capture, decay_depth=decay_depth,
                         freeze=freeze or freeze_epochs > 0, head_lr_mult=(o['head_lr'] or o['lr'])/o['lr'],
-                        aux_weight=o['aux_weight'],
+                        aux_weight=o['aux_weight'], fresh_decoder=fresh_decoder,
                         **({} if arch == 'unet' else {'head_skip': head or FINETUNE_HEAD}))
     div_final = {} if o['lr_final'] is None else dict(div_final=o['lr']/o['lr_final'])
     data_parallel(learn)

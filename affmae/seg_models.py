@@ -16,7 +16,7 @@ from .unet import UNet
 
 # %% auto #0
 __all__ = ['HEAD_SKIPS', 'backbone', 'read_state', 'check_pretrained', 'load_pretrained', 'conv_gn', 'ImagePyramid', 'UpHead',
-           'pad_to', 'crop_to', 'FPNHead', 'ViTSeg', 'AFFSeg', 'ImagePathMAE']
+           'pad_to', 'crop_to', 'FPNHead', 'ViTSeg', 'AFFSeg', 'encoder_prefixes', 'ImagePathMAE']
 
 # %% ../nbs/10a_seg_models.ipynb #ef9d3286
 def backbone(name, **kw):
@@ -55,14 +55,16 @@ def _report(take, own, sd) -> dict:
                 unused=sorted(k for k in sd if k not in own),
                 mismatched=sorted(k for k in sd if k in own and sd[k].shape != own[k].shape))
 
-def load_pretrained(model, ckpt, prefixes=None, verbose=True):
+def load_pretrained(model, ckpt, prefixes=None, verbose=True, fresh_decoder=False):
     """Load the `prefixes` (default `model.pretrained_prefixes`, else encoder + decoder) weights of a pretraining
     checkpoint (file, run folder or state dict) into `model`; returns the loaded/new/unused/mismatched keys. With the
     default prefixes, weights under `model.pretrained_extra` load too where the checkpoint has them in the same shape
-    (an `ImagePathMAE`'s head); a checkpoint without them is no error."""
+    (an `ImagePathMAE`'s head); a checkpoint without them is no error. `fresh_decoder`: the `encoder_prefixes` alone."""
     arch = getattr(model, 'arch', (type(model).__name__,))[0]
     if getattr(model, 'pretrained_prefixes', None) == ():
         raise ValueError(f"{arch} has no pretrained encoder: train it from scratch (no pretrained checkpoint)")
+    if ckpt is None: raise ValueError("no pretrained weights given" + (" to take apart" if fresh_decoder else ""))
+    if fresh_decoder: prefixes = encoder_prefixes(model)
     extra = tuple(getattr(model, 'pretrained_extra', ())) if prefixes is None else ()
     prefixes = tuple(prefixes or getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
     name = '(dict)' if isinstance(ckpt, dict) else ckpt
@@ -306,6 +308,15 @@ def _aff_seg(name):
 for _n in ('affmae_tiny', 'affmae_small', 'affmae_base', 'affmae_tiny_paper', 'affmae_small_paper',
            'affmae_base_paper'):
     register_model(_aff_seg(_n), kind='segmentation', name=_n)
+
+# %% ../nbs/10a_seg_models.ipynb #be4662ef
+def encoder_prefixes(model) -> tuple:
+    "`model`'s pretrained prefixes less its decoder's: what `load_pretrained` should take to leave the decoder fresh."
+    own = tuple(getattr(model, 'pretrained_prefixes', ('encoder.', 'decoder.')))
+    if 'decoder.' not in own:
+        arch = getattr(model, 'arch', (type(model).__name__,))[0]
+        raise ValueError(f"{arch} takes no pretrained decoder: there is none to leave fresh")
+    return tuple(p for p in own if p != 'decoder.')
 
 # %% ../nbs/10a_seg_models.ipynb #2f02b39d
 class ImagePathMAE(AFFMAE):

@@ -44,9 +44,10 @@ few images per split).
    `--compare-path-drop P`) affmae_base pretrained and from scratch with a loss on its backbone's own logits at weight W
    (`seg_learner(aux_weight)`) or its head's image path dropped for a share P of the training images (`head_path_drop`),
    and (`--compare-fresh-head`) pretrained affmae_base with a fresh head though its pretraining trained one
-   (`--pre-image-path`), and (`--compare-pre-stats`) each pretrained model with its images normalised by its
-   pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), each recorded as a
-   `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at
+   (`--pre-image-path`), and (`--compare-fresh-decoder`) pretrained affmae_base with its encoder alone loaded, its point
+   decoder fresh (`finetune --fresh_decoder`), and (`--compare-pre-stats`) each pretrained model with its images
+   normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), each
+   recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at
    `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a
    foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss
    (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW
@@ -166,6 +167,9 @@ p.add_argument('--pre-image-path', action='store_true',
                     "reconstruction head, so fine-tuning with --head unet starts that head pretrained too")
 p.add_argument('--compare-fresh-head', action='store_true',
                help="also fine-tune pretrained affmae with its head fresh, though pretrained (--pre-image-path)")
+p.add_argument('--compare-fresh-decoder', action='store_true',
+               help="also fine-tune pretrained affmae with its pretrained encoder alone, the decoder fresh "
+                    "(`finetune --fresh_decoder`, as MAE's own fine-tuning)")
 p.add_argument('--pre-stats', action='store_true',
                help="normalise the pretrained runs' images by their pretraining's mean and std, not the set's own")
 p.add_argument('--compare-pre-stats', action='store_true',
@@ -507,7 +511,8 @@ CONFIGS = [(arch, init) for arch in ARCHS for init in ('pretrained', 'scratch') 
 # depth; each pretrained model with another layer-wise decay or at another peak lr; each transformer run with all but
 # its head frozen; each pretrained model training its head alone first; each pretrained model with the head at its own
 # lr; pretrained affmae for another number of steps; pretrained affmae whose 'unet' head starts blind to the backbone;
-# pretrained affmae whose pretrained head (--pre-image-path) starts fresh; affmae's 'unet' head alone, from scratch;
+# pretrained affmae whose pretrained head (--pre-image-path) starts fresh; pretrained affmae whose decoder starts
+# fresh; affmae's 'unet' head alone, from scratch;
 # affmae, pretrained and from scratch, with its backbone's own logits supervised too, or with its head's image path
 # dropped for some images; each pretrained model with its images normalised as in pretraining
 VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a.compare_head))]
@@ -527,6 +532,8 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
             if a.compare_steps else []) + \
            ([('zero fuse', ARCHS[0], 'pretrained', dict(HEAD, head_zero_fuse=True))] if a.compare_zero_fuse else []) + \
            ([('fresh head', ARCHS[0], 'pretrained', dict(HEAD, fresh_head=True))] if a.compare_fresh_head else []) + \
+           ([('fresh decoder', ARCHS[0], 'pretrained', dict(HEAD, fresh_decoder=True))]
+            if a.compare_fresh_decoder else []) + \
            [('pretraining stats', arch, init, dict(HEAD, pre_stats=True)) for arch, init in CONFIGS
             if a.compare_pre_stats and init == 'pretrained'] + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]

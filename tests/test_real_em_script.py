@@ -110,8 +110,9 @@ def test_pretrain_then_finetune(tmp_path):
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
     _run('--data', data, '--sets', 'sbem-mito', '--out', out1, '--load-pretrained', pre, '--archs', 'affmae_tiny',
          '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,   # ViT-MAE left out
-         '--compare-lr-decay', 1)
+         '--compare-lr-decay', 1, '--compare-fresh-decoder')
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
     got = sorted((r['arch'], r['init'], r.get('head_lr', 0), r.get('lr_decay', 0), r.get('variant', '')) for r in runs)
-    assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
+    assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 0, 'fresh decoder'),
+                   ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
                    ('affmae_tiny', 'scratch', 0, 0, ''), ('unet', 'scratch', 0, 0, '')], got
