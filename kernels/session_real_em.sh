@@ -19,7 +19,7 @@ log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
   grep -v 'Epoch\|it/s' >> "$log"; }         # every line but progress bars: a dying worker's own message too
 for part in data_em_*_p[0-9]*/; do                      # parts of a split folder (split_carry.py) into the folder
-  [ -d "$part" ] && mkdir -p "${part%_p*}" && cp -rn "$part". "${part%_p*}/"
+  [ -d "$part" ] && mkdir -p "${part%_p*}" && cp -r "$part". "${part%_p*}/"   # parts are disjoint
 done
 find data_em_* -path 'data_em_*_p[0-9]*' -prune -o -name '*.part1of*' -print 2>/dev/null | while read -r c; do
   f=${c%.part1of*} k=${c##*of}                          # a file cut in k chunks: whole again once all k have come
