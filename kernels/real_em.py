@@ -13,19 +13,20 @@ Everything is first copied into a work folder as uncompressed TIFF (memory-mappe
 few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
-   (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel
-   targets) on every image that is not held out (training splits of the `--pre-sets`, all three by default whatever
-   `--sets` fine-tunes on, unlabelled images and stacks, podocyte TEM), the same number of steps for both; the
-   held-out images are never seen, not even unlabelled. A share `--pre-valid` of the pretraining images validates it.
-   Crops come from each image in proportion to its area (`--balance`, `affmae.data.sample_weights`; `slice`: every
-   image equally often, as runs 2-12 did, when the 100 small kidney-gbm tiles would take 58 % of the crops), and are
-   augmented by `--pre-augment` (`EMBatch`: dihedral flips by default; `full` adds affine, elastic and photometric).
-   Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to
-   beat (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of
-   the visible pixels; reconstruction figures. `--pre-image-path`: affmae pretrains as an `ImagePathMAE`, the
-   `'unet'` segmentation head's image path trained as one more reconstruction head.
-   `--save-pretrained DIR` keeps the pretrained models and their records; a later call (the same warm machine, with
-   more time for fine-tuning) runs `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
+   (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel targets) on
+   every image that is not held out (training splits of the `--pre-sets`, all three by default whatever `--sets`
+   fine-tunes on, and the unlabelled images and stacks of the `--pre-unlabelled` sets, podocyte TEM among them), the
+   same number of steps for both; the held-out images are never seen, not even unlabelled. A share `--pre-valid` of the
+   pretraining images validates it. Crops come from each image in proportion to its area (`--balance`,
+   `affmae.data.sample_weights`; `slice`: every image equally often, as runs 2-12 did, when the 100 small kidney-gbm
+   tiles would take 58 % of the crops), and are augmented by `--pre-augment` (`EMBatch`: dihedral flips by default;
+   `full` adds affine, elastic and photometric).
+   Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to beat
+   (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of the
+   visible pixels; reconstruction figures. `--pre-image-path`: affmae pretrains as an `ImagePathMAE`, the `'unet'`
+   segmentation head's image path trained as one more reconstruction head. `--save-pretrained DIR` keeps the pretrained
+   models and their records; a later call (the same warm machine, with more time for fine-tuning) runs
+   `--load-pretrained DIR` instead of pretraining; `--pretrain-only` stops here.
 2. Per labelled set and label fraction (10 %, 100 % of the training images): `affmae.finetune.seg_learner` fine-tunes
    affmae_base and vitmae_base, each pretrained (layer-wise lr decay) and from scratch (`--skip` leaves some out,
    `--archs affmae_base` ViT-MAE-Base altogether), all for the same number of steps, with the segmentation head `--head`
@@ -47,12 +48,12 @@ few images per split).
    (`--pre-image-path`), and (`--compare-fresh-decoder`) pretrained affmae_base with its encoder alone loaded, its point
    decoder fresh (`finetune --fresh_decoder`), and (`--compare-pre-stats`) each pretrained model with its images
    normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), each
-   recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`; their head at
-   `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed on a
-   foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric), loss
-   (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and AdamW
-   one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset, initialisation and
-   crops), each run a row with its `seed`.
+   recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`;
+   their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed
+   on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
+   loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
+   AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset,
+   initialisation and crops), each run a row with its `seed`.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
@@ -90,6 +91,9 @@ p.add_argument('--archs', default=None,
 p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
 p.add_argument('--pre-sets', default='drosophila-vnc,sbem-mito,kidney-gbm',
                help='labelled sets whose training splits join the pretraining corpus (held-out splits never do)')
+p.add_argument('--pre-unlabelled', default='drosophila-vnc,sbem-mito,podocyte-tem',
+               help="sets whose unlabelled images join the pretraining corpus ('': none; with --pre-sets, one set's "
+                    "own images alone: pretraining in its domain)")
 p.add_argument('--fracs', default='0.1,1.0', help='label fractions')
 p.add_argument('--size', type=int, default=256, help='crop size for pretraining and fine-tuning (and the eval tile)')
 p.add_argument('--pre-bs', type=int, default=32)
@@ -248,6 +252,9 @@ SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation')
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
 work = Path(tempfile.mkdtemp(prefix='real_em_'))
 wanted, pre_sets = ([n for n in arg.split(',') if n] for arg in (a.sets, a.pre_sets))   # fine-tune; pretrain on
+pre_unlabelled = [n for n in a.pre_unlabelled.split(',') if n]
+if bad := sorted(set(pre_unlabelled) - set(UNLABELLED)):
+    p.error(f"--pre-unlabelled {','.join(bad)}: no unlabelled images; known are {', '.join(UNLABELLED)}")
 unknown = sorted(set(wanted + pre_sets) - set(SPLITS))
 if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {', '.join(SPLITS)}")
 LOAD = Path(a.load_pretrained) if a.load_pretrained else None
@@ -306,12 +313,13 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
                              test_images=[f.name for f, _ in test], test_class_pixels=counts.tolist(), runs=[])
     if not counts.all():               # such a class is left out of the held-out means (`affmae.seg_metrics.miou`)
         log(f"{name}: no held-out pixel of {', '.join(c for c, n in zip(classes, counts) if not n)}")
-for name, sub in ({} if LOAD else UNLABELLED).items():     # from the first root that holds them
+for name, sub in ({} if LOAD else {n: UNLABELLED[n] for n in pre_unlabelled}).items():   # the first root's
     src = next((r / name / sub for r in roots if (r / name / sub).exists()), None)
     if src is None and name == 'podocyte-tem': src = sample_dir()
     if src is None: continue
     copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)
+if not (LOAD or pre_paths): p.error("nothing to pretrain on: --pre-sets and --pre-unlabelled name no images found")
 res['timing']['data_s'] = round(time.time() - t, 2)
 res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
 log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},

@@ -58,6 +58,14 @@ def test_pretrain_then_finetune(tmp_path):
     assert '--compare-lr-decay must be in (0, 1] (1: no decay), got 0.0' in err, err
     err = _run('--data', data, '--out', out1, '--compare-lr-decay', .75, ok=False)
     assert '--compare-lr-decay 0.75 is --lr-decay: nothing to compare' in err, err
+    err = _run('--data', data, '--out', out1, '--pre-unlabelled', 'kidney-gbm', ok=False)
+    assert '--pre-unlabelled kidney-gbm: no unlabelled images' in err, err
+    err = _run('--data', data, '--out', out1, '--pre-sets', '', '--pre-unlabelled', '', ok=False)
+    assert 'nothing to pretrain on' in err, err
+    _run('--data', data, '--out', out1, '--pretrain-only', '--archs', 'affmae_tiny', '--sets', 'sbem-mito',
+         '--pre-sets', 'sbem-mito', '--pre-unlabelled', 'sbem-mito')               # one set's own images alone
+    assert json.loads((out1 / 'real_em.json').read_text())['pretrain_data'] == ['sbem-mito/train/images',
+                                                                               'unlabelled/sbem-mito']
     for arch, aug in (('affmae_tiny', 'full'), ('vitmae_tiny', 'flips')):   # one arch a call, as a short budget does
         _run('--data', data, '--out', out1, '--pretrain-only', '--save-pretrained', pre, '--archs', arch,
              '--pre-augment', aug)
