@@ -1,7 +1,7 @@
 """The house rules the index's Developing section states, checked on the exported modules: one job per module, under
 500 lines (nbdev's symbol index `_modidx.py` aside), and lines of at most 120 characters (the first line of a module's
 `__all__` aside, which nbdev writes wrapped at 120 before prefixing `__all__ = `); and the same line length in the
-notebooks' code cells, where the modules come from."""
+notebooks' code cells, where the modules come from, and in the scripts beside them (`kernels/`, `tests/`)."""
 import json
 from pathlib import Path
 import pytest
@@ -27,3 +27,12 @@ def test_notebook_code_lines(path):
     long = [(i, len(l)) for i, c in enumerate(cells) if c['cell_type'] == 'code'
             for l in ''.join(c['source']).splitlines() if len(l) > 120]
     assert not long, f"{path.name}: code lines longer than 120 characters (cell, length): {long}"
+
+
+SCRIPTS = sorted(p for d in ('kernels', 'tests') for ext in ('py', 'sh') for p in (ROOT / d).rglob(f'*.{ext}'))
+
+
+@pytest.mark.parametrize('path', SCRIPTS, ids=[str(p.relative_to(ROOT)) for p in SCRIPTS])
+def test_script_lines(path):
+    long = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if len(l) > 120]
+    assert not long, f"{path.relative_to(ROOT)}: lines longer than 120 characters: {long}"
