@@ -91,9 +91,9 @@ p.add_argument('--archs', default=None,
 p.add_argument('--sets', default='drosophila-vnc,sbem-mito,kidney-gbm', help='labelled sets to fine-tune on')
 p.add_argument('--pre-sets', default='drosophila-vnc,sbem-mito,kidney-gbm',
                help='labelled sets whose training splits join the pretraining corpus (held-out splits never do)')
-p.add_argument('--pre-unlabelled', default='drosophila-vnc,sbem-mito,podocyte-tem',
-               help="sets whose unlabelled images join the pretraining corpus ('': none; with --pre-sets, one set's "
-                    "own images alone: pretraining in its domain)")
+p.add_argument('--pre-unlabelled', default=None,
+               help="sets whose unlabelled images join the pretraining corpus (default: every set that has some; '': "
+                    "none; with --pre-sets, one set's own images alone: pretraining in its domain)")
 p.add_argument('--fracs', default='0.1,1.0', help='label fractions')
 p.add_argument('--size', type=int, default=256, help='crop size for pretraining and fine-tuning (and the eval tile)')
 p.add_argument('--pre-bs', type=int, default=32)
@@ -252,7 +252,7 @@ SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation')
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
 work = Path(tempfile.mkdtemp(prefix='real_em_'))
 wanted, pre_sets = ([n for n in arg.split(',') if n] for arg in (a.sets, a.pre_sets))   # fine-tune; pretrain on
-pre_unlabelled = [n for n in a.pre_unlabelled.split(',') if n]
+pre_unlabelled = list(UNLABELLED) if a.pre_unlabelled is None else [n for n in a.pre_unlabelled.split(',') if n]
 if bad := sorted(set(pre_unlabelled) - set(UNLABELLED)):
     p.error(f"--pre-unlabelled {','.join(bad)}: no unlabelled images; known are {', '.join(UNLABELLED)}")
 unknown = sorted(set(wanted + pre_sets) - set(SPLITS))
@@ -313,7 +313,8 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
                              test_images=[f.name for f, _ in test], test_class_pixels=counts.tolist(), runs=[])
     if not counts.all():               # such a class is left out of the held-out means (`affmae.seg_metrics.miou`)
         log(f"{name}: no held-out pixel of {', '.join(c for c, n in zip(classes, counts) if not n)}")
-for name, sub in ({} if LOAD else {n: UNLABELLED[n] for n in pre_unlabelled}).items():   # the first root's
+for name in ([] if LOAD else pre_unlabelled):                 # from the first root that holds them
+    sub = UNLABELLED[name]
     src = next((r / name / sub for r in roots if (r / name / sub).exists()), None)
     if src is None and name == 'podocyte-tem': src = sample_dir()
     if src is None: continue
