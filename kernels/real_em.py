@@ -71,7 +71,7 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, functools, gc, json, math, os, shutil, tempfile, time, warnings
+import argparse, functools, gc, json, math, os, random, shutil, tempfile, time, warnings
 # many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
 # the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
 os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
@@ -215,6 +215,7 @@ PRE_LR = dict(zip(BOTH, map(float, a.pre_lr.split(','))))
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from fastai.data.core import DataLoaders
+from fastai.torch_core import set_seed
 from affmae.readers import image_info, read_plane, read_mask
 from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
                          sample_dir, source_shares)
@@ -400,7 +401,7 @@ else:
             res['stopped_early'] = f'pretraining {arch}'; log(f'budget spent: stopping before pretraining {arch}')
             break
         t_arch = time.time()
-        torch.manual_seed(a.seed)
+        set_seed(a.seed)                                     # Python's, NumPy's and torch's: the loader draws from all
         dls = pretrain_dls(pre_paths, size=S, bs=PB, valid_pct=a.pre_valid, seed=a.seed, device=dev, num_workers=W,
                            epoch_len=PB * per_epoch, balance=a.balance, augment=a.pre_augment)
         learn = mae_learner(dls, arch, mask=a.mask, lr=PRE_LR[arch], precision='bf16' if dev == 'cuda' else None,
@@ -467,7 +468,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     def epoch(n): tds.n = dls.train.n = B * n                # the next fit's length: n steps
     tds.idxs = list(dls.all_idxs)
     label_subset(dls, frac, seed)
-    torch.manual_seed(seed)
+    set_seed(seed); dls.train.rng = random.Random(seed)       # reproducible: the RNGs and the loader's own one
     pre = init == 'pretrained'
     by_pre = pre and (pre_stats or a.pre_stats)                # images normalised as in pretraining, not as the set
     norm = tuple(res['pretrain'][arch]['stats']) if by_pre else tuple(dls.stats)

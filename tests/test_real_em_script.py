@@ -116,10 +116,15 @@ def test_pretrain_then_finetune(tmp_path):
         unet = next(r for r in runs if r['arch'] == 'unet')
         assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
-    _run('--data', data, '--sets', 'sbem-mito', '--out', out1, '--load-pretrained', pre, '--archs', 'affmae_tiny',
-         '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,   # ViT-MAE left out
-         '--compare-lr-decay', 1, '--compare-fresh-decoder')
+    again = ('--data', data, '--sets', 'sbem-mito', '--load-pretrained', pre, '--archs', 'affmae_tiny', '--fracs', '0.5',
+             '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,            # ViT-MAE left out
+             '--compare-lr-decay', 1, '--compare-fresh-decoder')
+    _run(*again, '--out', out1)
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
+    _run(*again, '--out', out2)                              # the same run again: the same scores (the U-Net's steps
+    rerun = json.loads((out2 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']   # follow the clock)
+    score = lambda rs: {(r['arch'], r['init'], r.get('variant')): r['miou'] for r in rs if r['arch'] != 'unet'}
+    assert score(rerun) == score(runs), (score(rerun), score(runs))
     got = sorted((r['arch'], r['init'], r.get('head_lr', 0), r.get('lr_decay', 0), r.get('variant', '')) for r in runs)
     assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 0, 'fresh decoder'),
                    ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
