@@ -116,8 +116,8 @@ def test_pretrain_then_finetune(tmp_path):
         unet = next(r for r in runs if r['arch'] == 'unet')
         assert unet['matched_to_s'] > 0 and unet['steps'] >= 10
     assert {f.name for f in out2.iterdir()} >= {'real_em.json', 'examples.png', 'scores.png'}
-    again = ('--data', data, '--sets', 'sbem-mito', '--load-pretrained', pre, '--archs', 'affmae_tiny', '--fracs', '0.5',
-             '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,            # ViT-MAE left out
+    again = ('--data', data, '--sets', 'sbem-mito', '--load-pretrained', pre, '--archs', 'affmae_tiny',
+             '--fracs', '0.5', '--ft-steps', 4, '--compare-head', '', '--pre-head-lr', 1e-3,   # ViT-MAE left out
              '--compare-lr-decay', 1, '--compare-fresh-decoder')
     _run(*again, '--out', out1)
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
