@@ -53,7 +53,9 @@ few images per split).
    on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
    loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
    AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset,
-   initialisation and crops), each run a row with its `seed`.
+   initialisation and crops), each run a row with its `seed`. Every generator is seeded for each run (Python's,
+   NumPy's, torch's and the training loader's): the same command scores the same on the CPU; on the GPU, up to its
+   arithmetic's nondeterminism, and the U-Net's steps follow the clock.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
