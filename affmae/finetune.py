@@ -209,7 +209,7 @@ def finetune_grid(dls, archs, pretrained=None, fracs=(0.1, 1.), steps=100, lr=1e
     for arch in archs:
         for init in [i for i in inits if i == 'scratch' or pretrained.get(arch) is not None]:
             for frac in fracs:
-                torch.manual_seed(seed); random.seed(seed)
+                set_seed(seed); dls.train.rng = random.Random(seed)   # every run the same draws, in the same order
                 tds.idxs, tds.n = idxs, dls.train.bs*steps
                 dls.train.n = tds.n
                 rows.append(_grid_run(dls, arch, init, frac, steps, lr, lr_decay, seed, pretrained.get(arch), kw))
