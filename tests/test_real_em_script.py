@@ -121,10 +121,10 @@ def test_pretrain_then_finetune(tmp_path):
              '--compare-lr-decay', 1, '--compare-fresh-decoder')
     _run(*again, '--out', out1)
     runs = json.loads((out1 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']
-    _run(*again, '--out', out2)                              # the same run again: the same scores (the U-Net's steps
-    rerun = json.loads((out2 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']   # follow the clock)
+    _run(*again, '--out', out2)                              # the same command again: every transformer run scores
+    rerun = json.loads((out2 / 'real_em.json').read_text())['sets']['sbem-mito']['runs']   # the same (the U-Net's
     score = lambda rs: {(r['arch'], r['init'], r.get('variant')): r['miou'] for r in rs if r['arch'] != 'unet'}
-    assert score(rerun) == score(runs), (score(rerun), score(runs))
+    assert score(rerun) == score(runs), (score(rerun), score(runs))             # steps follow the clock)
     got = sorted((r['arch'], r['init'], r.get('head_lr', 0), r.get('lr_decay', 0), r.get('variant', '')) for r in runs)
     assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 0, 'fresh decoder'),
                    ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
