@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
-from fastai.torch_core import default_device
+from fastai.torch_core import default_device, set_seed
 from .masking import _grid
 from .synth import EM_CLASSES, EM_COLORS, synth_em
 from .readers import EMDataError, image_files, image_info, _file_dtype, check_image, read_plane, read_mask
@@ -22,7 +22,7 @@ from .prep import ROBUST_PCT, robust_range, norm_stats, clahe, resize_whole, ful
 # %% auto #0
 __all__ = ['BALANCES', 'find_pairs', 'EMFolder', 'read_classes', 'mask_classes', 'sample_dir', 'data_paths', 'pretrain_files',
            'EMSources', 'SynthEM', 'EMCrops', 'dihedral', 'EMBatch', 'sample_weights', 'source_shares', 'split_items',
-           'EMDataLoader', 'pretrain_dls', 'segment_dls', 'data_tour']
+           'EMDataLoader', 'pretrain_dls', 'segment_dls', 'seed_run', 'data_tour']
 
 # %% ../nbs/00_data.ipynb #da3f6c13
 def _mask_stem(f): return f.stem[:-5] if f.stem.endswith('_mask') else f.stem
@@ -465,6 +465,12 @@ def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, nu
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
                    synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance, fg_crop)
+
+# %% ../nbs/00_data.ipynb #12e55543
+def seed_run(dls, seed=0):
+    "Seed Python's, NumPy's and torch's generators and `dls`' training loader's own: the same draws for a seed."
+    set_seed(seed); dls.train.rng = random.Random(seed)
+    return dls
 
 # %% ../nbs/00_data.ipynb #4af67fd4
 def data_tour(out_dir, size=256, n=4, seed=0):

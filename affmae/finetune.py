@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from .synth import EM_CLASSES
 from .readers import image_info, read_plane
 from .augment import AUGMENTS
-from .data import BALANCES, read_classes, segment_dls
+from .data import BALANCES, read_classes, segment_dls, seed_run
 from .registry import create_model, list_models
 from .checkpoint import image_prep, pretraining_prep, save_checkpoint
 from .prep import FINETUNE_CLAHE_CLIP, PAPER_STATS
@@ -209,7 +209,7 @@ def finetune_grid(dls, archs, pretrained=None, fracs=(0.1, 1.), steps=100, lr=1e
     for arch in archs:
         for init in [i for i in inits if i == 'scratch' or pretrained.get(arch) is not None]:
             for frac in fracs:
-                set_seed(seed); dls.train.rng = random.Random(seed)   # every run the same draws, in the same order
+                seed_run(dls, seed)                     # every run the same draws, in the same order
                 tds.idxs, tds.n = idxs, dls.train.bs*steps
                 dls.train.n = tds.n
                 rows.append(_grid_run(dls, arch, init, frac, steps, lr, lr_decay, seed, pretrained.get(arch), kw))

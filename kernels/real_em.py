@@ -73,7 +73,7 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, functools, gc, json, math, os, random, shutil, tempfile, time, warnings
+import argparse, functools, gc, json, math, os, shutil, tempfile, time, warnings
 # many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
 # the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
 os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
@@ -220,7 +220,7 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import set_seed
 from affmae.readers import image_info, read_plane, read_mask
 from affmae.data import (EMFolder, EMCrops, EMBatch, EMDataLoader, pretrain_dls, segment_dls, pretrain_files,
-                         sample_dir, source_shares)
+                         sample_dir, source_shares, seed_run)
 from affmae.learner import mae_learner
 from affmae.registry import create_model
 from affmae.finetune import seg_learner, label_subset, class_frequencies, balanced_weights, PRETRAINED_LR
@@ -470,7 +470,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     def epoch(n): tds.n = dls.train.n = B * n                # the next fit's length: n steps
     tds.idxs = list(dls.all_idxs)
     label_subset(dls, frac, seed)
-    set_seed(seed); dls.train.rng = random.Random(seed)       # reproducible: the RNGs and the loader's own one
+    seed_run(dls, seed)                                      # reproducible: every generator, the loader's own too
     pre = init == 'pretrained'
     by_pre = pre and (pre_stats or a.pre_stats)                # images normalised as in pretraining, not as the set
     norm = tuple(res['pretrain'][arch]['stats']) if by_pre else tuple(dls.stats)
