@@ -466,7 +466,7 @@ def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, nu
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
                    synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance, fg_crop)
 
-# %% ../nbs/00_data.ipynb #12e55543
+# %% ../nbs/00_data.ipynb #5d67cd0a
 def seed_run(dls, seed=0):
     "Seed Python's, NumPy's and torch's generators and `dls`' training loader's own: the same draws for a seed."
     set_seed(seed); dls.train.rng = random.Random(seed)
