@@ -153,6 +153,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
              norm_pix: store_true = False, # MAE's per-patch normalised targets (default: raw pixels, see 07_mae)
+             target: str = 'pixels',   # what masked patches predict: pixels, or hog (oriented gradients, 07a_hog)
              no_capture: store_true = False, # eager steps instead of one replayed CUDA graph per step (GPU)
              checkpoint: store_true = False, # activation checkpointing (affmae models): less memory, more compute
              checkpoint_stages: str = None, # with --checkpoint, only these stages, fine to coarse: e.g. 0 or 0,1
@@ -161,7 +162,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     from fastai.torch_core import set_seed
     from affmae.prep import PAPER_PREP
     from affmae.data import pretrain_dls, data_paths, source_shares, BALANCES
-    from affmae.mae import MASKERS
+    from affmae.mae import MASKERS, TARGETS
     from affmae.learner import mae_learner, checkpoints, run_ids, RECIPES
     from affmae.distributed import init_distributed, data_parallel, accum_steps
     from affmae.shards import is_shards
@@ -172,6 +173,8 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(mask is None or mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
     _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
     _require(precision in (None, 'bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
+    _require(target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    _require(not (norm_pix and target != 'pixels'), "--norm-pix normalises pixel targets: it needs --target pixels")
     _require(recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     _require(min(epochs, bs, accum or 1, ckpt_every, n_synth) > 0,
              "--epochs, --bs, --accum, --ckpt-every and --n-synth must be positive")
@@ -206,7 +209,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     if rank == 0 and len(getattr(dls.src, 'paths', ())) > 1:                 # how the corpus is mixed
         mix = source_shares(dls.src, dls.train_ds.idxs, dls.train_ds.weights)
         print(f'crops drawn by {balance}:', ', '.join(f'{p} {v:.0%}' for p, v in mix.items()))
-    learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix,
+    learn = mae_learner(dls, arch, mask=mask, ratio=ratio, lr=lr, wd=wd, accum=accum, norm_pix=norm_pix, target=target,
                         precision='fp32' if precision == 'none' else precision, recipe=recipe,
                         ckpt_dir=out / 'checkpoints', ckpt_every=ckpt_every, figs_dir=out / 'figures',
                         capture=not no_capture, **(dict(checkpoint=ckpt) if checkpoint else {}))

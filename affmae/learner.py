@@ -130,18 +130,24 @@ def _decode_rng(ts: dict, js: dict) -> dict:
 # %% ../nbs/09_pretrain.ipynb #406ae390
 def recon_figure(model: MAEBase, img: torch.Tensor, mask: torch.Tensor | None = None, generator=None,
                  title: str | None = None) -> plt.Figure:
-    "Figure with one row per image of `img` `(n,C,H,W)`: input | masked | each head's reconstruction (finest last)."
+    """Figure with one row per image of `img` `(n,C,H,W)`: input | masked | each head's reconstruction (finest last);
+    a HOG model's (`07a_hog`): input | masked | true HOG | each head's, histograms drawn on one scale per row."""
     was_training = model.training
     model.eval()
     r = model.reconstruct(img, mask, generator)
     model.train(was_training)
-    cols = [('input', r['img']), ('masked', r['masked'])] + list(zip(head_names(model), r['recons']))
+    glyphs = 'target' in r                                 # HOG: the columns from the third on draw histograms
+    cols = [('input', r['img']), ('masked', r['masked'])] + ([('HOG', r['target'])] if glyphs else []) \
+           + list(zip(head_names(model), r['recons']))
     n = len(img)
     fig, axs = plt.subplots(n, len(cols), figsize=(1.8 * len(cols), 1.8 * n), squeeze=False)
     for i in range(n):
         lo, hi = np.percentile(r['img'][i, 0].cpu().numpy(), [1, 99])
+        top = float(r['target'][i, 0].max()) if glyphs else None
         for j, (name, x) in enumerate(cols):
-            axs[i, j].imshow(x[i, 0].cpu().numpy(), cmap='gray', vmin=lo, vmax=hi, interpolation='nearest')
+            g = glyphs and j >= 2
+            axs[i, j].imshow(x[i, 0].cpu().numpy(), cmap='magma' if g else 'gray', vmin=0 if g else lo,
+                             vmax=top if g else hi, interpolation='nearest')
             axs[i, j].set_xticks([]); axs[i, j].set_yticks([])
             if i == 0: axs[i, j].set_title(name, fontsize=9)
     if title: fig.suptitle(title, fontsize=10)

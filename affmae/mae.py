@@ -17,13 +17,15 @@ from .mlp import Linear, Mlp, norm_linear
 from .layer_norm import LayerNorm
 
 # %% auto #0
-__all__ = ['MASKERS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets', 'masked_mse',
-           'grid_positions', 'sincos_embed', 'MAEBase', 'patch_ids', 'query_clusters', 'DecoderLayer', 'idw_sample',
-           'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny', 'affmae_small',
-           'affmae_base', 'affmae_base_paper', 'affmae_small_paper', 'affmae_tiny_paper', 'stage_feature_stats']
+__all__ = ['MASKERS', 'TARGETS', 'DECODERS', 'PAPER_DECODER', 'PAPER_ENCODER', 'PAPER_MASK', 'patch_stats', 'patch_targets',
+           'masked_mse', 'grid_positions', 'sincos_embed', 'MAEBase', 'patch_ids', 'query_clusters', 'DecoderLayer',
+           'idw_sample', 'DeformableAttention', 'DeformableLayer', 'PointDecoder', 'AFFMAE', 'affmae_tiny',
+           'affmae_small', 'affmae_base', 'affmae_base_paper', 'affmae_small_paper', 'affmae_tiny_paper',
+           'stage_feature_stats']
 
 # %% ../nbs/07_mae.ipynb #3391fda3
 from .core import init_weights, patchify, unpatchify
+from .hog import hog_dim, hog_targets, hog_glyphs
 
 # %% ../nbs/07_mae.ipynb #0ee6bd30
 def patch_stats(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -60,18 +62,30 @@ def sincos_embed(pos: Tensor, dim: int, temperature: float = 10000.) -> Tensor:
 
 # %% ../nbs/07_mae.ipynb #406ec415
 MASKERS = dict(perlin=perlin_mask, random=random_mask, perlin_quarters=perlin_quarters_mask)
+TARGETS = ('pixels', 'hog')                     # what the heads predict per patch (`hog`: 07a_hog)
 
 # %% ../nbs/07_mae.ipynb #1b003668
 class MAEBase(nn.Module):
     """Masking, targets, weighted per-head losses and reconstructions shared by the MAE models;
     subclasses implement `predict`."""
     def __init__(self, patch: int = 8, in_chans: int = 1, mask: str = 'perlin_quarters', ratio: float = .5,
-                 norm_pix: bool = False, loss_weights=(1.,)):
+                 norm_pix: bool = False, loss_weights=(1.,), target: str = 'pixels'):
         super().__init__()
         if mask not in MASKERS: raise ValueError(f"mask must be one of {tuple(MASKERS)}, got {mask!r}")
         if not 0 < ratio < 1: raise ValueError(f"mask ratio must be in (0, 1), got {ratio!r}")
+        if target not in TARGETS: raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if norm_pix and target != 'pixels': raise ValueError("norm_pix normalises pixels: it needs target='pixels'")
         self.patch, self.in_chans, self.mask_kind, self.ratio, self.norm_pix = patch, in_chans, mask, ratio, norm_pix
-        self.loss_weights = tuple(float(w) for w in loss_weights)
+        self.target, self.loss_weights = target, tuple(float(w) for w in loss_weights)
+
+    @property
+    def target_dim(self) -> int:
+        "Length of one patch's target: `p*p*C` pixels, or `hog_dim(C)` histogram bins."
+        return self.patch ** 2 * self.in_chans if self.target == 'pixels' else hog_dim(self.in_chans)
+
+    def targets(self, img: Tensor) -> Tensor:
+        "What the heads predict for each patch of `img`: `(B, L, target_dim)` in float32."
+        return hog_targets(img, self.patch) if self.target == 'hog' else patch_targets(img, self.patch, self.norm_pix)
 
     def grid(self, img: Tensor) -> tuple[int, int]:
         "The patch grid `(h, w)` of `img`, checking its shape."
@@ -92,8 +106,8 @@ class MAEBase(nn.Module):
                                        device=img.device)
 
     def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
-        """One prediction `(B, L, p*p*C)` per reconstruction head, finest last (rows of visible patches are free: the
-        loss ignores them); `n_visible`: every image's visible count, if known on the host."""
+        """One prediction `(B, L, target_dim)` per reconstruction head, finest last (rows of visible patches are free:
+        the loss ignores them); `n_visible`: every image's visible count, if known on the host."""
         raise NotImplementedError
 
     def forward(self, img: Tensor, mask: Tensor | None = None, n_visible: int | None = None) -> dict:
@@ -106,7 +120,7 @@ class MAEBase(nn.Module):
         preds = self.predict(img, mask, n_visible)
         if len(preds) != len(self.loss_weights):
             raise ValueError(f"{len(preds)} heads but {len(self.loss_weights)} loss weights")
-        tgt, m = patch_targets(img, self.patch, self.norm_pix), mask.flatten(1)
+        tgt, m = self.targets(img), mask.flatten(1)
         losses = [masked_mse(p, tgt, m) for p in preds]
         loss = sum(wt * l for wt, l in zip(self.loss_weights, losses))
         return dict(loss=loss, losses=losses, pred=preds[-1], mask=m)
@@ -115,18 +129,20 @@ class MAEBase(nn.Module):
     def reconstruct(self, img: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None) -> dict:
         """Images for figures: `img`, `mask` `(B,h,w)`, `masked` (hidden patches zeroed), `recons` (one image per
         head: visible patches copied, masked ones predicted and un-normalised with the true patch statistics, as in
-        MAE's figures)."""
+        MAE's figures). HOG targets: `recons` draw each head's histograms (`hog_glyphs`, the true ones in the visible
+        patches) and `target` the true ones everywhere."""
         h, w = self.grid(img)
         mask = self.make_mask(img, generator) if mask is None else mask
         m = mask.flatten(1)[..., None]
         x = patchify(img, self.patch).float()
+        out = dict(img=img.float(), mask=mask, masked=unpatchify(x.masked_fill(m, 0.), self.patch, h, w))
+        preds = [p.float() for p in self.predict(img, mask)]
+        if self.target == 'hog':
+            t, draw = hog_targets(img, self.patch), lambda v: hog_glyphs(v, self.patch, h, w)
+            return out | dict(target=draw(t), recons=[draw(torch.where(m, p, t)) for p in preds])
         mu, sd = patch_stats(x)
-        recons = []
-        for p in self.predict(img, mask):
-            p = p.float() * sd + mu if self.norm_pix else p.float()
-            recons.append(unpatchify(torch.where(m, p, x), self.patch, h, w))
-        return dict(img=img.float(), mask=mask, masked=unpatchify(x.masked_fill(m, 0.), self.patch, h, w),
-                    recons=recons)
+        preds = [p * sd + mu for p in preds] if self.norm_pix else preds
+        return out | dict(recons=[unpatchify(torch.where(m, p, x), self.patch, h, w) for p in preds])
 
 # %% ../nbs/07_mae.ipynb #99ae915e
 def patch_ids(mask: Tensor | None, h: int, w: int, n: int | None = None) -> tuple[Tensor, Tensor]:
@@ -271,12 +287,12 @@ class DeformableLayer(nn.Module):
 DECODERS = ('point', 'deformable')
 
 class PointDecoder(nn.Module):
-    """Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest stage
-    first, by `kind` layers: 'point' (`DecoderLayer`) or the published 'deformable' (`DeformableLayer`)."""
+    """Queries at the masked patches (or every patch) decoded from an encoder's per-stage point sets, coarsest first,
+    by 'point' (`DecoderLayer`) or 'deformable' (`DeformableLayer`) layers; heads of `out_dim` (default: pixels)."""
     def __init__(self, enc_dims, patch: int = 8, in_chans: int = 1, dim: int = 384, heads: int = 6, k: int = 64,
                  group: int = 16, window: int = 64, mlp_ratio: float = 4., impl: str = 'auto', locality: bool = True,
                  checkpoint: bool | Sequence[bool] = False, kind: str = 'point', points: int = 4, nearest: int = 4,
-                 dropout: float = .1, supervised=None):
+                 dropout: float = .1, supervised=None, out_dim: int | None = None):
         super().__init__()
         if kind not in DECODERS: raise ValueError(f"decoder must be one of {DECODERS}, got {kind!r}")
         S = len(enc_dims)
@@ -291,7 +307,7 @@ class PointDecoder(nn.Module):
         layer = (lambda: DecoderLayer(dim, heads, mlp_ratio, impl, locality)) if kind == 'point' else \
                 (lambda: DeformableLayer(dim, heads, mlp_ratio, points, nearest, dropout))
         self.layers = nn.ModuleList(layer() for _ in enc_dims)
-        self.heads = nn.ModuleList(nn.Sequential(LayerNorm(dim), nn.Linear(dim, patch * patch * in_chans))
+        self.heads = nn.ModuleList(nn.Sequential(LayerNorm(dim), nn.Linear(dim, out_dim or patch * patch * in_chans))
                                    for _ in self.head_at)
         self._dense = {}
 
@@ -386,7 +402,7 @@ class AFFMAE(MAEBase):
         self.encoder = encoder
         self.decoder = PointDecoder(encoder.dims, encoder.patch, encoder.in_chans, dec_dim, dec_heads, k, group,
                                     window, dec_mlp_ratio, impl, dec_locality, checkpoint, decoder, dec_points,
-                                    dec_nearest, dec_dropout, heads)
+                                    dec_nearest, dec_dropout, heads, self.target_dim)
         self.head_names = [f'stage{S - 1 - i}' for i in heads]
         self.decoder.apply(_init_dec)
         # start near the mean patch: loss ≈ 1
@@ -401,7 +417,7 @@ def _init_dec(m):
 # %% ../nbs/07_mae.ipynb #bc7ca890
 @patch
 def predict(self: AFFMAE, img: Tensor, mask: Tensor, n_visible: int | None = None, features: bool = False):
-    """One prediction per decoder head `(B, L, p*p*C)`, coarsest stage first, nonzero at the masked patches only;
+    """One prediction per decoder head `(B, L, target_dim)`, coarsest stage first, nonzero at the masked patches only;
     `features`: with the decoder's finest features as well (`PointDecoder.forward`)."""
     h, w = self.grid(img)
     n_masked = None if n_visible is None else h * w - n_visible

@@ -81,10 +81,12 @@ def blur_inpaint(img, visible, sigma):
 
 # %% ../nbs/12_real_em.ipynb #170bcb97
 def recon_levels(model, batches, sigmas=(1, 2, 4, 8, 16), seed=0):
-    """Masked-patch MSE of the trivial prediction (0, the dataset mean: `trivial`) and of `blur_inpaint` per sigma
-    (`blur`) over `batches` of normalised images `(B, 1, S, S)` (tuples, as loaders give them) under `model`'s masks
-    (`make_mask`, seeded); `floor`, `floor_sigma`: the best blur."""
+    """Masked-patch MSE of the trivial prediction (0, the dataset mean; for a HOG model, the batch's mean histogram:
+    `trivial`) and of `blur_inpaint` per sigma (`blur`) over `batches` of normalised images `(B, 1, S, S)` (tuples, as
+    loaders give them) under `model`'s masks (`make_mask`, seeded) and targets; `floor`, `floor_sigma`: the best
+    blur."""
     from affmae.mae import patch_targets, masked_mse
+    hog = getattr(model, 'target', 'pixels') == 'hog'
     gen, sums, n = None, {'trivial': 0., **{s: 0. for s in sigmas}}, 0
     with torch.no_grad():
         for b in batches:
@@ -93,9 +95,11 @@ def recon_levels(model, batches, sigmas=(1, 2, 4, 8, 16), seed=0):
             mask = model.make_mask(x, generator=gen)
             p = x.shape[-1]//mask.shape[-1]
             vis = (~mask)[:, None].float().repeat_interleave(p, -2).repeat_interleave(p, -1)
-            tgt, m = patch_targets(x, p), mask.flatten(1)
-            sums['trivial'] += masked_mse(torch.zeros_like(tgt), tgt, m).item()*len(x)
-            for s in sigmas: sums[s] += masked_mse(patch_targets(blur_inpaint(x, vis, s), p), tgt, m).item()*len(x)
+            target = model.targets if hog else (lambda y: patch_targets(y, p))
+            tgt, m = target(x), mask.flatten(1)
+            trivial = tgt.mean((0, 1), keepdim=True).expand_as(tgt) if hog else torch.zeros_like(tgt)
+            sums['trivial'] += masked_mse(trivial, tgt, m).item()*len(x)
+            for s in sigmas: sums[s] += masked_mse(target(blur_inpaint(x, vis, s)), tgt, m).item()*len(x)
             n += len(x)
     if not n: raise ValueError("recon_levels needs at least one batch")
     blur = {s: sums[s]/n for s in sigmas}

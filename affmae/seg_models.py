@@ -324,6 +324,7 @@ class ImagePathMAE(AFFMAE):
     `path_weight`): from the decoder's finest features and the masked image it predicts every pixel."""
     def __init__(self, encoder, path_weight: float = 1., head_width: int | None = None, **kw):
         super().__init__(encoder, **kw)
+        if self.target != 'pixels': raise ValueError("the image path predicts pixels: it needs target='pixels'")
         if not path_weight > 0: raise ValueError(f"path_weight must be > 0, got {path_weight}")
         self.head = UpHead(self.decoder.dim, self.in_chans, stride=self.patch, in_chans=self.in_chans,
                            width=head_width, skip='unet')

@@ -59,7 +59,7 @@ class ViTMAE(MAEBase):
         self.mask_token = nn.Parameter(torch.zeros(dec_dim))
         self.dec_blocks = nn.ModuleList(Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth))
         self.dec_norm = nn.LayerNorm(dec_dim)
-        self.head = Linear(dec_dim, patch * patch * in_chans)
+        self.head = Linear(dec_dim, self.target_dim)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=.02)
 
@@ -73,7 +73,7 @@ class ViTMAE(MAEBase):
         return self.norm(x), keep
 
     def predict(self, img: Tensor, mask: Tensor, n_visible: int | None = None) -> list[Tensor]:
-        "One prediction `(B, h*w, p*p*C)` for every patch, from the dense decoder."
+        "One prediction `(B, h*w, target_dim)` for every patch, from the dense decoder."
         h, w = self.grid(img)
         x, keep = self.encode(img, mask, n_visible)
         x = self.dec_embed(x)

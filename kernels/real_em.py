@@ -13,7 +13,8 @@ Everything is first copied into a work folder as uncompressed TIFF (memory-mappe
 few images per split).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
-   (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel targets) on
+   (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel targets or
+   with `--pre-target hog` histograms of oriented gradients, `affmae.hog`) on
    every image that is not held out (training splits of the `--pre-sets`, all three by default whatever `--sets`
    fine-tunes on, and the unlabelled images and stacks of the `--pre-unlabelled` sets, podocyte TEM among them), the
    same number of steps for both; the held-out images are never seen, not even unlabelled. A share `--pre-valid` of the
@@ -109,6 +110,8 @@ p.add_argument('--balance', default='area', choices=('area', 'slice', 'source'),
 p.add_argument('--pre-augment', default='flips', choices=('none', 'flips', 'full'),
                help="pretraining crops' augmentation (`EMBatch`)")
 p.add_argument('--mask', default='perlin_quarters', help='pretraining masks (`affmae.mae.MASKERS`) of both models')
+p.add_argument('--pre-target', default='pixels', choices=('pixels', 'hog'),
+               help="what both models' masked patches predict: pixels, or histograms of oriented gradients (07a_hog)")
 p.add_argument('--save-pretrained', default=None, help='folder to keep the pretrained models and their records in')
 p.add_argument('--load-pretrained', default=None,
                help='folder of an earlier --save-pretrained: fine-tune those models instead of pretraining')
@@ -347,7 +350,8 @@ def step_time(model, batch, loss_func=None):
     timed(lambda: sg(*batch), WARM + 1); r = timed(lambda: sg(*batch), REPS)
     del sg, opt; free(); return r
 
-PRE_KW = lambda arch: dict(image_path=True) if a.pre_image_path and arch.startswith('affmae') else {}
+PRE_KW = lambda arch: dict(target=a.pre_target,
+                           **({'image_path': True} if a.pre_image_path and arch.startswith('affmae') else {}))
 def pre_timing(arch):
     return step_time(create_model(arch, **PRE_KW(arch)).to(dev), (torch.randn(PB, 1, S, S, device=dev),))
 
@@ -417,7 +421,7 @@ else:
         res['pretrain'][arch] = dict(
             steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], mask=a.mask, seconds=round(secs, 1),
             n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
-            balance=a.balance, augment=a.pre_augment,
+            balance=a.balance, augment=a.pre_augment, target=a.pre_target,
             mix={str(Path(k).relative_to(work)): round(v, 4) for k, v in source_shares(
                 dls.src, dls.train_ds.idxs, dls.train_ds.weights).items()},
             loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w), floor_finest=levels['floor'],
