@@ -59,7 +59,8 @@ def hog_targets(img: Tensor, p: int = 8, bins: int = 9, cells: int = 1, sigma: f
 # %% ../nbs/07a_hog.ipynb #bb84b8aa
 def hog_glyphs(hog: Tensor, p: int, h: int, w: int, bins: int = 9, cells: int = 1, scale: int = 2) -> Tensor:
     """Images `(B, C, h*p*scale, w*p*scale)` that draw HOG targets `hog` (B, h*w, hog_dim) of an `h`x`w` patch grid:
-    in each cell a line along every bin's edge direction (across its gradient), as bright as the bin's value."""
+    in each cell a line along every bin's edge direction (across its gradient), as bright as the bin's value; where
+    lines cross, the brightest shows."""
     c = p // cells * scale
     B, C = hog.shape[0], hog.shape[-1] // hog_dim(1, bins, cells)
     u = torch.arange(c, device=hog.device, dtype=torch.float32) + .5 - c / 2
@@ -67,5 +68,5 @@ def hog_glyphs(hog: Tensor, p: int, h: int, w: int, bins: int = 9, cells: int = 
     dist = (-edge.sin()[:, None, None] * u[None, None] + edge.cos()[:, None, None] * u[None, :, None]).abs()
     stencil = (1 - dist).clamp(0, 1)                                      # (bins, c, c): row y, column x
     v = hog.float().view(B, h, w, C, cells, cells, bins)
-    img = torch.einsum('bhwcijk,kyx->bchiywjx', v, stencil)
+    img = (v[..., None, None] * stencil).amax(6).permute(0, 3, 1, 4, 6, 2, 5, 7)     # (B, C, h, i, y, w, j, x)
     return img.reshape(B, C, h * cells * c, w * cells * c)
