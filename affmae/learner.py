@@ -129,9 +129,10 @@ def _decode_rng(ts: dict, js: dict) -> dict:
 
 # %% ../nbs/09_pretrain.ipynb #406ae390
 def recon_figure(model: MAEBase, img: torch.Tensor, mask: torch.Tensor | None = None, generator=None,
-                 title: str | None = None) -> plt.Figure:
+                 title: str | None = None, zoom: int = 96) -> plt.Figure:
     """Figure with one row per image of `img` `(n,C,H,W)`: input | masked | each head's reconstruction (finest last);
-    a HOG model's (`07a_hog`): input | masked | true HOG | each head's, histograms drawn on one scale per row."""
+    a HOG model's (`07a_hog`): input | masked | true HOG | each head's, histograms drawn on one scale per row, every
+    column cropped to the images' central `zoom` pixels so that the strokes can be seen."""
     was_training = model.training
     model.eval()
     r = model.reconstruct(img, mask, generator)
@@ -139,11 +140,17 @@ def recon_figure(model: MAEBase, img: torch.Tensor, mask: torch.Tensor | None = 
     glyphs = 'target' in r                                 # HOG: the columns from the third on draw histograms
     cols = [('input', r['img']), ('masked', r['masked'])] + ([('HOG', r['target'])] if glyphs else []) \
            + list(zip(head_names(model), r['recons']))
+    f = min(1., zoom / min(r['img'].shape[-2:])) if glyphs else 1.
+    def centre(x):
+        H, W = x.shape[-2:]
+        h, w = round(H * f), round(W * f)
+        return x[..., (H - h) // 2:(H + h) // 2, (W - w) // 2:(W + w) // 2]
+    cols = [(name, centre(x)) for name, x in cols]
     n = len(img)
     fig, axs = plt.subplots(n, len(cols), figsize=(1.8 * len(cols), 1.8 * n), squeeze=False)
     for i in range(n):
-        lo, hi = np.percentile(r['img'][i, 0].cpu().numpy(), [1, 99])
-        top = float(r['target'][i, 0].max()) if glyphs else None
+        lo, hi = np.percentile(cols[0][1][i, 0].cpu().numpy(), [1, 99])
+        top = float(cols[2][1][i, 0].max()) if glyphs else None
         for j, (name, x) in enumerate(cols):
             g = glyphs and j >= 2
             axs[i, j].imshow(x[i, 0].cpu().numpy(), cmap='magma' if g else 'gray', vmin=0 if g else lo,
