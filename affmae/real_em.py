@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt
 # %% auto #0
 __all__ = ['load_results', 'model_name', 'find_run', 'results_table', 'rescore', 'gaussian_blur', 'blur_inpaint', 'recon_levels',
            'levels_report', 'check_targets', 'targets_table', 'merge_draws', 'load_run', 'plot_scores',
-           'plot_pretraining', 'per_draw', 'class_gaps', 'paired_diffs', 'paired_summary', 'plot_classes']
+           'plot_pretraining', 'per_draw', 'class_gaps', 'paired_diffs', 'paired_summary', 'paired_pretrainings',
+           'plot_classes']
 
 # %% ../nbs/12_real_em.ipynb #6343022a
 def load_results(path):
@@ -268,6 +269,19 @@ def paired_summary(diffs, level=0.95):
         half = t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
         m = float(d.mean())
         out[n] = dict(n=len(d), mean=m, ci=float(half), low=m - half, high=m + half, won=int((d > 0).sum()))
+    return out
+
+# %% ../nbs/12_real_em.ipynb #64b7f448
+def paired_pretrainings(a, b, model=('affmae_base', 'pretrained', None), metric='miou'):
+    """Per set, `metric` of `model` (an `(arch, init, variant)` key) in results `a` minus in results `b` (lists of
+    results dicts, fine-tuned alike from two pretrainings), paired by set, label fraction and draw:
+    `{set: [(fraction, draw, difference), ...]}`."""
+    def runs(results):
+        return {(n, r['label_frac'], r.get('seed', 0)): r[metric] for res in results for n, s in res['sets'].items()
+                for r in s['runs'] if (r['arch'], r['init'], r.get('variant')) == model}
+    ra, rb = runs(a), runs(b)
+    out = {}
+    for (n, f, k) in sorted(ra.keys() & rb.keys()): out.setdefault(n, []).append((f, k, ra[n, f, k] - rb[n, f, k]))
     return out
 
 # %% ../nbs/12_real_em.ipynb #942b2b8b
