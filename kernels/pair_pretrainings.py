@@ -5,7 +5,8 @@ more run folders, read as `rescore_real_em.py` reads them (`load_run`); every fo
 head, steps, loss, class weights, augmentation, foreground crops and the pretrained runs' lr), and each side's
 pretraining settings are recorded with the pairs.
 
-    PYTHONPATH=. python kernels/pair_pretrainings.py kernels/results/real_em_run26 kernels/results/real_em_run26_100pct \\
+    PYTHONPATH=. python kernels/pair_pretrainings.py \\
+        kernels/results/real_em_run26 kernels/results/real_em_run26_100pct \\
         --against kernels/results/real_em_run26_pixels kernels/results/real_em_run26_pixels_100pct \\
         --out kernels/results/real_em_run26_hog_vs_pixels.json
 """
@@ -44,7 +45,8 @@ ft = {f: finetuning(r) for s in sides.values() for f, r in s.items()}
 if len({json.dumps(v, sort_keys=True) for v in ft.values()}) > 1: sys.exit(f"the runs' fine-tuning differs: {ft}")
 pairs = paired_pretrainings(list(sides['runs'].values()), list(sides['against'].values()), MODEL)
 if not pairs: sys.exit("no set, label fraction and draw holds a pretrained run on both sides")
-out = dict(runs=list(sides['runs']), against=list(sides['against']), model=list(MODEL), finetuning=next(iter(ft.values())),
+out = dict(runs=list(sides['runs']), against=list(sides['against']), model=list(MODEL),
+           finetuning=next(iter(ft.values())),
            pretraining={k: [pretraining(r) for r in s.values()] for k, s in sides.items()}, pairs=pairs, level=a.level,
            summary=paired_summary(pairs, a.level))
 tmp = Path(a.out).with_suffix('.part')                 # written whole, then renamed: never half a file

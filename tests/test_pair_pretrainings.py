@@ -50,7 +50,8 @@ def test_bad_input_gets_one_line(tmp_path):
     r = _pair(a, '--against', b, '--out', out)
     assert r.returncode == 1 and r.stderr.startswith("the runs' fine-tuning differs") and 'Traceback' not in r.stderr
     r = _pair(a, '--against', _run(tmp_path / 'c', [.6], frac=1.), '--out', out)
-    assert r.returncode == 1 and r.stderr.strip() == "no set, label fraction and draw holds a pretrained run on both sides"
+    assert r.returncode == 1
+    assert r.stderr.strip() == "no set, label fraction and draw holds a pretrained run on both sides"
     (tmp_path / 'empty').mkdir()
     r = _pair(a, '--against', tmp_path / 'empty', '--out', out)
     assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'empty'}: no real_em*.json files"
