@@ -138,7 +138,7 @@ class MAEBase(nn.Module):
         out = dict(img=img.float(), mask=mask, masked=unpatchify(x.masked_fill(m, 0.), self.patch, h, w))
         preds = [p.float() for p in self.predict(img, mask)]
         if self.target == 'hog':
-            t, draw = hog_targets(img, self.patch), lambda v: hog_glyphs(v, self.patch, h, w)
+            t, draw = self.targets(img), lambda v: hog_glyphs(v, self.patch, h, w)
             return out | dict(target=draw(t), recons=[draw(torch.where(m, p, t)) for p in preds])
         mu, sd = patch_stats(x)
         preds = [p * sd + mu for p in preds] if self.norm_pix else preds
