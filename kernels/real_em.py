@@ -74,7 +74,7 @@ Run from the repository root:
   In two calls: ... --pretrain-only --save-pretrained runs/pre, then ... --load-pretrained runs/pre (a pretraining
   that --budget cut short: ... --pretrain-only --archs vitmae_base --save-pretrained runs/pre adds the other)
 """
-import argparse, functools, gc, json, math, os, shutil, tempfile, time, warnings
+import argparse, atexit, functools, gc, json, math, os, shutil, tempfile, time, warnings
 # many fine-tuning runs in one process, each capturing its step: without expandable segments a capture failed and
 # the next step ran out of memory with 68 GiB reserved but free (run 15, kernels/RESULTS.md)
 os.environ.setdefault('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
@@ -256,7 +256,6 @@ def find(name, split):
     return next(held, None)
 SPLITS = {'drosophila-vnc': ('.', None), 'sbem-mito': ('training', 'validation'), 'kidney-gbm': ('train', 'test')}
 UNLABELLED = {'drosophila-vnc': 'unlabelled', 'sbem-mito': 'unlabelled', 'podocyte-tem': '.'}
-work = Path(tempfile.mkdtemp(prefix='real_em_'))
 wanted, pre_sets = ([n for n in arg.split(',') if n] for arg in (a.sets, a.pre_sets))   # fine-tune; pretrain on
 pre_unlabelled = list(UNLABELLED) if a.pre_unlabelled is None else [n for n in a.pre_unlabelled.split(',') if n]
 if bad := sorted(set(pre_unlabelled) - set(UNLABELLED)):
@@ -273,6 +272,8 @@ known = {f'{x}:{i}' for x in ARCHS for i in ('pretrained', 'scratch')}
 if SKIP - known or f'{ARCHS[0]}:pretrained' in SKIP:
     p.error(f"--skip {a.skip}: one or more of {', '.join(sorted(known - {ARCHS[0] + ':pretrained'}))}")
 if LOAD: pre_sets = []                                         # the pretraining data is not needed again
+work = Path(tempfile.mkdtemp(prefix='real_em_'))
+atexit.register(shutil.rmtree, work, ignore_errors=True)     # also when a run stops on an error
 
 def to_tiff(planes, dst):
     "Write `planes` (a 2-D array or a stack) as an uncompressed TIFF; `--tiny`: their centre 96² crops."
@@ -332,7 +333,7 @@ res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
 log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},
     'pretraining on', res['pretrain_data'])
 if a.classes_only:
-    save(); shutil.rmtree(work, ignore_errors=True); log('held-out pixels per class in', out / 'real_em.json')
+    save(); log('held-out pixels per class in', out / 'real_em.json')
     raise SystemExit
 
 # ---- step times (as the Learners run them: captured on CUDA, after warm-up: Triton compiles, cuDNN picks) ----
@@ -449,7 +450,7 @@ if a.compare_fresh_head and not HEAD_PRE.get(ARCHS[0]):
 if len(states) < len(ARCHS) and not a.pretrain_only:
     p.error(f"pretrained only {', '.join(states) or 'nothing'} within --budget; fine-tuning needs {', '.join(ARCHS)}")
 if a.pretrain_only:
-    res['total_s'] = round(time.time() - t0, 1); save(); shutil.rmtree(work, ignore_errors=True)
+    res['total_s'] = round(time.time() - t0, 1); save()
     log('done (pretraining only); results in', out / 'real_em.json'); raise SystemExit
 
 # ---- 2. fine-tuning and 3. held-out scores ----
@@ -668,5 +669,4 @@ for r, (name, frac) in enumerate(rows):
     axs[r, 0].set_ylabel(f"{name}\n{res['sets'][name]['test_images'][0]}, {frac:.0%} of labels", fontsize=7)
 fig.tight_layout(); fig.savefig(out / 'examples.png', dpi=80); plt.close(fig)
 print(results_table(res)); print(); print(targets_table(check_targets(res, *BOTH)))
-shutil.rmtree(work, ignore_errors=True)
 log('done; results in', out / 'real_em.json')
