@@ -5,6 +5,7 @@ centre `--max`² pixels (lossless PNG); `--skip` leaves out folders by name (def
 `--limit N` keeps the first N images (and their masks) of each folder; `--full` names images (and their masks) kept
 whole, e.g. a held-out split that must be scored on every pixel; `--clahe` equalises the images (not the masks)
 with `affmae.prep.clahe` (the published preprocessing; OpenCV, which the GPU machine lacks, so it runs here).
+`dst/prep.json` records how the copy was made, for a run on it to record (`kernels/real_em.py`).
 A multi-page TIFF (a stack) keeps every plane, each cut the same way, as a multi-page TIFF.
 
     python kernels/prep_data_em.py ../shared/data data_em --max 512
@@ -12,7 +13,7 @@ A multi-page TIFF (a stack) keeps every plane, each cut the same way, as a multi
     python kernels/prep_data_em.py ../shared/data/drosophila-vnc data_em_a/drosophila-vnc --max 640 --skip '' \
         --full vnc16,vnc17,vnc18,vnc19       # training sections cut, the held-out ones whole (all five classes)
 """
-import argparse, shutil
+import argparse, json, shutil
 from pathlib import Path
 import numpy as np, tifffile
 from PIL import Image, ImageSequence
@@ -26,6 +27,7 @@ p.add_argument('--full', default='', help='comma-separated file names (without s
 p.add_argument('--clahe', action='store_true', help='CLAHE (clip 4, 8x8 tiles) on the images, not on the masks')
 a = p.parse_args()
 src, dst, skip, full = Path(a.src), Path(a.dst), set(a.skip.split(',')), set(a.full.split(','))
+if a.clahe: from affmae.prep import clahe, CLAHE_CLIP, CLAHE_TILES
 
 
 def crop(im: np.ndarray) -> np.ndarray:
@@ -45,11 +47,12 @@ for f in sorted(src.rglob('*')):
         planes = [np.asarray(im) for im in ImageSequence.Iterator(Image.open(f))]
         if f.stem not in full: planes = [crop(im) for im in planes]
         if a.clahe and 'masks' not in rel.parts:
-            from affmae.prep import clahe
             planes = [clahe(im) for im in planes]
         if len(planes) > 1: tifffile.imwrite(out.with_suffix('.tif'), np.stack(planes), photometric='minisblack')
         else: Image.fromarray(planes[0]).save(out.with_suffix('.png'), optimize=True)
         n += len(planes)
     else: shutil.copy(f, out)
+(dst / 'prep.json').write_text(json.dumps(dict(max=a.max, full=sorted(full - {''}), limit=a.limit,
+                                              clahe=dict(clip=CLAHE_CLIP, tiles=CLAHE_TILES) if a.clahe else None)))
 size = sum(g.stat().st_size for g in dst.rglob('*') if g.is_file())
 print(f"{n} planes into {dst}: {size / 2**20:.1f} MiB")

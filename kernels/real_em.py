@@ -10,7 +10,8 @@ Sets that are missing are skipped. A device call carries at most 64 MiB with the
 travel in several calls to the same warm machine as several ignored roots (`data_em*/`), named together in `--data`
 (a set's held-out split or unlabelled images may sit in another root than its training split).
 Everything is first copied into a work folder as uncompressed TIFF (memory-mapped crops; `--tiny`: centre crops of a
-few images per split).
+few images per split). How `prep_data_em.py` made each copy (its `prep.json`: crop, CLAHE) is recorded as `data_prep`;
+roots equalised and plain together are refused (`prep_real_em_data.sh --clahe` equalises every image of a round).
 
 1. MAE pretraining of `affmae_base` and `vitmae_base` through `affmae.data.pretrain_dls` + `affmae.learner.mae_learner`
    (bf16, warm-up + cosine, 50 % masks of kind `--mask`, by default the published Perlin quarters, raw-pixel targets or
@@ -250,6 +251,13 @@ def free():
 
 # ---- data: every set as uncompressed TIFF in a work folder (train/test splits, unlabelled) ----
 roots = [Path(r.strip()) for r in a.data.split(',') if r.strip()]
+def data_prep(root):
+    "How `prep_data_em.py` made the copies under `root` (each `prep.json`, by folder); {} for data used as it is."
+    return {str(f.parent.relative_to(root)): json.loads(f.read_text()) for f in sorted(root.rglob('prep.json'))}
+res['data_prep'] = {str(r): data_prep(r) for r in roots}
+CLAHE = {json.dumps(q['clahe']) for r in roots for q in (res['data_prep'][str(r)] or {'.': {'clahe': None}}).values()}
+if len(CLAHE) > 1:
+    p.error(f"--data mixes CLAHE-equalised and plain copies ({', '.join(sorted(CLAHE))}): prepare them alike")
 def find(name, split):
     "The set folder `root/name` of the first root that holds the labelled split `split` (masks, classes.txt), or None."
     held = (r / name for r in roots if (r / name / 'classes.txt').is_file() and (r / name / split / 'masks').is_dir())
@@ -323,7 +331,10 @@ for name in dict.fromkeys(wanted + pre_sets):                  # fine-tuned sets
 for name in ([] if LOAD else pre_unlabelled):                 # from the first root that holds them
     sub = UNLABELLED[name]
     src = next((r / name / sub for r in roots if (r / name / sub).exists()), None)
-    if src is None and name == 'podocyte-tem': src = sample_dir()
+    if src is None and name == 'podocyte-tem':
+        if CLAHE != {'null'}: p.error("podocyte-tem: the shipped copy is not CLAHE-equalised like --data; add the "
+                                      "equalised copy that `prep_real_em_data.sh --clahe` writes")
+        src = sample_dir()
     if src is None: continue
     copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)

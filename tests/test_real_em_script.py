@@ -129,3 +129,23 @@ def test_pretrain_then_finetune(tmp_path):
     assert got == [('affmae_tiny', 'pretrained', 1e-3, 0, ''), ('affmae_tiny', 'pretrained', 1e-3, 0, 'fresh decoder'),
                    ('affmae_tiny', 'pretrained', 1e-3, 1, 'lr decay 1'),
                    ('affmae_tiny', 'scratch', 0, 0, ''), ('unet', 'scratch', 0, 0, '')], got
+
+
+def test_clahe_copies(tmp_path):
+    "`prep_data_em.py --clahe` records how it made a copy; `real_em.py` records that and refuses mixing it with plain."
+    data, eq, out = tmp_path / 'data', tmp_path / 'eq', tmp_path / 'out'
+    _fake_sets(data)
+    subprocess.run([sys.executable, str(ROOT / 'kernels' / 'prep_data_em.py'), data, eq, '--max', '96', '--skip', '',
+                    '--clahe'], check=True, cwd=ROOT, env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'})
+    prep = json.loads((eq / 'prep.json').read_text())
+    assert prep['clahe'] == {'clip': 4., 'tiles': 8} and prep['max'] == 96
+    img = lambda root: np.asarray(Image.open(root / 'kidney-gbm' / 'test' / 'images' / 'kid00.png'))
+    msk = lambda root: np.asarray(Image.open(root / 'kidney-gbm' / 'test' / 'masks' / 'kid00.png'))
+    assert img(eq).shape == (96, 96) and not np.array_equal(img(eq), img(data)[8:104, 8:104])   # equalised
+    np.testing.assert_array_equal(msk(eq), msk(data)[8:104, 8:104])                             # masks only cut
+    err = _run('--data', f'{eq},{data}', '--out', out, '--classes-only', ok=False)
+    assert '--data mixes CLAHE-equalised and plain copies' in err, err
+    err = _run('--data', eq, '--out', out, '--classes-only', ok=False)          # the shipped podocytes are plain
+    assert 'podocyte-tem: the shipped copy is not CLAHE-equalised like --data' in err, err
+    _run('--data', eq, '--out', out, '--classes-only', '--pre-unlabelled', 'sbem-mito')
+    assert json.loads((out / 'real_em.json').read_text())['data_prep'] == {str(eq): {'.': prep}}
