@@ -18,11 +18,12 @@ roots equalised and plain together are refused (`prep_real_em_data.sh --clahe` e
    with `--pre-target hog` histograms of oriented gradients, `affmae.hog`) on
    every image that is not held out (training splits of the `--pre-sets`, all three by default whatever `--sets`
    fine-tunes on, and the unlabelled images and stacks of the `--pre-unlabelled` sets, podocyte TEM among them), the
-   same number of steps for both; the held-out images are never seen, not even unlabelled. A share `--pre-valid` of the
-   pretraining images validates it. Crops come from each image in proportion to its area (`--balance`,
-   `affmae.data.sample_weights`; `slice`: every image equally often, as runs 2-12 did, when the 100 small kidney-gbm
-   tiles would take 58 % of the crops), and are augmented by `--pre-augment` (`EMBatch`: dihedral flips by default;
-   `full` adds affine, elastic and photometric).
+   same number of steps for both; the held-out images are never seen, not even unlabelled. `--pre-share F`: a seeded
+   share F of each of those folders' slices alone, the same steps (does a larger corpus make a better start?). A
+   share `--pre-valid` of the pretraining images validates it. Crops come from each image in proportion to its area
+   (`--balance`, `affmae.data.sample_weights`; `slice`: every image equally often, as runs 2-12 did, when the 100
+   small kidney-gbm tiles would take 58 % of the crops), and are augmented by `--pre-augment` (`EMBatch`: dihedral
+   flips by default; `full` adds affine, elastic and photometric).
    Recorded: per-step training loss, per-epoch validation loss per head, and on the validation images the levels to beat
    (`affmae.real_em.recon_levels`): trivial (the dataset mean everywhere) and the best Gaussian inpainting of the
    visible pixels; reconstruction figures. `--pre-image-path`: affmae pretrains as an `ImagePathMAE`, the `'unet'`
@@ -106,6 +107,8 @@ p.add_argument('--pre-frac', type=float, default=0.4, help='share of the budget 
 p.add_argument('--pre-lr', default='1e-3,6e-4', help='peak pretraining lr of affmae, vitmae')
 p.add_argument('--pre-epochs', type=int, default=5, help='pretraining epochs (one validation and figure each)')
 p.add_argument('--pre-valid', type=float, default=0.1, help='share of the pretraining images held out to validate it')
+p.add_argument('--pre-share', type=float, default=1.,
+               help='pretrain on this share of the corpus: a seeded draw of the slices of each pretraining folder')
 p.add_argument('--balance', default='area', choices=('area', 'slice', 'source'),
                help='how often pretraining crops come from each image (`affmae.data.sample_weights`)')
 p.add_argument('--pre-augment', default='flips', choices=('none', 'flips', 'full'),
@@ -271,6 +274,8 @@ if bad := sorted(set(pre_unlabelled) - set(UNLABELLED)):
 unknown = sorted(set(wanted + pre_sets) - set(SPLITS))
 if unknown: p.error(f"unknown labelled set(s) {', '.join(unknown)}: known are {', '.join(SPLITS)}")
 LOAD = Path(a.load_pretrained) if a.load_pretrained else None
+if LOAD and a.pre_share != 1: p.error("--pre-share chooses pretraining images; --load-pretrained pretrains nothing")
+if not 0 < a.pre_share <= 1: p.error(f"--pre-share must be in (0, 1], got {a.pre_share}")
 if LOAD and a.pretrain_only: p.error("--load-pretrained and --pretrain-only exclude each other")
 if LOAD and not (LOAD / 'pretrain.json').is_file(): p.error(f"{LOAD}: no pretrain.json (written by --save-pretrained)")
 if LOAD and (gone := [x for x in ARCHS if not (LOAD / f'{x}.pt').is_file()]):
@@ -339,6 +344,23 @@ for name in ([] if LOAD else pre_unlabelled):                 # from the first r
     copy_unlabelled(src, work / 'unlabelled' / name)
     pre_paths.append(work / 'unlabelled' / name)
 if not (LOAD or pre_paths): p.error("nothing to pretrain on: --pre-sets and --pre-unlabelled name no images found")
+
+def keep_share(paths, share, seed):
+    """A seeded draw of `share` of the slices of each folder in `paths` (at least one each), written under
+    `pre_share/` (the training splits stay whole for fine-tuning): the folders and each one's (kept, all) slices."""
+    rng, kept, counts = np.random.default_rng(seed), [], {}
+    for src in paths:
+        slices = [(f, k) for f in pretrain_files(src) for k in range(image_info(f)[0])]
+        pick = sorted(rng.choice(len(slices), max(1, round(share * len(slices))), replace=False))
+        dst = work / 'pre_share' / src.relative_to(work)
+        for f in dict.fromkeys(slices[i][0] for i in pick):
+            planes = [read_plane(f, k) for g, k in (slices[i] for i in pick) if g == f]
+            dst.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(dst / f.name, planes[0] if len(planes) == 1 else np.stack(planes),
+                             photometric='minisblack')
+        kept.append(dst); counts[str(src.relative_to(work))] = (len(pick), len(slices))
+    return kept, counts
+if a.pre_share < 1: pre_paths, res['pre_share_slices'] = keep_share(pre_paths, a.pre_share, a.seed)
 res['timing']['data_s'] = round(time.time() - t, 2)
 res['pretrain_data'] = [str(p.relative_to(work)) for p in pre_paths]
 log('data ready:', {k: (v['n_train'], v['n_test']) for k, v in res['sets'].items()},
@@ -433,7 +455,7 @@ else:
         res['pretrain'][arch] = dict(
             steps=per_epoch * EPOCHS, epochs=EPOCHS, lr=PRE_LR[arch], mask=a.mask, seconds=round(secs, 1),
             n_slices=len(dls.src), n_train=len(dls.train_ds), n_valid=len(dls.valid_ds), stats=list(dls.stats),
-            balance=a.balance, augment=a.pre_augment, target=a.pre_target,
+            balance=a.balance, augment=a.pre_augment, target=a.pre_target, share=a.pre_share,
             mix={str(Path(k).relative_to(work)): round(v, 4) for k, v in source_shares(
                 dls.src, dls.train_ds.idxs, dls.train_ds.weights).items()},
             loss_weights=list(w), trivial_finest=trivial, trivial_total=trivial * sum(w), floor_finest=levels['floor'],

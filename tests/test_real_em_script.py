@@ -149,3 +149,21 @@ def test_clahe_copies(tmp_path):
     assert 'podocyte-tem: the shipped copy is not CLAHE-equalised like --data' in err, err
     _run('--data', eq, '--out', out, '--classes-only', '--pre-unlabelled', 'sbem-mito')
     assert json.loads((out / 'real_em.json').read_text())['data_prep'] == {str(eq): {'.': prep}}
+
+
+def test_pre_share(tmp_path):
+    "`--pre-share`: pretraining on a seeded share of each folder's slices, the fine-tuning splits left whole."
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    _fake_sets(data)
+    assert '--pre-share must be in (0, 1], got 0.0' in _run('--data', data, '--out', out, '--pre-share', 0, ok=False)
+    err = _run('--data', data, '--out', out, '--pre-share', .5, '--load-pretrained', tmp_path, ok=False)
+    assert '--pre-share chooses pretraining images; --load-pretrained pretrains nothing' in err, err
+    _run('--data', data, '--out', out, '--pretrain-only', '--archs', 'affmae_tiny', '--pre-share', .5,
+         '--pre-sets', 'drosophila-vnc,sbem-mito', '--pre-unlabelled', 'podocyte-tem')
+    res = json.loads((out / 'real_em.json').read_text())
+    share = res['pre_share_slices']           # --tiny: 2 and 3 training images, the first 2 podocyte images
+    assert share == {'drosophila-vnc/train/images': [1, 2], 'sbem-mito/train/images': [2, 3],
+                     'unlabelled/podocyte-tem': [1, 2]}, share
+    assert res['pretrain_data'] == ['pre_share/' + k for k in share]
+    pre = res['pretrain']['affmae_tiny']
+    assert pre['share'] == .5 and pre['n_slices'] == 4 and set(pre['mix']) == set(res['pretrain_data'])
