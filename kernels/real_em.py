@@ -50,15 +50,17 @@ roots equalised and plain together are refused (`prep_real_em_data.sh --clahe` e
    and (`--compare-fresh-head`) pretrained affmae_base with a fresh head though its pretraining trained one
    (`--pre-image-path`), and (`--compare-fresh-decoder`) pretrained affmae_base with its encoder alone loaded, its point
    decoder fresh (`finetune --fresh_decoder`), and (`--compare-pre-stats`) each pretrained model with its images
-   normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), each
-   recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default the library's `PRETRAINED_LR`;
-   their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops (`--fg-crop P`: a share P of them placed
-   on a foreground pixel), augmentation (`--augment`: dihedral flips, or `full`: flips, affine, elastic, photometric),
-   loss (`--loss`, CE + Dice by default; `--class-weights auto`: `balanced_weights` of the run's labelled images) and
-   AdamW one-cycle for every model. With `--ft-seeds`, all of this once per seed (its own labelled subset,
-   initialisation and crops), each run a row with its `seed`. Every generator is seeded for each run (Python's,
-   NumPy's, torch's and the training loader's): the same command scores the same on the CPU; on the GPU, up to its
-   arithmetic's nondeterminism, and the U-Net's steps follow the clock.
+   normalised by its pretraining's mean and std (`finetune --pre-stats`; `--pre-stats`: every pretrained run so), and
+   (`--compare-pretrained DIR,...`, beside `--load-pretrained`) affmae_base from each other kept pretraining, on the
+   same draws as the rest (several pretrainings against one scratch run and one U-Net; each one's record is kept under
+   `compare_pretrained`), each recorded as a `variant`. Runs from pretrained encoders peak at `--pre-ft-lr` (default
+   the library's `PRETRAINED_LR`; their head at `--pre-head-lr` if given), the others at `--ft-lr`. Same crops
+   (`--fg-crop P`: a share P of them placed on a foreground pixel), augmentation (`--augment`: dihedral flips, or
+   `full`: flips, affine, elastic, photometric), loss (`--loss`, CE + Dice by default; `--class-weights auto`:
+   `balanced_weights` of the run's labelled images) and AdamW one-cycle for every model. With `--ft-seeds`, all of
+   this once per seed (its own labelled subset, initialisation and crops), each run a row with its `seed`. Every
+   generator is seeded for each run (Python's, NumPy's, torch's and the training loader's): the same command scores
+   the same on the CPU; on the GPU, up to its arithmetic's nondeterminism, and the U-Net's steps follow the clock.
 3. Scores on the held-out images, whole, by sliding window (`affmae.inference.evaluate_model`; `--tta`: each tile
    also flipped and rotated, 8x the time): mIoU (all classes), foreground IoU (mean over foreground classes),
    foreground Dice; example predictions per set.
@@ -180,6 +182,8 @@ p.add_argument('--pre-image-path', action='store_true',
                     "reconstruction head, so fine-tuning with --head unet starts that head pretrained too")
 p.add_argument('--compare-fresh-head', action='store_true',
                help="also fine-tune pretrained affmae with its head fresh, though pretrained (--pre-image-path)")
+p.add_argument('--compare-pretrained', default='',
+               help='folders of other --save-pretrained runs (comma-separated): affmae fine-tuned from each too')
 p.add_argument('--compare-fresh-decoder', action='store_true',
                help="also fine-tune pretrained affmae with its pretrained encoder alone, the decoder fresh "
                     "(`finetune --fresh_decoder`, as MAE's own fine-tuning)")
@@ -280,6 +284,13 @@ if LOAD and a.pretrain_only: p.error("--load-pretrained and --pretrain-only excl
 if LOAD and not (LOAD / 'pretrain.json').is_file(): p.error(f"{LOAD}: no pretrain.json (written by --save-pretrained)")
 if LOAD and (gone := [x for x in ARCHS if not (LOAD / f'{x}.pt').is_file()]):
     p.error(f"{LOAD}: no pretrained {', '.join(gone)} (that run stopped before it; pretrain again)")
+ALT = {Path(d).name: Path(d) for d in a.compare_pretrained.split(',') if d}     # other pretrainings, by folder name
+if ALT and not LOAD: p.error("--compare-pretrained fine-tunes kept pretrainings beside --load-pretrained's")
+if len(ALT) < len([d for d in a.compare_pretrained.split(',') if d]) or LOAD and LOAD.name in ALT:
+    p.error(f"--compare-pretrained {a.compare_pretrained}: folders need names of their own (they name the variants)")
+for d in ALT.values():
+    if not ((d / 'pretrain.json').is_file() and (d / f'{ARCHS[0]}.pt').is_file()):
+        p.error(f"--compare-pretrained {d}: no pretrain.json and {ARCHS[0]}.pt (written by --save-pretrained)")
 SKIP = {x for x in a.skip.split(',') if x}
 known = {f'{x}:{i}' for x in ARCHS for i in ('pretrained', 'scratch')}
 if SKIP - known or f'{ARCHS[0]}:pretrained' in SKIP:
@@ -412,14 +423,21 @@ res.update(pretrain_steps=pre_steps)
 save()
 
 # ---- 1. pretraining ----
-states = {}
+states, alt_states = {}, {}                                   # by arch; ALT's affmae by name
 if LOAD:                                                     # pretrained in an earlier call: its models, records
     saved = json.loads((LOAD / 'pretrain.json').read_text())
-    res.update({k: saved[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')}, pretrained_in=saved['run'])
+    res.update({k: saved[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data', 'pre_share_slices') if k in saved},
+               pretrained_in=saved['run'])
     T.update({k: v for k, v in saved['timing'].items() if 'pretrain' in k})
     states = {arch: torch.load(LOAD / f'{arch}.pt', map_location='cpu', weights_only=True) for arch in ARCHS}
     for f in LOAD.glob('*.png'): shutil.copy(f, out / f.name)
     log(f'pretrained models from {LOAD} ({saved["run"]["date"]}, {saved["pretrain_steps"]} steps)')
+    for name, d in ALT.items():                                # affmae's alone: the variants fine-tune only it
+        other = json.loads((d / 'pretrain.json').read_text())
+        res.setdefault('compare_pretrained', {})[name] = dict(
+            dir=str(d), run=other['run'], pretrain=other['pretrain'][ARCHS[0]],
+            **{k: other[k] for k in ('pretrain_steps', 'pretrain_data', 'pre_share_slices') if k in other})
+        alt_states[name] = torch.load(d / f'{ARCHS[0]}.pt', map_location='cpu', weights_only=True)
 else:
     EPOCHS = 2 if tiny else a.pre_epochs
     per_epoch = max(1, pre_steps // EPOCHS)
@@ -429,7 +447,8 @@ else:
         keep.mkdir(parents=True, exist_ok=True)
         torch.save(states[arch], keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
         rec = dict(run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=dict(T),
-                   **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data')})
+                   **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data', 'pre_share_slices')
+                      if k in res})
         if (prev := keep / 'pretrain.json').is_file():  # the other arch, pretrained alike in an earlier call: kept
             prev = json.loads(prev.read_text())
             if all(prev[k] == rec[k] for k in ('pretrain_steps', 'pretrain_data')):
@@ -501,7 +520,8 @@ def set_dls(s):
 patch_of = functools.cache(lambda arch: create_model(arch).patch)     # an arch's patch side, read off one model
 
 def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay_depth, lr_decay=a.lr_decay, lr=None,
-        frozen=False, head_first=0, head_lr=None, head_alone=False, fresh_head=False, pre_stats=False, **kw):
+        frozen=False, head_first=0, head_lr=None, head_alone=False, fresh_head=False, pre_stats=False, alt=None,
+        **kw):
     """Fine-tune one model for `steps` steps on `frac` of the labels (drawn by `seed`), the first `head_first` of them
     training the head alone; scores on the held-out images."""
     tds = dls.train.dataset
@@ -511,14 +531,17 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     seed_run(dls, seed)                                      # reproducible: every generator, the loader's own too
     pre = init == 'pretrained'
     by_pre = pre and (pre_stats or a.pre_stats)                # images normalised as in pretraining, not as the set
-    norm = tuple(res['pretrain'][arch]['stats']) if by_pre else tuple(dls.stats)
+    pre_rec = res['compare_pretrained'][alt]['pretrain'] if alt else res['pretrain'].get(arch)   # `alt`: ALT's name
+    norm = tuple(pre_rec['stats']) if by_pre else tuple(dls.stats)
     for dl in (dls.train, dls.valid): dl.after_batch.mean, dl.after_batch.std = norm
     weights = balanced_weights(class_frequencies(dls, len(s['classes']))) if a.class_weights else None
     lr = lr or (a.pre_ft_lr or PRETRAINED_LR if pre else a.ft_lr)
     head_lr = head_lr or (a.pre_head_lr if pre else None)
     model = HeadAlone(len(s['classes']), stride=patch_of(arch)) if head_alone else arch
-    head_pre = pre and HEAD_PRE[arch] and not fresh_head
-    sd = {k: v for k, v in states[arch].items() if head_pre or not k.startswith('head.')} if pre else None
+    pre_sd = (alt_states[alt] if alt else states[arch]) if pre else {}
+    has_head = any(k.startswith('head.') for k in pre_sd)           # an ImagePathMAE's pretrained head
+    head_pre = has_head and not fresh_head
+    sd = {k: v for k, v in pre_sd.items() if head_pre or not k.startswith('head.')} if pre else None
     learn = seg_learner(dls, model, pretrained=sd, classes=s['classes'],
                         loss_func=a.loss, loss_kw=dict(weight=weights),
                         lr_decay=lr_decay if pre and lr_decay < 1 else None,
@@ -539,7 +562,7 @@ def run(dls, s, arch, init, frac, steps, seed, variant=None, decay_depth=a.decay
     fg = [v for c, v in list(sc['per_class'].items())[1:]]
     dice = [v['dice'] for v in fg if v['dice'] is not None]
     row = dict(arch=arch, init=init, label_frac=frac, n_labelled=len(tds.idxs), steps=steps, lr=lr,
-               **({'head_pretrained': head_pre} if pre and HEAD_PRE[arch] else {}),
+               **({'head_pretrained': head_pre} if has_head else {}), **({'pretrained_in': alt} if alt else {}),
                **({'head_lr': head_lr} if head_lr else {}), **({'stats': list(norm)} if by_pre else {}),
                **{k: kw[k] for k in ('aux_weight', 'head_path_drop') if k in kw}, train_s=round(train_s, 2),
                eval_s=round(eval_s, 2), miou=sc['miou'], fg_iou=sc['fg_miou'],
@@ -584,6 +607,7 @@ VARIANTS = ([(f'{a.compare_head} head', ARCHS[0], 'pretrained', dict(head_skip=a
            ([('fresh head', ARCHS[0], 'pretrained', dict(HEAD, fresh_head=True))] if a.compare_fresh_head else []) + \
            ([('fresh decoder', ARCHS[0], 'pretrained', dict(HEAD, fresh_decoder=True))]
             if a.compare_fresh_decoder else []) + \
+           [(f'pretrained {name}', ARCHS[0], 'pretrained', dict(HEAD, alt=name)) for name in ALT] + \
            [('pretraining stats', arch, init, dict(HEAD, pre_stats=True)) for arch, init in CONFIGS
             if a.compare_pre_stats and init == 'pretrained'] + \
            ([('head alone', ARCHS[0], 'scratch', dict(head_skip='unet', head_alone=True))]

@@ -12,6 +12,8 @@
 #   bash kernels/session_real_em.sh pretrain 330 [--pre-steps 1200]   # both models on data_em_a, _s, _d, _e, kept
 #   bash kernels/session_real_em.sh finetune 480 data_em_a drosophila-vnc [extra real_em.py arguments]
 #   e.g. ... finetune 480 data_em_d,data_em_e sbem-mito,kidney-gbm --fracs 0.1 --ft-steps 700
+#   several pretrainings, one fine-tuning call: ... pretrain 330 --pre-share 0.25 --save-pretrained runs/pre_q, then
+#   ... finetune 480 data_em_a,data_em_d,data_em_e drosophila-vnc,sbem-mito,kidney-gbm --compare-pretrained runs/pre_q
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 phase=$1; shift

@@ -151,15 +151,17 @@ def test_clahe_copies(tmp_path):
     assert json.loads((out / 'real_em.json').read_text())['data_prep'] == {str(eq): {'.': prep}}
 
 
-def test_pre_share(tmp_path):
-    "`--pre-share`: pretraining on a seeded share of each folder's slices, the fine-tuning splits left whole."
-    data, out = tmp_path / 'data', tmp_path / 'out'
+def test_pre_share_and_compare_pretrained(tmp_path):
+    """`--pre-share`: pretraining on a seeded share of each folder's slices, the fine-tuning splits left whole;
+    `--compare-pretrained`: that pretraining fine-tuned beside another on the same draws."""
+    data, out, half, whole = (tmp_path / d for d in ('data', 'out', 'half', 'whole'))
     _fake_sets(data)
     assert '--pre-share must be in (0, 1], got 0.0' in _run('--data', data, '--out', out, '--pre-share', 0, ok=False)
     err = _run('--data', data, '--out', out, '--pre-share', .5, '--load-pretrained', tmp_path, ok=False)
     assert '--pre-share chooses pretraining images; --load-pretrained pretrains nothing' in err, err
-    _run('--data', data, '--out', out, '--pretrain-only', '--archs', 'affmae_tiny', '--pre-share', .5,
-         '--pre-sets', 'drosophila-vnc,sbem-mito', '--pre-unlabelled', 'podocyte-tem')
+    pre_args = ('--pretrain-only', '--archs', 'affmae_tiny', '--pre-sets', 'drosophila-vnc,sbem-mito',
+                '--pre-unlabelled', 'podocyte-tem')
+    _run('--data', data, '--out', out, *pre_args, '--pre-share', .5, '--save-pretrained', half)
     res = json.loads((out / 'real_em.json').read_text())
     share = res['pre_share_slices']           # --tiny: 2 and 3 training images, the first 2 podocyte images
     assert share == {'drosophila-vnc/train/images': [1, 2], 'sbem-mito/train/images': [2, 3],
@@ -167,3 +169,21 @@ def test_pre_share(tmp_path):
     assert res['pretrain_data'] == ['pre_share/' + k for k in share]
     pre = res['pretrain']['affmae_tiny']
     assert pre['share'] == .5 and pre['n_slices'] == 4 and set(pre['mix']) == set(res['pretrain_data'])
+    _run('--data', data, '--out', tmp_path / 'out_whole', *pre_args, '--save-pretrained', whole)
+    ft = ('--data', data, '--out', out, '--archs', 'affmae_tiny', '--sets', 'sbem-mito', '--fracs', .5, '--ft-steps', 3,
+          '--compare-head', '')
+    err = _run(*ft, '--compare-pretrained', half, ok=False)
+    assert "--compare-pretrained fine-tunes kept pretrainings beside --load-pretrained's" in err, err
+    err = _run(*ft, '--load-pretrained', whole, '--compare-pretrained', tmp_path / 'data', ok=False)
+    assert f'--compare-pretrained {data}: no pretrain.json and affmae_tiny.pt' in err, err
+    err = _run(*ft, '--load-pretrained', whole, '--compare-pretrained', f'{half},{tmp_path}/x/half', ok=False)
+    assert 'folders need names of their own' in err, err
+    _run(*ft, '--load-pretrained', whole, '--compare-pretrained', half)
+    res = json.loads((out / 'real_em.json').read_text())
+    runs = {(r['init'], r.get('variant')): r for r in res['sets']['sbem-mito']['runs'] if r['arch'] == 'affmae_tiny'}
+    assert set(runs) == {('pretrained', None), ('scratch', None), ('pretrained', 'pretrained half')}, set(runs)
+    assert runs['pretrained', 'pretrained half']['pretrained_in'] == 'half'
+    assert runs['pretrained', 'pretrained half']['miou'] != runs['pretrained', None]['miou']     # other weights
+    other = res['compare_pretrained']['half']
+    assert other['pretrain']['share'] == .5 and other['pre_share_slices'] == share and other['dir'] == str(half)
+    assert res['pretrain']['affmae_tiny']['share'] == 1 and 'pre_share_slices' not in res
