@@ -149,6 +149,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
              epoch_len: int = None,     # crops per epoch (default: one per image)
              balance: str = 'area',     # draw images by area, equally (slice), or each --data path equally (source)
              augment: str = None,       # none, flips (default; paper: none) or full (+ affine, elastic, photometric)
+             clahe: float = None,       # CLAHE of every image at this clip limit (default: off; the paper recipe's: 4)
              valid_pct: float = .1,     # fraction of the images held out for validation, in [0, 1)
              workers: int = 0,          # data-loading workers
              ckpt_every: int = 1,       # checkpoint every N epochs
@@ -188,11 +189,13 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     _require(epoch_len is None or epoch_len > 0, f"--epoch-len must be positive, got {epoch_len}")
     _require(balance in BALANCES, f"--balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     _require(augment in (None, *AUGMENTS), f"--augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    _require(clahe is None or clahe > 0, f"--clahe must be a positive clip limit, got {clahe}")
     _require(not checkpoint or arch.startswith('affmae'),
              f"--checkpoint is an option of the affmae models, not {arch}")
     _require(checkpoint or checkpoint_stages is None, "--checkpoint-stages needs --checkpoint")
     ckpt = checkpoint_flags(arch, checkpoint_stages) if checkpoint else None
     if isinstance(data, list) and len(data) == 1: data = data[0]
+    _require(not (clahe and is_shards(data)), "--clahe equalises images as they are read, not shards' crops")
     for p in [] if data in (None, 'synthetic') or is_shards(data) else data_paths(data):
         _require(p.exists(), f"--data {p}: no such directory or file")
     _require(resume is None or Path(resume).exists(), f"--resume {resume}: no such checkpoint file or folder")
@@ -204,6 +207,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     set_seed(seed)
     prep = dict(PAPER_PREP, augment='none') if recipe == 'paper' else {}
     if augment: prep['augment'] = augment
+    if clahe: prep['clahe'] = clahe
     dls = pretrain_dls(data, size=img_size, bs=bs, n_synth=n_synth, valid_pct=valid_pct, seed=seed,
                        num_workers=workers, epoch_len=epoch_len, balance=balance, **prep)
     if rank == 0 and len(getattr(dls.src, 'paths', ())) > 1:                 # how the corpus is mixed

@@ -242,6 +242,17 @@ def test_cli_finetune_lr_from_pretrained(tmp_path, one_thread):
     assert meta['config']['head_aux'] and model.head.aux is not None and 'head_aux' not in load_model(
         tmp_path/'pretrained'/'seg.safetensors')[1]['config']
 
+def _low_contrast(root, n=4, size=48):
+    "A folder `root` of `n` low-contrast 8-bit synthetic EM images and masks (CLAHE changes them a lot)."
+    import tifffile
+    from affmae.synth import synth_em
+    for d in ('images', 'masks'): (root/d).mkdir(parents=True)
+    for i in range(n):
+        img, lbl = synth_em((size, size), seed=i)
+        tifffile.imwrite(root/'images'/f'{i}.tif', (100 + 40*img.numpy()).astype(np.uint8))
+        tifffile.imwrite(root/'masks'/f'{i}.tif', lbl.numpy().astype(np.uint8))
+    return root
+
 def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
     """`finetune --clahe` records its clip, and `prep_plane` with the checkpoint's metadata prepares a raw image from
     disk as the training loader did; `--pre-stats` takes the CLAHE, fixed normalisation and resize a `pretrain --recipe
@@ -252,13 +263,7 @@ def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
     from affmae.checkpoint import read_meta
     from affmae.prep import CLAHE_CLIP, PAPER_STATS
     from affmae.readers import read_plane
-    from affmae.synth import synth_em
-    data = tmp_path/'data'
-    for d in ('images', 'masks'): (data/d).mkdir(parents=True)
-    for i in range(4):                                       # low-contrast 8-bit images: CLAHE changes them a lot
-        img, lbl = synth_em((48, 48), seed=i)
-        tifffile.imwrite(data/'images'/f'{i}.tif', (100 + 40*img.numpy()).astype(np.uint8))
-        tifffile.imwrite(data/'masks'/f'{i}.tif', lbl.numpy().astype(np.uint8))
+    data = _low_contrast(tmp_path/'data')
     tiny = ['--data', str(data), '--img-size', '48', '--epochs', '1', '--bs', '2', '--valid-pct', '0.25']
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -293,6 +298,31 @@ def test_cli_finetune_clahe(tmp_path, one_thread, capsys):
                       (['finetune', *tiny, '--clahe', '0'], '--clahe must be a positive clip limit, got 0.0'),
                       (['finetune', *tiny, '--clahe', '-1'], '--clahe must be a positive clip limit, got -1.0')):
         assert main([*args, '--out', str(tmp_path/'bad')]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
+def test_cli_pretrain_clahe(tmp_path, one_thread, capsys):
+    """`pretrain --clahe` equalises the crops it trains on and records the clip, which `finetune --pre-stats` then
+    applies; a bad clip, or one asked of shards, is a one-line error."""
+    import warnings
+    from affmae.cli import main, pretrain
+    from affmae.checkpoint import read_meta, pretraining_prep
+    data = _low_contrast(tmp_path/'data')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn = pretrain(data=[str(data/'images')], arch='affmae_tiny', img_size=32, bs=2, epochs=1, clahe=3.,
+                         precision='none', valid_pct=.25, out=str(tmp_path/'pre'))
+        assert learn.dls.train_ds.clahe == 3. and learn.dls.valid_ds.clahe == 3.
+        assert pretraining_prep(tmp_path/'pre'/'checkpoints')['clahe'] == 3.
+        assert main(['finetune', '--data', str(data), '--arch', 'affmae_tiny', '--img-size', '32', '--epochs', '1',
+                     '--bs', '2', '--valid-pct', '0.25', '--pretrained', str(tmp_path/'pre'/'checkpoints'),
+                     '--pre-stats', '--out', str(tmp_path/'seg')]) == 0
+    assert read_meta(tmp_path/'seg'/'seg.safetensors')['clahe'] == 3.
+    capsys.readouterr()
+    for args, msg in ((['--clahe', '0'], '--clahe must be a positive clip limit, got 0.0'),
+                      (['--clahe', '2', '--data', str(tmp_path/'shard-{000000..000001}.tar')],
+                       "--clahe equalises images as they are read, not shards' crops")):
+        assert main(['pretrain', *args, '--out', str(tmp_path/'bad')]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
 
