@@ -234,7 +234,10 @@ def plot_pretraining(res, axs=None):
 
 # %% ../nbs/12_real_em.ipynb #43bff1ac
 def per_draw(res):
-    "(set, seed) -> {(arch, init, variant): run} for one results file (seed 0 where the file has one draw)."
+    """(set, seed) -> {(arch, init, variant): run} for one results file of one label fraction (seed 0 where the file
+    has one draw); a file of several fractions raises, since their runs would share keys."""
+    if len(fracs := {r.get('label_frac') for s in res['sets'].values() for r in s['runs']}) > 1:
+        raise ValueError(f"per_draw reads one label fraction; these results hold {sorted(fracs)}")
     out = {}
     for n, s in res['sets'].items():
         for r in s['runs']: out.setdefault((n, r.get('seed', 0)), {})[r['arch'], r['init'], r.get('variant')] = r
