@@ -262,9 +262,10 @@ def data_prep(root):
     "How `prep_data_em.py` made the copies under `root` (each `prep.json`, by folder); {} for data used as it is."
     return {str(f.parent.relative_to(root)): json.loads(f.read_text()) for f in sorted(root.rglob('prep.json'))}
 res['data_prep'] = {str(r): data_prep(r) for r in roots}
-CLAHE = {json.dumps(q['clahe']) for r in roots for q in (res['data_prep'][str(r)] or {'.': {'clahe': None}}).values()}
-if len(CLAHE) > 1:
-    p.error(f"--data mixes CLAHE-equalised and plain copies ({', '.join(sorted(CLAHE))}): prepare them alike")
+clahes = {json.dumps(q['clahe']) for r in roots for q in (res['data_prep'][str(r)] or {'.': {'clahe': None}}).values()}
+if len(clahes) > 1:
+    p.error(f"--data mixes CLAHE-equalised and plain copies ({', '.join(sorted(clahes))}): prepare them alike")
+EQUALISED = clahes != {'null'}                                 # every root's images CLAHE-equalised by prep_data_em.py
 def find(name, split):
     "The set folder `root/name` of the first root that holds the labelled split `split` (masks, classes.txt), or None."
     held = (r / name for r in roots if (r / name / 'classes.txt').is_file() and (r / name / split / 'masks').is_dir())
@@ -348,7 +349,7 @@ for name in ([] if LOAD else pre_unlabelled):                 # from the first r
     sub = UNLABELLED[name]
     src = next((r / name / sub for r in roots if (r / name / sub).exists()), None)
     if src is None and name == 'podocyte-tem':
-        if CLAHE != {'null'}: p.error("podocyte-tem: the shipped copy is not CLAHE-equalised like --data; add the "
+        if EQUALISED: p.error("podocyte-tem: the shipped copy is not CLAHE-equalised like --data; add the "
                                       "equalised copy that `prep_real_em_data.sh --clahe` writes")
         src = sample_dir()
     if src is None: continue
@@ -424,10 +425,10 @@ save()
 
 # ---- 1. pretraining ----
 states, alt_states = {}, {}                                   # by arch; ALT's affmae by name
+PRE_KEYS = ('pretrain', 'pretrain_steps', 'pretrain_data', 'pre_share_slices')   # what pretrain.json keeps
 if LOAD:                                                     # pretrained in an earlier call: its models, records
     saved = json.loads((LOAD / 'pretrain.json').read_text())
-    res.update({k: saved[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data', 'pre_share_slices') if k in saved},
-               pretrained_in=saved['run'])
+    res.update({k: saved[k] for k in PRE_KEYS if k in saved}, pretrained_in=saved['run'])
     T.update({k: v for k, v in saved['timing'].items() if 'pretrain' in k})
     states = {arch: torch.load(LOAD / f'{arch}.pt', map_location='cpu', weights_only=True) for arch in ARCHS}
     for f in LOAD.glob('*.png'): shutil.copy(f, out / f.name)
@@ -436,7 +437,7 @@ if LOAD:                                                     # pretrained in an 
         other = json.loads((d / 'pretrain.json').read_text())
         res.setdefault('compare_pretrained', {})[name] = dict(
             dir=str(d), run=other['run'], pretrain=other['pretrain'][ARCHS[0]],
-            **{k: other[k] for k in ('pretrain_steps', 'pretrain_data', 'pre_share_slices') if k in other})
+            **{k: other[k] for k in PRE_KEYS[1:] if k in other})
         alt_states[name] = torch.load(d / f'{ARCHS[0]}.pt', map_location='cpu', weights_only=True)
 else:
     EPOCHS = 2 if tiny else a.pre_epochs
@@ -447,8 +448,7 @@ else:
         keep.mkdir(parents=True, exist_ok=True)
         torch.save(states[arch], keep / f'{arch}.tmp'); (keep / f'{arch}.tmp').replace(keep / f'{arch}.pt')
         rec = dict(run={k: res[k] for k in ('device', 'torch', 'date', 'args')}, timing=dict(T),
-                   **{k: res[k] for k in ('pretrain', 'pretrain_steps', 'pretrain_data', 'pre_share_slices')
-                      if k in res})
+                   **{k: res[k] for k in PRE_KEYS if k in res})
         if (prev := keep / 'pretrain.json').is_file():  # the other arch, pretrained alike in an earlier call: kept
             prev = json.loads(prev.read_text())
             if all(prev[k] == rec[k] for k in ('pretrain_steps', 'pretrain_data')):
