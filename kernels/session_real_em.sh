@@ -17,6 +17,7 @@
 set -uo pipefail
 export PYTHONPATH=.:.site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 phase=$1; shift
+mkdir -p "$OUT"                                         # a phase may log into a folder of its own: OUT=$OUT/pre
 log=$OUT/session_$phase.log
 step() { local t=$1; shift; echo "== $(date -u +%T) $* (limit ${t}s)" | tee -a "$log"; timeout "$t" "$@" 2>&1 |
   grep -v 'Epoch\|it/s' >> "$log"; }         # every line but progress bars: a dying worker's own message too
