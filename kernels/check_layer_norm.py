@@ -108,6 +108,14 @@ def check_args(doc, name):
     return a, dev
 
 
+def finish(out, name, res, failed):
+    "Write `res` as `name` into folder `out` (if given) and exit with 1 if any check `failed`."
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(res, indent=1) + '\n')
+    sys.exit(1 if failed else 0)
+
+
 def main():
     a, dev = check_args(__doc__, 'check_layer_norm.json')
     import affmae.layer_norm as ln_mod
@@ -172,10 +180,7 @@ def main():
         print(f"nn.LayerNorm's own max abs errors at {r['rows']}x{r['C']}: "
               + ' '.join(f"{k} {v:.1e}" for k, v in r['max_abs_err']['nn+cast'].items()))
     print(f"{res['seconds']} s")
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / 'check_layer_norm.json').write_text(json.dumps(res, indent=1) + '\n')
-    sys.exit(1 if failed else 0)
+    finish(a.out, 'check_layer_norm.json', res, failed)
 
 
 if __name__ == '__main__':

@@ -9,9 +9,9 @@ run bit for bit (a capture that fails is recorded, and the eager step timed inst
 unfused one (plus 1e-3) or a replay that differs is a failure (exit 1).
 Usage: PYTHONPATH=. python kernels/check_norm_linear.py --out kernels/results [--tiny]
 (--tiny: small shapes, a CPU smoke run; without a GPU it sets TRITON_INTERPRET=1 and skips timing and memory)."""
-import copy, datetime, json, sys, time
+import copy, datetime, sys, time
 import torch, torch.nn as nn
-from check_layer_norm import check_args, timed, peak_mb, graphed
+from check_layer_norm import check_args, finish, timed, peak_mb, graphed
 
 SHAPES = [(65536, 128), (32768, 256), (16384, 512), (8192, 768), (4096, 384)]
 TINY = [(37, 24), (64, 32)]
@@ -98,10 +98,7 @@ def main():
                       '(eager calls where the capture failed: capture_error)',
                baseline='the unfused pair: affmae LayerNorm (Triton) then nn.Linear / Mlp, under autocast',
                cases=cases, seconds=round(time.time() - t0, 1))
-    if a.out:
-        a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / 'check_norm_linear.json').write_text(json.dumps(res, indent=1) + '\n')
-    sys.exit(1 if failed else 0)
+    finish(a.out, 'check_norm_linear.json', res, failed)
 
 
 if __name__ == '__main__':
