@@ -433,7 +433,7 @@ def _affmae(enc_cfg: dict, dec_cfg: dict, kw: dict) -> AFFMAE:
     shared = ('impl', 'checkpoint')                                              # options of both halves
     enc = {**enc_cfg, **{k: v for k, v in kw.items() if k in enc_keys}}
     model = AFFMAE
-    if kw.pop('image_path', False): from .seg_models import ImagePathMAE as model   # built on the heads' module
+    if kw.pop('image_path', False): from affmae.seg_models import ImagePathMAE as model   # built on the heads' module
     return model(AFFEncoder(**enc),
                  **{**dec_cfg, **{k: v for k, v in kw.items() if k not in enc_keys or k in shared}})
 
