@@ -17,8 +17,8 @@ fi
 echo "== README.md is generated from nbs/index.ipynb"
 python tests/readme.py --check
 
-echo "== nbdev_test"
-nbdev_test --n_workers 2 --timing
+echo "== notebook tests (nbdev_test's, a fresh process a notebook)"
+python tests/nbs_test.py --n_workers 2
 
 echo "== pytest"
 python -m pytest -q tests
