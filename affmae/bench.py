@@ -123,6 +123,10 @@ def run_bench(archs=('affmae_base', 'vitmae_base'), sizes=(512, 1024, 2048), bs=
     dev = best_device(device)
     modes = list(modes or (MODES if dev.type == 'cuda' else ('eager',)))
     if dev.type != 'cuda' and 'captured' in modes: raise ValueError("captured steps need a CUDA device")
+    if not sizes or min(sizes) < 1: raise ValueError(f"sizes must be positive, got {list(sizes)}")
+    if steps < 1 or max_bs < 1 or warmup < 0 or (mem_gib is not None and mem_gib <= 0):
+        raise ValueError(f"steps, max_bs and mem_gib must be positive and warmup non-negative, got {steps}, {max_bs}, "
+                         f"{mem_gib} and {warmup}")
     amp = dev.type == 'cuda' if amp is None else amp
     bs = [default_bs(s) for s in sizes] if bs is None else list(bs)
     if len(bs) == 1: bs = bs*len(sizes)
@@ -230,7 +234,8 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
           checkpoint:str=None, # affmae models only: activation checkpointing, 'all' or stages ('0' or '0,1')
           ):
     "Benchmark models side by side: FLOPs/img, peak memory, img/s (and the largest batch), with a profile breakdown."
-    size_l = [int(s) for s in sizes.split(',')]
+    try: size_l = [int(s) for s in sizes.split(',')]
+    except ValueError: raise ValueError(f"--sizes: expected comma-separated integers, got {sizes!r}") from None
     bs_l, auto = parse_bs(bs, size_l)
     mode_l = None if not modes else [m.strip() for m in modes.split(',')]
     if mode_l and not set(mode_l) <= set(MODES):
