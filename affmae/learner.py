@@ -252,7 +252,8 @@ def load_checkpoint(self: Learner, path) -> int:
     errs = []
     for p in [path] if path.is_file() else checkpoints(path):
         try: meta, sd, state = read_meta(p), read_safetensors(p)[1], _load_state(p)
-        except (ValueError, FileNotFoundError, KeyError) as e: errs.append(f"{p.name}: {e}"); continue
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            errs.append(str(e) if str(e).startswith(str(p)) else f"{p}: {e}"); continue
         break
     else: raise ValueError(f"no loadable checkpoint in {path} ({errs[0] if errs else 'no epoch_*.safetensors'})")
     arch = getattr(self.model, 'arch', None)
