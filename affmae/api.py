@@ -68,20 +68,20 @@ class AFFMAEModel:
 
     def reconstruct(self, img, size: int | None = None, seed: int = 0) -> dict:
         "`MAEBase.reconstruct` of `img` (prepared by `prep`) under the model's mask drawn with `seed`; on the CPU."
-        self._need('pretraining', '.reconstruct')
+        self._need('pretraining', 'reconstruct')
         r = self.model.reconstruct(self.prep(img, size), generator=self._gen(seed))
         return {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu() for k, v in r.items()}
 
     def figure(self, img, size: int | None = None, seed: int = 0, title: str | None = None):
         "`recon_figure` of `img` (prepared by `prep`): input | masked | each head's reconstruction."
-        self._need('pretraining', '.figure')
+        self._need('pretraining', 'reconstruct')
         return recon_figure(self.model, self.prep(img, size), generator=self._gen(seed), title=title)
 
     @torch.no_grad()
     def segment(self, img, probs: bool = False, overlap: float = .25, bs: int = 4, tile: int | None = None):
         """Label map `(H,W)` of a micrograph `img` of any size, tiled by `sliding_window`; `probs`: also `(C,H,W)`;
         under a recorded `resize`, both back at `img`'s shape (labels by nearest neighbour, probabilities bilinear)."""
-        self._need('segmentation', '.segment')
+        self._need('segmentation', 'segment')
         x, tile, shape = self.normalise(img), tile or self.meta['tile'], as_plane(img).shape
         lo = sliding_window(self.model, x, tile, overlap, bs, out_device='cpu')[0]
         lbl, pr = lo.argmax(0).numpy(), lo.softmax(0).numpy() if probs else None
