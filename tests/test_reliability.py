@@ -146,7 +146,8 @@ def test_resume_epochs_and_bad_checkpoints(tmp_path, capsys):
             rc, err = cli(capsys, *args)
             assert rc == 2 and 'not a readable safetensors file' in err, (args, err)
     for args, msg in ((['predict', out / 'checkpoints', tmp_path / 'img.png'], 'not a segmentation one'),
-                      (['evaluate', out], 'no readable checkpoint in')):        # folders: resolved, then refused
+                      (['evaluate', out], 'not a segmentation one'),         # folders: resolved, then refused
+                      (['evaluate', out / 'figures'], 'no readable checkpoint in')):
         rc, err = cli(capsys, *args)
         assert rc == 2 and msg in err, err
 
