@@ -9,8 +9,8 @@ from pathlib import Path
 from fastcore.script import call_parse, anno_parser, store_true, Param
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'checkpoint_flags',
-           'check_device', 'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
+__all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'require_mae',
+           'checkpoint_flags', 'check_device', 'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
@@ -81,6 +81,10 @@ def mae_models() -> list[str]:
     "The registered models that `pretrain` can train: the MAE ones (`affmae_*`, `vitmae_*`), not bare encoders."
     from affmae.registry import list_models
     return list_models('pretraining')
+
+def require_mae(arch: str):
+    "Refuse `arch` unless `pretrain` can train it."
+    _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
 
 def checkpoint_flags(arch: str, stages: str | None, opt: str = '--checkpoint-stages') -> bool | tuple[bool, ...]:
     "Activation checkpointing's per-stage flags for `arch` from the stage list `stages` of option `opt` (None: all)."
@@ -172,7 +176,7 @@ def pretrain(data: Param("folders, TIFF stacks, images (several, or comma-separa
     arch = arch or ('affmae_base_paper' if recipe == 'paper' else 'affmae_base')
     _require(ratio is None or 0 < ratio < 1, f"--ratio must be in (0, 1), got {ratio}")
     _require(mask is None or mask in MASKERS, f"--mask must be one of {', '.join(MASKERS)}, got {mask!r}")
-    _require(arch in mae_models(), f"--arch {arch!r} is not a pretraining model; one of {', '.join(mae_models())}")
+    require_mae(arch)
     _require(precision in (None, 'bf16', 'fp16', 'none'), f"--precision must be bf16, fp16 or none, got {precision!r}")
     _require(target in TARGETS, f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
     _require(not (norm_pix and target != 'pixels'), "--norm-pix normalises pixel targets: it needs --target pixels")
@@ -261,6 +265,8 @@ def demo(out: str = 'runs/demo',  # output folder
     "A short CPU pretraining run of a tiny model on the embedded podocyte TEM images, with figures, in a few minutes."
     import torch
     from affmae.data import data_tour
+    _require(epochs >= 1, f"--epochs must be positive, got {epochs}")              # before anything is written
+    require_mae(arch)
     out = run_dir(out, overwrite, ours=('checkpoints/epoch_*', 'figures/recon_*.png', 'data/*_batch.png'))
     data_tour(out / 'data', size=128)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
