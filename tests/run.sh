@@ -18,7 +18,7 @@ echo "== README.md is generated from nbs/index.ipynb"
 python tests/readme.py --check
 
 echo "== notebook tests (nbdev_test's, a fresh process a notebook)"
-python tests/nbs_test.py --n_workers 2
+python tests/notebooks.py --n_workers 2
 
 echo "== pytest"
 python -m pytest -q tests

@@ -1,6 +1,6 @@
 """The notebooks' tests as `nbdev_test` runs them, each notebook in a fresh process.
 
-    python tests/nbs_test.py [--n_workers N] [NOTEBOOK ...]    # default: every notebook `nbdev_test` would run
+    python tests/notebooks.py [--n_workers N] [NOTEBOOK ...]    # default: every notebook `nbdev_test` would run
 
 `nbdev_test` reuses its worker processes, so module state one notebook sets (a model builder it registers from its
 own cells, say) outlives it and reaches whichever notebook that worker runs next: a failure that depends on which
@@ -13,7 +13,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 
-def test_one(fn: Path):
+def run_notebook(fn: Path):
     "Run notebook `fn`'s tests the way `nbdev_test` does: `(passed, seconds)`."
     from nbdev.config import get_config
     from nbdev.test import test_nb
@@ -35,7 +35,7 @@ def main(paths: list[str], n_workers: int = 2) -> int:
     files, failed, start = notebooks(paths), [], time.time()
     ctx = get_context('spawn')                                   # no state of this process reaches a notebook
     with ProcessPoolExecutor(n_workers, mp_context=ctx, max_tasks_per_child=1) as ex:
-        runs = {ex.submit(test_one, f): f for f in files}
+        runs = {ex.submit(run_notebook, f): f for f in files}
         for run in as_completed(runs):
             passed, secs = run.result()
             print(f"{runs[run].name}: {'ok' if passed else 'FAILED'} {secs:.0f} s", flush=True)

@@ -1,9 +1,9 @@
-"`tests/nbs_test.py` tests each notebook in a fresh process, skips flagged cells and reports a failing notebook."
+"`tests/notebooks.py` tests each notebook in a fresh process, skips flagged cells and reports a failing notebook."
 import subprocess, sys
 from pathlib import Path
 from execnb.nbio import mk_cell, new_nb, write_nb
 
-RUNNER = Path(__file__).parent / 'nbs_test.py'
+RUNNER = Path(__file__).parent / 'notebooks.py'
 
 
 def notebook(path: Path, *sources: str) -> str:
