@@ -13,6 +13,7 @@ from .core import best_device
 from .checkpoint import checkpoint_file, load_model, recorded_prep
 from .learner import recon_figure
 from .inference import prep_plane, sliding_window
+from .readers import read_plane
 from .prep import resize_whole
 
 # %% auto #0
@@ -20,11 +21,19 @@ __all__ = ['as_plane', 'centre_crop', 'AFFMAEModel', 'load']
 
 # %% ../nbs/13_api.ipynb #ab4f95b3
 def as_plane(img) -> np.ndarray:
-    "A 2-D array from a numpy array or tensor `(H,W)`, `(1,H,W)` or `(1,1,H,W)`: numbers in their type, else float32."
+    """A 2-D array from a numpy array or tensor `(H,W)`, `(1,H,W)` or `(1,1,H,W)`, or an image file's path (its first
+    plane, `read_plane`): numbers in their type, else float32; an empty or not finite image is refused."""
+    if isinstance(img, (str, Path)): return read_plane(img)                    # the reader checks what it reads
     a = np.asarray(img.detach().cpu() if torch.is_tensor(img) else img)
-    if a.dtype.kind not in 'uif': a = a.astype(np.float32)
+    if a.dtype.kind not in 'uif':
+        try: a = a.astype(np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an image (array, tensor or file path), got {type(img).__name__}") from None
     if a.ndim > 2 and all(n == 1 for n in a.shape[:-2]): a = a.reshape(a.shape[-2:])
     if a.ndim != 2: raise ValueError(f"expected one 2-D image (H,W), got shape {a.shape}")
+    if not a.size: raise ValueError(f"expected a non-empty image, got shape {a.shape}")
+    if a.dtype.kind == 'f' and not np.isfinite(a).all():
+        raise ValueError(f"image has {(~np.isfinite(a)).sum()} NaN/inf pixels")
     return a
 
 def centre_crop(x: torch.Tensor, p: int, size: int | None = None) -> torch.Tensor:

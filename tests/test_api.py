@@ -49,6 +49,10 @@ def test_segmentation(tmp_path, img):
     lbl, pr = s.segment(img, probs=True)
     assert s.classes == ['bg', 'cell'] and lbl.shape == (70, 90) and pr.shape == (2, 70, 90) and lbl.max() < 2
     assert np.array_equal(s.segment(img), lbl)
+    import tifffile
+    tifffile.imwrite(tmp_path / 'img.tif', img.astype(np.float32))
+    for path in (tmp_path / 'img.tif', str(tmp_path / 'img.tif')):                # a file's path reads its plane
+        assert np.array_equal(s.segment(path), lbl)
     for f in (s.reconstruct, s.figure):
         with pytest.raises(ValueError, match='segmentation checkpoint of affmae_tiny: reconstruct needs a pretraining'):
             f(img)
