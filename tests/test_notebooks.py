@@ -11,8 +11,8 @@ def notebook(path: Path, *sources: str) -> str:
     return str(path)
 
 
-def run(*nbs: str):
-    return subprocess.run([sys.executable, str(RUNNER), '--n_workers', '1', *nbs],
+def run(*args: str):
+    return subprocess.run([sys.executable, str(RUNNER), '--n_workers', '1', *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -31,6 +31,8 @@ def test_flagged_cells_skipped_failures_reported(tmp_path):
     assert r.returncode == 1
     assert 'flagged.ipynb: ok' in r.stdout and 'failing.ipynb: FAILED' in r.stdout
     assert "the notebook's own test" in r.stderr and 'notebook tests failed: failing.ipynb' in r.stderr
+    r = run('--flags', 'gpu', flagged)                                          # named flags run
+    assert r.returncode == 1 and 'needs a GPU' in r.stderr
 
 
 def test_missing_notebook_is_one_line(tmp_path):
