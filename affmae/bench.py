@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from fastcore.script import call_parse, store_true
 from .core import best_device
-from .cli import checkpoint_flags
+from .cli import checkpoint_flags, writable_file
 from .measure import (MODES, CATEGORIES, make_images, make_optimizer, make_step, step_flops, time_steps,
                             largest_fit, fits_step, profile_step, _free, _is_oom)
 
@@ -234,6 +234,7 @@ def bench(archs:str='affmae_base,vitmae_base', # comma-separated model names (or
           checkpoint:str=None, # affmae models only: activation checkpointing, 'all' or stages ('0' or '0,1')
           ):
     "Benchmark models side by side: FLOPs/img, peak memory, img/s (and the largest batch), with a profile breakdown."
+    if json: writable_file(json, '--json')                                  # before minutes of benchmarking
     try: size_l = [int(s) for s in sizes.split(',')]
     except ValueError: raise ValueError(f"--sizes: expected comma-separated integers, got {sizes!r}") from None
     bs_l, auto = parse_bs(bs, size_l)

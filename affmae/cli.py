@@ -10,7 +10,8 @@ from fastcore.script import call_parse, anno_parser, store_true, Param
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'LAZY_COMMANDS', 'UsageError', 'subcommand', 'one_line', 'main', 'mae_models', 'require_mae',
-           'checkpoint_flags', 'check_device', 'writable_dir', 'run_dir', 'pretrain', 'reconstruct', 'demo']
+           'checkpoint_flags', 'check_device', 'writable_dir', 'writable_file', 'run_dir', 'pretrain', 'reconstruct',
+           'demo']
 
 # %% ../nbs/09b_cli.ipynb #0710e2cb
 SUBCOMMANDS: dict = {}
@@ -117,6 +118,13 @@ def writable_dir(out, what: str = '--out') -> Path:
     parent = next(p for p in (out, *out.parents) if p.exists())
     _require(parent.is_dir() and os.access(parent, os.W_OK | os.X_OK), f"{what} {out}: {parent} is not writable")
     return out
+
+def writable_file(path, what: str = '--out') -> Path:
+    "The output file `path`, checked before any work: not a folder, in a writable folder (created later)."
+    path = Path(path)
+    _require(not path.is_dir(), f"{what} {path} is a folder, expected a file name")
+    writable_dir(path.parent, what)
+    return path
 
 def run_dir(out, overwrite: bool = False, ours=(), hint: str = '') -> Path:
     "`writable_dir(out)` for a run: refused if not empty unless `overwrite`, which deletes the files of globs `ours`."
@@ -246,8 +254,7 @@ def reconstruct(ckpt: str,              # model checkpoint (.safetensors) or a f
     from affmae.api import load
     from affmae.readers import read_plane
     _require(size >= 8, f"--size must be at least one 8-pixel patch, got {size}")
-    _require(not Path(out).is_dir(), f"--out {out} is a folder, expected a file name")
-    writable_dir(Path(out).parent)
+    writable_file(out)
     _require(Path(image).is_file(), f"{image}: no such image file")
     m = load(ckpt)
     fig = m.figure(read_plane(image), size, seed, title=f'{Path(image).name}: {m.path.name}')

@@ -27,7 +27,7 @@ from .seg_metrics import confusion, miou, seg_loss, seg_metrics, LOSSES
 from .seg_models import HEAD_SKIPS, check_pretrained, load_pretrained
 from .seg_io import output_stems, overlay, save_labels, save_overlay, to_uint8
 from .inference import eval_source, evaluate_model, load_segmenter, predict_plane, score_table
-from .cli import _require, check_device, run_dir, writable_dir
+from .cli import _require, check_device, run_dir, writable_dir, writable_file
 from .learner import Accumulate, adamw
 from .graphs import CaptureStep
 from .distributed import init_distributed, data_parallel, accum_steps
@@ -483,8 +483,7 @@ def evaluate(
     _check_infer(tile, overlap, bs)
     _require(n_synth >= 1, f"--n-synth must be >= 1, got {n_synth}")
     _require(data is None or Path(data).is_dir(), f"--data {data}: no such directory")
-    _require(json_out is None or not Path(json_out).is_dir(), f"--json-out {json_out} is a folder, expected a file")
-    if json_out: writable_dir(Path(json_out).parent, '--json-out')
+    if json_out: writable_file(json_out, '--json-out')
     dev = torch.device(check_device(device))
     model, meta = load_segmenter(ckpt, dev)
     named = data and (read_classes(Path(data)/'masks') or read_classes(data))
