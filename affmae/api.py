@@ -91,7 +91,8 @@ class AFFMAEModel:
         """Label map `(H,W)` of a micrograph `img` of any size, tiled by `sliding_window`; `probs`: also `(C,H,W)`;
         under a recorded `resize`, both back at `img`'s shape (labels by nearest neighbour, probabilities bilinear)."""
         self._need('segmentation', 'segment')
-        x, tile, shape = self.normalise(img), tile or self.meta['tile'], as_plane(img).shape
+        img = as_plane(img)                                                   # a file is read once
+        x, tile, shape = self.normalise(img), tile or self.meta['tile'], img.shape
         lo = sliding_window(self.model, x, tile, overlap, bs, out_device='cpu')[0]
         lbl, pr = lo.argmax(0).numpy(), lo.softmax(0).numpy() if probs else None
         if lbl.shape != shape:                                               # resized as in training: back to `img`'s
