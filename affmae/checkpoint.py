@@ -12,8 +12,9 @@ from .registry import create_model, model_kind
 from .prep import ROBUST_PCT
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'save_checkpoint', 'read_meta', 'checkpoints',
-           'latest_checkpoint', 'checkpoint_file', 'image_prep', 'recorded_prep', 'pretraining_prep', 'load_model']
+__all__ = ['FORMAT_VERSION', 'atomic_save', 'read_safetensors', 'config_hash', 'check_finite', 'save_checkpoint', 'read_meta',
+           'checkpoints', 'latest_checkpoint', 'checkpoint_file', 'image_prep', 'recorded_prep', 'pretraining_prep',
+           'load_model']
 
 # %% ../nbs/02b_checkpoint.ipynb #52f424f6
 def _one_line(e: BaseException) -> str:
@@ -50,10 +51,17 @@ def config_hash(arch: str, kw: dict) -> str:
     "A short hash of a model's recipe (`model.arch`): checkpoints of one configuration share it."
     return hashlib.sha256(json.dumps([arch, kw], sort_keys=True).encode()).hexdigest()[:16]
 
+def check_finite(model: nn.Module, path):
+    "Refuse to write `model` to `path` if any of its weights or buffers holds a NaN or an infinity: training diverged."
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad: raise ValueError(f"{path} not written: {len(bad)} of the model's tensors hold NaN or inf (first: "
+                             f"{bad[0]}); training diverged (try a lower learning rate; earlier checkpoints are kept)")
+
 def save_checkpoint(model: nn.Module, path, classes=None, stats=None, recipe: dict | None = None, **extra) -> Path:
     """Save `model` to safetensors at `path` (atomically) with its metadata: its `arch` (from `create_model`; a model
     without one can resume a run but not be rebuilt), `classes`, normalisation `stats` (mean, std), training `recipe`
-    and `extra` fields; returns `path`."""
+    and `extra` fields; returns `path`. Weights that are not finite are refused (`check_finite`)."""
+    check_finite(model, path)
     arch, kw = getattr(model, 'arch', (None, {}))
     kind = getattr(model, 'kind', None) or (arch and model_kind(arch))
     meta = dict(format=FORMAT_VERSION, kind=kind, arch=arch, config=kw,

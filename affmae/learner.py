@@ -19,8 +19,8 @@ from fastai.callback.training import GradientClip
 from fastai.callback.schedule import *
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import find_bs
-from .checkpoint import (atomic_save, checkpoints, config_hash, image_prep, latest_checkpoint, read_meta,
-                               read_safetensors, save_checkpoint)
+from .checkpoint import (atomic_save, check_finite, checkpoints, config_hash, image_prep, latest_checkpoint,
+                               read_meta, read_safetensors, save_checkpoint)
 from .registry import create_model
 from .mae import MAEBase
 from .graphs import CaptureStep
@@ -198,9 +198,10 @@ class Checkpoint(Callback):
             self.save(self.epoch)
         self.trained = False
     def save(self, epoch: int):
+        stem = self.path / f'epoch_{epoch:03d}.safetensors'
+        check_finite(self.model, stem)                                    # nothing of a diverged epoch is written
         self.path.mkdir(parents=True, exist_ok=True)
         for t in self.path.glob('.epoch_*.tmp'): t.unlink()               # left by a killed save
-        stem = self.path / f'epoch_{epoch:03d}.safetensors'
         sd = self.opt.state_dict()
         ts = {f'opt.{i}.{k}': v.detach().cpu().contiguous() for i, s in sd['state'].items() for k, v in s.items()}
         ts.update({f'pg.{i}.{k}': v.detach().cpu() for i, g in enumerate(sd['param_groups']) for k, v in g.items()
