@@ -434,6 +434,12 @@ def _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, masks
     dls.src, dls.stats, dls.codes = src, (mean, std), codes
     return dls
 
+def _check_dls_args(size, bs, n_synth, valid_pct, balance):
+    "One-line errors for loader arguments no run can use."
+    if min(size, bs, n_synth) < 1: raise EMDataError(f"size, bs and n_synth must be >= 1, got {size}, {bs}, {n_synth}")
+    if not 0 <= valid_pct < 1: raise EMDataError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+
 def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, num_workers=0, device=None, *,
                  pct=ROBUST_PCT, epoch_len=None, synth_size=None, synth_kw=None, stats=None,
                  clahe=None, resize=None, norm=None, augment=True, balance='area'):
@@ -444,7 +450,7 @@ def pretrain_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, n
     `balance`: how often each slice of folders and files is drawn (`sample_weights`: by 'area', equally by 'slice',
     or by 'source'); shards stream as they were written."""
     from affmae.shards import is_shards, shard_dls     # WebDataset shards: streamed, no folder scan
-    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    _check_dls_args(size, bs, n_synth, valid_pct, balance)
     if is_shards(path):
         if clahe or resize or norm: raise EMDataError("clahe, resize and norm apply to folders and files, not shards")
         if balance == 'source': raise EMDataError("balance='source' applies to folders and files, not shards")
@@ -461,7 +467,7 @@ def segment_dls(path=None, size=512, bs=8, n_synth=64, valid_pct=0.1, seed=0, nu
     `clahe`, `resize` (masks by nearest neighbour), `norm`, `augment` and `balance` as in `pretrain_dls`; `fg_crop`:
     the share of training crops placed on a foreground pixel (`EMCrops`). Validation covers every held-out image
     whole, in `size`² tiles (`EMCrops`' `tiles`), so its scores see all of each image, not only its centre."""
-    if balance not in BALANCES: raise EMDataError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    _check_dls_args(size, bs, n_synth, valid_pct, balance)
     path = None if str(path) == 'synthetic' else path
     return _em_dls(path, size, bs, n_synth, valid_pct, seed, num_workers, device, True, pct, epoch_len,
                    synth_size, synth_kw, codes, stats, clahe, resize, norm, augment, balance, fg_crop)
