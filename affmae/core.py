@@ -40,5 +40,10 @@ def init_weights(m: nn.Module, std: float | None = None):
 
 # %% ../nbs/02_core.ipynb #6b016d8a
 def best_device(device=None) -> torch.device:
-    "`device` if given, else CUDA when available, else the CPU."
-    return torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    "`device` if given (checked: one this machine has), else CUDA when available, else the CPU."
+    if not device or device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: dev = torch.device(device)
+    except RuntimeError: raise ValueError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
