@@ -106,10 +106,10 @@ def read_meta(path) -> dict:
 # %% ../nbs/02b_checkpoint.ipynb #83160749
 def checkpoints(path) -> list[Path]:
     "The `epoch_NNN.safetensors` checkpoints in the folder `path` (or in its `checkpoints/`, a run's), newest first."
-    path = Path(path)
-    if not any(path.glob('epoch_*.safetensors')) and (path / 'checkpoints').is_dir(): path = path / 'checkpoints'
-    ps = [p for p in path.glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)]
-    return sorted(ps, reverse=True)
+    def found(d: Path) -> list[Path]:
+        ps = [p for p in d.glob('epoch_*.safetensors') if re.fullmatch(r'epoch_\d+\.safetensors', p.name)]
+        return sorted(ps, reverse=True)
+    return found(Path(path)) or found(Path(path) / 'checkpoints')
 
 def latest_checkpoint(path) -> Path:
     "`path` if it is a file, else the newest readable checkpoint in the folder `path`, all of them from one run."
