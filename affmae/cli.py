@@ -101,15 +101,10 @@ def checkpoint_flags(arch: str, stages: str | None, opt: str = '--checkpoint-sta
 
 def check_device(device: str | None = None) -> str:
     "A device string for `--device` (auto or none: cuda if there is a GPU, else cpu; cpu; cuda; cuda:N), checked."
-    import torch
-    if device in (None, '', 'auto'): return 'cuda' if torch.cuda.is_available() else 'cpu'
-    _require(re.fullmatch(r'cpu|cuda(:\d+)?', device) is not None,
+    from affmae.core import best_device                            # it checks the device is on this machine
+    _require(device in (None, '', 'auto') or re.fullmatch(r'cpu|cuda(:\d+)?', device) is not None,
              f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith('cuda'):
-        _require(torch.cuda.is_available(), f"--device {device}: no CUDA GPU on this machine")
-        i = torch.device(device).index or 0
-        _require(i < torch.cuda.device_count(), f"--device {device}: there are {torch.cuda.device_count()} GPU(s)")
-    return device
+    return str(best_device(device))
 
 def writable_dir(out, what: str = '--out') -> Path:
     "The output folder `out`, checked before any work: not a file, and writable (created later)."
